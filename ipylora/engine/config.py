@@ -1,0 +1,142 @@
+"""Frozen configs, one per step. Each field is also the magic's long flag (`lora_r` <-> `--lora-r`).
+
+Fields left `None` are resolved by the engine from the model: the embedded tiny model needs a
+large learning rate and many epochs to learn anything, a 7B model the usual 2e-4 and a few
+epochs. `resolve` fills them and checks ranges, raising one `ConfigError` listing every problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from ipylora.engine.errors import ConfigError
+
+QUANTIZATIONS = (None, "4bit", "8bit")
+SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """How rows of a table become training text."""
+
+    prompt: str | None = None
+    """Format string over the columns for the prompt, e.g. "describe {concept}". None: first column."""
+    response: str | None = None
+    """Format string over the columns for the response, e.g. "{description}". None: second column."""
+    template: str = "human-assistant"
+    """Built-in template name (human-assistant, alpaca, plain) or a string with {prompt} and {response}."""
+    train_on_prompt: bool = False
+    """Put loss on the prompt tokens too (default: response and EOS only)."""
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """The adapter's shape."""
+
+    r: int | None = None
+    """LoRA rank."""
+    alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float | None = None
+    """Dropout on the LoRA input."""
+    target_modules: str | None = None
+    """Comma-separated module names, or "all-linear"."""
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """One training run."""
+
+    model: str | None = None
+    """Hub id or local folder; None: the embedded tiny model."""
+    name: str | None = None
+    """Run and adapter name; None: derived from the dataset name."""
+    quantization: str | None = None
+    """None, "4bit" (QLoRA, nf4) or "8bit"."""
+    lr: float | None = None
+    """Peak learning rate."""
+    scheduler: str | None = None
+    """Learning-rate schedule: constant, linear, cosine, constant_with_warmup."""
+    warmup_ratio: float | None = None
+    """Share of steps spent warming up the learning rate."""
+    epochs: float | None = None
+    """Passes over the data (ignored when steps is set)."""
+    steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    batch_size: int | None = None
+    """Sequences per optimizer step."""
+    max_grad_norm: float | None = None
+    """Gradient clipping norm; 0 turns clipping off."""
+    max_length: int = 1024
+    """Longest sequence in tokens; longer rows are truncated."""
+    seed: int = 42
+    """Seed for LoRA init and data order."""
+    output: str = "runs"
+    """Folder that holds runs/<name>/."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code (never implied)."""
+    lora: LoraArgs = LoraArgs()
+    """Adapter shape."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """One generation."""
+
+    adapter: str | None = None
+    """Adapter name, "base" for no adapter, None for the active one."""
+    max_new_tokens: int = 256
+    """Most tokens to generate."""
+    temperature: float = 0.0
+    """0 is greedy decoding; above 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (with temperature > 0)."""
+
+
+# Measured on the tiny model: 300 steps at lr 1e-2 without clipping memorise 55/55 pairs; with
+# clipping at 1.0 the same run reaches only ~40/55.
+TINY_DEFAULTS = dict(lr=1e-2, scheduler="constant", warmup_ratio=0.0, epochs=43.0, batch_size=8, max_grad_norm=0.0)
+TINY_LORA = LoraArgs(r=32, alpha=32.0, dropout=0.0, target_modules="all-linear")
+MODEL_DEFAULTS = dict(lr=2e-4, scheduler="cosine", warmup_ratio=0.03, epochs=3.0, batch_size=8, max_grad_norm=1.0)
+MODEL_LORA = LoraArgs(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
+
+
+def _fill(value, defaults):
+    return replace(value, **{f.name: defaults[f.name] for f in fields(value)
+                             if getattr(value, f.name) is None and f.name in defaults})
+
+
+def resolve(args: TrainArgs, tiny: bool) -> TrainArgs:
+    """Fill unset fields with the defaults for this model and check every value."""
+    defaults, lora = (TINY_DEFAULTS, TINY_LORA) if tiny else (MODEL_DEFAULTS, MODEL_LORA)
+    args = _fill(args, defaults)
+    args = replace(args, lora=_fill(args.lora, asdict(lora)))
+    problems = []
+    if args.quantization not in QUANTIZATIONS:
+        problems.append(f"quantization {args.quantization!r} is not one of 4bit, 8bit")
+    if args.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler {args.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    checks = [
+        ("--lr", args.lr, 0, 1, False),
+        ("--epochs", args.epochs, 0, 1e6, False),
+        ("--batch-size", args.batch_size, 1, 1e6, True),
+        ("--max-length", args.max_length, 8, 1e7, True),
+        ("--warmup-ratio", args.warmup_ratio, 0, 1, True),
+        ("--max-grad-norm", args.max_grad_norm, 0, 1e6, True),
+        ("--r", args.lora.r, 1, 4096, True),
+        ("--alpha", args.lora.alpha, 0, 1e6, False),
+        ("--dropout", args.lora.dropout, 0, 0.95, True),
+    ]
+    if args.steps is not None:
+        checks.append(("--steps", args.steps, 1, 1e9, True))
+    for flag, value, low, high, inclusive in checks:
+        ok = low <= value <= high if inclusive else low < value <= high
+        if not ok:
+            bound = f"[{low:g}, {high:g}]" if inclusive else f"({low:g}, {high:g}]"
+            problems.append(f"{flag} {value:g} is outside {bound}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Fix the value(s) and run again.")
+    return args

@@ -1,0 +1,76 @@
+"""Typed events a training run emits, and the reporter protocol that consumes them.
+
+The engine never prints or displays: it calls `reporter(event)`. The notebook front end turns
+events into one live plot; the console reporter into log lines; `metrics.jsonl` gets every one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict:
+        return {"event": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunStart(Event):
+    name: str
+    total_steps: int
+    run_dir: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class StepEnd(Event):
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens: int
+    elapsed: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        return self.elapsed / self.step * (self.total_steps - self.step) if self.step else None
+
+
+@dataclass(frozen=True)
+class RunEnd(Event):
+    name: str
+    status: str  # finished | interrupted | stopped | failed
+    step: int
+    total_steps: int
+    final_loss: float | None
+    adapter_dir: str | None
+    elapsed: float
+    message: str = ""
+
+
+class Reporter(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+def console_reporter(every: int = 10, write: Callable[[str], None] = print) -> Reporter:
+    """Log lines for scripts: one every `every` steps, plus start and end."""
+
+    def report(event: Event) -> None:
+        if isinstance(event, RunStart):
+            write(f"[ipylora] {event.name}: {event.rows} rows, {event.total_steps} steps -> {event.run_dir}")
+        elif isinstance(event, StepEnd) and (event.step % every == 0 or event.step == event.total_steps):
+            write(f"[ipylora] step {event.step}/{event.total_steps} loss {event.loss:.4f} "
+                  f"{event.tokens_per_s:,.0f} tok/s")
+        elif isinstance(event, RunEnd):
+            write(f"[ipylora] {event.name} {event.status} at step {event.step}: {event.message}")
+
+    return report

@@ -1,0 +1,119 @@
+"""Loading the base model and tokenizer through `from_pretrained`, for any model.
+
+The embedded tiny model is just a local folder (built on first use), so it takes the same path
+as a hub id or a user's checkpoint. Precision is chosen from the hardware and the checkpoint,
+never hard-coded: the seed recipe's fp16 on a bf16 checkpoint crashes the AMP grad scaler.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipylora.engine.errors import ModelLoadError
+from ipylora.engine.tiny import TINY_MODEL_ID, tiny_model_path
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype weights are loaded in and the Trainer's mixed-precision flags."""
+
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    bf16: bool
+    fp16: bool
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_precision(device: str, checkpoint_dtype: str | None) -> Precision:
+    """bf16 where the GPU has it; fp16 autocast on older GPUs; float32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    if device != "cuda":
+        return Precision("float32", bf16=False, fp16=False)
+    if torch.cuda.is_bf16_supported():
+        return Precision("bfloat16", bf16=True, fp16=False)
+    # Older GPUs: load the weights in fp16 whatever the checkpoint says, so the AMP scaler sees fp16.
+    return Precision("float16", bf16=False, fp16=True)
+
+
+def resolve_model_id(model: str | None) -> tuple[str, str]:
+    """(display id, what from_pretrained gets) for a model argument; None means the embedded model."""
+    if model in (None, "", "tiny", TINY_MODEL_ID):
+        return TINY_MODEL_ID, str(tiny_model_path())
+    return model, str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
+        raise ModelLoadError(_load_message(source, exc, trust_remote_code)) from None
+    if tokenizer.pad_token is None:
+        # Safe here: labels come from our own mask, never from comparing ids to pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, quantization: str | None, precision: Precision, device: str,
+               trust_remote_code: bool = False):
+    """The base model on `device`, quantized with bitsandbytes if asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, precision.dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantization:
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        raise ModelLoadError(f"Loading {source!r} needs a package that is missing: {exc}. Install it and retry.") from None
+    except Exception as exc:
+        raise ModelLoadError(_load_message(source, exc, trust_remote_code)) from None
+    if not quantization:
+        model.to(device)
+    model.config.use_cache = True
+    return model
+
+
+def _bnb_config(quantization: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _load_message(source: str, exc: Exception, trust_remote_code: bool) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc) and not trust_remote_code:
+        return f"{source!r} ships its own model code: if you trust it, add --trust-remote-code."
+    if not os.path.exists(source) and ("/" in source or not source.startswith(".")):
+        return (
+            f"Could not load {source!r}: it is not a local folder and the hub did not provide it "
+            f"({text}). Pass a local folder saved with save_pretrained, or check the id and network."
+        )
+    return f"Could not load {source!r}: {text}"
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

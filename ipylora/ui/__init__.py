@@ -1,0 +1,1 @@
+"""Notebook front end: HTML renderings and the live training panel (IPython + matplotlib)."""
