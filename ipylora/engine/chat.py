@@ -26,10 +26,10 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
 
 @contextlib.contextmanager
 def adapter_context(model, adapter: str | None):
-    """Run the block with `adapter` active, or with adapters disabled for "base"."""
+    """Run the block with `adapter` active, adapters disabled for "base", as it is for None."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
+    if not isinstance(model, PeftModel) or adapter is None:
         yield model
         return
     if adapter == "base":

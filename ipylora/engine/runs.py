@@ -25,6 +25,8 @@ def check_name(name: str, what: str = "run") -> str:
         raise ConfigError(
             f"{what} name {name!r} is not usable: use letters, digits, '-' and '_' (up to 64), e.g. --name sd-prompts."
         )
+    if name in "lora_":  # PEFT finds adapters by substring of parameter names: "a" would match "lora_A"
+        raise ConfigError(f"{what} name {name!r} is too short to tell apart from PEFT's own names: use a longer one.")
     return name
 
 

@@ -98,6 +98,8 @@ def _callback(flag: StopFlag, emit, steps: int, started: float):
                     tokens=int(state.num_input_tokens_seen),
                     elapsed=time.time() - started,
                 ))
+            if flag.is_set():  # a stop asked for while this step was logged ends the run here
+                control.should_training_stop = True
 
     return EventCallback()
 

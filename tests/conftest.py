@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPTS = ROOT / "examples" / "data" / "concepts.csv"
+PROMPT = "generate a stable diffusion prompt for {concept}"
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so runs/ never leaks between tests."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def fresh_session(monkeypatch):
+    """A new kernel-wide Session for this test (the module global is restored afterwards)."""
+    from ipylora.engine import session as session_module
+
+    monkeypatch.setattr(session_module, "_session", None)
+    yield session_module.get_session()
+
+
+@pytest.fixture(scope="session")
+def concepts() -> pd.DataFrame:
+    return pd.read_csv(CONCEPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from ipylora.engine.models import load_tokenizer
+    from ipylora.engine.tiny import tiny_model_path
+
+    return load_tokenizer(str(tiny_model_path()))
