@@ -82,9 +82,9 @@ def test_user_mistakes_are_one_line_and_the_session_survives(shell, capsys, tmp_
 
 
 def test_magic_help_mentions_options(shell):
-    from ipylora.magics.core import LoraMagics
+    from ipylora.magics.train import TrainMagics
 
-    doc = LoraMagics.lora_train.__doc__
+    doc = TrainMagics.lora_train.__doc__
     assert "--4bit" in doc and "--max-length" in doc and "interrupt" in doc.lower()
     with pytest.raises(UsageError):
         shell.run_line_magic("lora_status", "extra")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ipylora.engine.config import DataArgs
 from ipylora.engine.errors import DatasetError
-from ipylora.engine.templates import Template, get_template
+from ipylora.engine.templates import get_template
 
 IGNORE_INDEX = -100
 

@@ -1,10 +1,14 @@
-"""IPython magics: thin parsers over the engine. Registered by `%load_ext ipylora`."""
+"""IPython magics: thin parsers over the engine, one module per magic. Registered by `%load_ext ipylora`."""
 
 
 def register(ipython) -> None:
-    from ipylora.magics.core import LoraMagics
+    from ipylora.magics.chat import ChatMagics
+    from ipylora.magics.dataset import DatasetMagics
+    from ipylora.magics.status import StatusMagics
+    from ipylora.magics.train import TrainMagics
 
-    ipython.register_magics(LoraMagics)
+    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics):
+        ipython.register_magics(magics)
     try:
         from ipylora.lab.comm import register_comm_target
     except ImportError:  # the JupyterLab side is optional
