@@ -9,4 +9,3 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[test]"
-"$PY" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
