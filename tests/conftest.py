@@ -1,11 +1,7 @@
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONCEPTS = ROOT / "examples" / "data" / "concepts.csv"
-PROMPT = "generate a stable diffusion prompt for {concept}"
+from support import CONCEPTS
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from ipylora.engine import DataArgs, DatasetError
 from ipylora.engine.data import IGNORE_INDEX, LoraDataset, tokenize_pairs
 from ipylora.engine.templates import get_template
 
-from conftest import PROMPT
+from support import PROMPT
 
 
 def test_human_assistant_template_is_the_seed_text(concepts):

@@ -4,7 +4,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import CONCEPTS, PROMPT
+from support import CONCEPTS, PROMPT
 
 DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{description}}"'
 

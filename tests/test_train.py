@@ -10,7 +10,7 @@ import pytest
 from ipylora.engine import DataArgs, TrainArgs
 from ipylora.engine.events import RunEnd, StepEnd
 
-from conftest import PROMPT
+from support import PROMPT
 
 ROWS = 8
 

@@ -75,6 +75,18 @@ class TrainArgs:
     """Folder that holds runs/<name>/."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code (never implied)."""
+    eval_every: int | None = None
+    """Steps between eval-loss measurements on the dataset's eval split (None: about 10 per run)."""
+    early_stop: int | None = None
+    """Stop after this many evals without a better eval loss, and keep the best adapter."""
+    save_every: int | None = None
+    """Steps between resumable checkpoints (optimizer, scheduler, data position) in runs/<name>/checkpoints."""
+    samples: tuple[str, ...] = ()
+    """Prompts to answer during training, so the answers can be watched changing."""
+    sample_every: int | None = None
+    """Steps between samples (None: about 5 per run)."""
+    sample_max_new_tokens: int = 64
+    """Length cap for those answers."""
     lora: LoraArgs = LoraArgs()
     """Adapter shape."""
 
@@ -130,8 +142,11 @@ def resolve(args: TrainArgs, tiny: bool) -> TrainArgs:
         ("--alpha", args.lora.alpha, 0, 1e6, False),
         ("--dropout", args.lora.dropout, 0, 0.95, True),
     ]
-    if args.steps is not None:
-        checks.append(("--steps", args.steps, 1, 1e9, True))
+    for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--early-stop", args.early_stop),
+                        ("--save-every", args.save_every), ("--sample-every", args.sample_every),
+                        ("--sample-max-new-tokens", args.sample_max_new_tokens)):
+        if value is not None:
+            checks.append((flag, value, 1, 1e9, True))
     for flag, value, low, high, inclusive in checks:
         ok = low <= value <= high if inclusive else low < value <= high
         if not ok:

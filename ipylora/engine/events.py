@@ -35,6 +35,7 @@ class StepEnd(Event):
     lr: float
     tokens: int
     elapsed: float
+    memory_mb: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -43,6 +44,20 @@ class StepEnd(Event):
     @property
     def eta_s(self) -> float | None:
         return self.elapsed / self.step * (self.total_steps - self.step) if self.step else None
+
+
+@dataclass(frozen=True)
+class EvalEnd(Event):
+    step: int
+    loss: float
+    best: float
+
+
+@dataclass(frozen=True)
+class Sample(Event):
+    step: int
+    prompt: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,10 @@ def console_reporter(every: int = 10, write: Callable[[str], None] = print) -> R
         elif isinstance(event, StepEnd) and (event.step % every == 0 or event.step == event.total_steps):
             write(f"[ipylora] step {event.step}/{event.total_steps} loss {event.loss:.4f} "
                   f"{event.tokens_per_s:,.0f} tok/s")
+        elif isinstance(event, EvalEnd):
+            write(f"[ipylora] step {event.step} eval loss {event.loss:.4f} (best {event.best:.4f})")
+        elif isinstance(event, Sample):
+            write(f"[ipylora] step {event.step} sample {event.prompt!r} -> {event.text!r}")
         elif isinstance(event, RunEnd):
             write(f"[ipylora] {event.name} {event.status} at step {event.step}: {event.message}")
 

@@ -69,9 +69,9 @@ def adapter_dir(run_dir: Path) -> Path | None:
 class MetricsLog:
     """Appends one JSON event per line to metrics.jsonl (flushed per line)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w")
+        self._file = open(path, "a" if append else "w")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, default=str) + "\n")
@@ -79,3 +79,54 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The events of metrics.jsonl; a line cut short by a crash is skipped."""
+    events = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+def loss_curves(run_dir: Path) -> dict[str, list]:
+    """Train and eval loss by step; after a resume, the later value for a step wins."""
+    train, evals = {}, {}
+    for event in read_metrics(run_dir):
+        if event.get("event") == "StepEnd":
+            train[event["step"]] = event["loss"]
+        elif event.get("event") == "EvalEnd":
+            evals[event["step"]] = event["loss"]
+    return {"steps": sorted(train), "loss": [train[s] for s in sorted(train)],
+            "eval_steps": sorted(evals), "eval_loss": [evals[s] for s in sorted(evals)]}
+
+
+def list_runs(root: str | Path = "runs") -> list[dict]:
+    """One summary per runs/<name>/run.json, newest first; survives kernel restarts."""
+    rows = []
+    for path in Path(root).glob("*/run.json"):
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        train, lora = record.get("train", {}), record.get("lora", {})
+        rows.append({
+            "name": record.get("name", path.parent.name),
+            "status": record.get("status"),
+            "dataset": record.get("dataset", {}).get("name"),
+            "model": record.get("model"),
+            "r": lora.get("r"), "alpha": lora.get("alpha"), "lr": train.get("lr"),
+            "batch": train.get("batch_size"),
+            "steps": f"{record.get('step', 0)}/{record.get('total_steps', '?')}",
+            "train_loss": record.get("final_loss"),
+            "eval_loss": record.get("eval_loss"),
+            "time_s": round(record.get("elapsed") or 0.0, 1),
+            "tokens_per_s": round(record.get("tokens_per_s") or 0.0),
+            "started": record.get("started", 0),
+        })
+    return sorted(rows, key=lambda row: row["started"], reverse=True)

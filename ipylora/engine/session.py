@@ -14,7 +14,7 @@ from pathlib import Path
 from ipylora.engine import chat as chat_module
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
-from ipylora.engine.errors import SessionBusyError, UnknownNameError
+from ipylora.engine.errors import ConfigError, SessionBusyError, UnknownNameError
 from ipylora.engine.events import Event, RunEnd, StepEnd
 from ipylora.engine.runs import check_name
 from ipylora.engine.templates import get_template
@@ -31,6 +31,36 @@ def get_session() -> Session:
         if _session is None:
             _session = Session()
         return _session
+
+
+class RunHandle:
+    """A training running in a background thread: `join()` it, or read `result` / `error` when `done`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.result: RunEnd | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, work) -> None:
+        def run():
+            try:
+                self.result = work()
+            except BaseException as exc:  # kept for the caller: a thread has nobody to raise to
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, name=f"ipylora-train-{self.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> RunEnd | None:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 @dataclass
@@ -59,6 +89,7 @@ class Session:
         self.run_state: dict | None = None
         self.load_count = 0
         self._stop_flag = None
+        self.background_run: RunHandle | None = None
         self._tiny_tokenizer = None
         self._listeners: list = []
         self._busy = threading.Lock()
@@ -100,7 +131,7 @@ class Session:
         model_id, source = self._target_model(model)
         if self.model is not None and (model_id, quantization) == (self.model_id, self.quantization):
             return
-        self.unload()
+        self._drop_model()
         _quiet_transformers()
         device = models.device_name()
         precision = models.choose_precision(device, None)
@@ -123,9 +154,12 @@ class Session:
 
     def unload(self) -> None:
         """Drop the resident model and its adapters (saved adapters stay on disk)."""
+        self._check_idle()
+        self._drop_model()
+
+    def _drop_model(self) -> None:
         from ipylora.engine.models import free_memory
 
-        self._check_idle()
         self.model = self.tokenizer = None
         self.model_id = None
         self.adapters.clear()
@@ -172,6 +206,51 @@ class Session:
         self.active_adapter = None if name == "base" else name
         self._changed()
 
+    def load_adapter(self, source: str, name: str | None = None, output: str = "runs") -> str:
+        """Load a saved adapter (a run name under `output`, or a PEFT folder) into the resident model."""
+        from peft import PeftModel
+
+        from ipylora.engine.runs import adapter_dir, read_json
+
+        self._check_idle()
+        run_dir = Path(output) / source
+        folder = adapter_dir(run_dir) if (run_dir / "run.json").exists() else Path(source)
+        if folder is None or not (folder / "adapter_config.json").exists():
+            raise UnknownNameError(f"No saved adapter at {source!r}: give a run name from %lora_runs or a PEFT folder.")
+        record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+        name = check_name(name or record.get("name") or folder.name, "adapter")
+        if record.get("model_source") and self.model is None:
+            self.ensure_model(record.get("model") if record.get("model") != TINY_MODEL_ID else None,
+                              record.get("quantization"))
+        self.ensure_model()
+        if isinstance(self.model, PeftModel):
+            if name in self.model.peft_config:
+                raise ConfigError(f"Adapter {name!r} is already loaded: delete it first or pass another name.")
+            self.model.load_adapter(str(folder), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        dataset = record.get("dataset", {})
+        self.adapters[name] = Adapter(name, run_dir if record else folder, dataset.get("template", "{prompt}{response}"),
+                                      dataset.get("name", ""))
+        self.active_adapter = name
+        self._changed()
+        return name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` from the resident model (its saved copy on disk stays)."""
+        self._check_idle()
+        self.adapter(name)
+        if len(self.model.peft_config) == 1:
+            self.model = self.model.unload()
+        else:
+            if self.model.active_adapter == name:
+                self.model.set_adapter(next(n for n in self.model.peft_config if n != name))
+            self.model.delete_adapter(name)
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+        self._changed()
+
     def adapter(self, name: str) -> Adapter:
         if name not in self.adapters:
             known = ", ".join(["base", *sorted(self.adapters)])
@@ -179,21 +258,50 @@ class Session:
         return self.adapters[name]
 
     # -- training ---------------------------------------------------------------------------
-    def train(self, dataset: str, args: TrainArgs = TrainArgs(), reporter=None) -> RunEnd:
-        """Train an adapter on a named dataset with the resident (or requested) model."""
-        from ipylora.engine.train import StopFlag, run_training
+    def train(self, dataset: str, args: TrainArgs = TrainArgs(), reporter=None, background: bool = False,
+              wait: bool = False, resume: bool = False):
+        """Train an adapter on a named dataset with the resident (or requested) model.
 
+        Foreground: returns the RunEnd event. `background=True`: returns a `RunHandle` at once and
+        trains in a thread. `wait=True`: queue behind a running training instead of refusing.
+        """
         data = self.dataset(dataset)
         args = replace(args, name=args.name or dataset)
         check_name(args.name, "run")
         model_id, _ = self._target_model(args.model)
         args = resolve(args, tiny=model_id == TINY_MODEL_ID)
-        if not self._busy.acquire(blocking=False):
+        if not background:
+            return self._train_now(data, args, reporter, wait, resume)
+        if not wait and self._busy.locked():
+            raise self._busy_error()
+        handle = RunHandle(args.name)
+        self.background_run = handle
+        handle.start(lambda: self._train_now(data, args, reporter, True, resume))
+        return handle
+
+    def resume(self, name: str, output: str = "runs", reporter=None, background: bool = False, wait: bool = False):
+        """Continue run `name` from its last checkpoint with the config recorded in its run.json."""
+        from ipylora.engine.runs import read_json
+
+        path = Path(output) / check_name(name, "run") / "run.json"
+        if not path.exists():
+            raise UnknownNameError(f"No run {name!r} in {output}/ to resume: %lora_runs lists the runs.")
+        record = read_json(path)
+        train = {**record["train"], "samples": tuple(record["train"].get("samples") or ())}
+        args = TrainArgs(**{**train, "lora": LoraArgs(**record["lora"])})
+        return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
+
+    def _train_now(self, data, args: TrainArgs, reporter, wait: bool, resume: bool):
+        from ipylora.engine.train import StopFlag, run_training
+
+        if not self._busy.acquire(blocking=wait):
             raise self._busy_error()
         try:
-            self.ensure_model(args.model, args.quantization, args.trust_remote_code)
             self._stop_flag = StopFlag()
-            return run_training(self, data, args, reporter, self._stop_flag)
+            self.run_state = {"name": args.name, "status": "loading", "step": 0, "total": 0, "loss": [],
+                              "tokens_per_s": 0.0, "eta_s": None}
+            self.ensure_model(args.model, args.quantization, args.trust_remote_code)
+            return run_training(self, data, args, reporter, self._stop_flag, resume)
         finally:
             self._stop_flag = None
             self._busy.release()
@@ -201,10 +309,15 @@ class Session:
 
     def request_stop(self) -> bool:
         """Ask the running training to stop at the next step boundary; False if none runs."""
-        if self._stop_flag is None:
+        flag = self._stop_flag
+        if flag is None:
             return False
-        self._stop_flag.set("stopped")
+        flag.set("stopped")
         return True
+
+    @property
+    def training(self) -> bool:
+        return self._busy.locked() and self._stop_flag is not None
 
     def _after_run(self, name: str, run_dir: Path, dataset: LoraDataset, saved: bool) -> None:
         if saved:

@@ -1,17 +1,17 @@
 """One training run: TRL's SFTTrainer on a LoRA adapter over the resident base model.
 
-setup (resolve config, tokenize, attach adapter) -> fit (SFTTrainer, events per step) -> save.
+setup (tokenize, attach adapter, write run.json) -> fit (SFTTrainer, events per step) -> save.
 
 Stopping is cooperative: a kernel interrupt (SIGINT), `request_stop()` or the Stop button set a
 flag that the callback reads at the step boundary, so the adapter saved is exactly the one after
-the last finished step. A KeyboardInterrupt that escapes anyway (a second Ctrl-C, or one raised
-by a callback) is caught too: the adapter is saved either way and the resident model stays usable.
+the last finished step, and a resumable checkpoint (optimizer, scheduler, data position) is
+written beside it. A KeyboardInterrupt that escapes anyway (a second Ctrl-C, or one raised by a
+callback) is caught too: the adapter is saved either way and the resident model stays usable.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import tempfile
 import threading
@@ -19,10 +19,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ipylora.engine.config import TrainArgs
+from ipylora.engine.config import GenerateArgs, TrainArgs
 from ipylora.engine.data import LoraDataset
-from ipylora.engine.events import Event, RunEnd, RunStart, StepEnd
-from ipylora.engine.runs import MetricsLog, check_name, replace_dir, write_json
+from ipylora.engine.errors import ConfigError
+from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
+from ipylora.engine.runs import MetricsLog, check_name, read_json, replace_dir, write_json
+
+CHECKPOINTS = "checkpoints"
 
 
 def total_steps(rows: int, args: TrainArgs) -> int:
@@ -31,15 +34,17 @@ def total_steps(rows: int, args: TrainArgs) -> int:
     return max(1, math.ceil(args.epochs * math.ceil(rows / args.batch_size)))
 
 
-def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str):
+def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool):
     from trl import SFTConfig
 
     # SFTConfig's own defaults (bf16 on CPU, lr 2e-5, gradient checkpointing, periodic saves) are
     # not what we mean, so every one that matters is set here.
+    eval_every = args.eval_every or max(1, steps // 10)
     return SFTConfig(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         learning_rate=args.lr,
         lr_scheduler_type=args.scheduler,
@@ -51,8 +56,12 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
         use_cpu=device == "cpu",
         gradient_checkpointing=False,
         logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
+        # Checkpoints only when asked (--save-every) or when a run is stopped; see _Callback.
+        save_strategy="steps",
+        save_steps=args.save_every or steps + 1,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every if has_eval else None,
         report_to="none",
         disable_tqdm=True,
         seed=args.seed,
@@ -80,28 +89,81 @@ class StopFlag:
         return self._event.is_set()
 
 
-def _callback(flag: StopFlag, emit, steps: int, started: float):
+def _memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class _Samples:
+    """Greedy answers to fixed prompts with the adapter as it is at that step."""
+
+    def __init__(self, session, dataset: LoraDataset, args: TrainArgs, steps: int):
+        self.session, self.prompts = session, list(args.samples)
+        self.every = args.sample_every or max(1, steps // 5)
+        self.template = dataset.template
+        self.generate_args = GenerateArgs(max_new_tokens=args.sample_max_new_tokens)
+
+    def due(self, step: int, total: int) -> bool:
+        return bool(self.prompts) and (step % self.every == 0 or step == total)
+
+    def __call__(self, model, step: int):
+        from ipylora.engine.chat import generate
+
+        for prompt in self.prompts:
+            answer = generate(model, self.session.tokenizer, self.template.prompt_text(prompt),
+                              self.generate_args, adapter=None)
+            yield Sample(step=step, prompt=prompt, text=answer["text"])
+
+
+def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None):
+    from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
-    class EventCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if flag.is_set():
-                control.should_training_stop = True
+    class Callback(TrainerCallback):
+        best_loss = math.inf
+        best_state = None
+        bad_evals = 0
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self._maybe_stop(control)
+            if samples.due(state.global_step, steps):
+                for sample in samples(model, state.global_step):
+                    emit(sample)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 emit(StepEnd(
-                    step=state.global_step,
-                    total_steps=steps,
-                    loss=float(logs["loss"]),
-                    lr=float(logs.get("learning_rate", 0.0)),
-                    tokens=int(state.num_input_tokens_seen),
-                    elapsed=time.time() - started,
+                    step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
+                    lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
+                    elapsed=time.time() - started, memory_mb=_memory_mb(),
                 ))
-            if flag.is_set():  # a stop asked for while this step was logged ends the run here
-                control.should_training_stop = True
+            self._maybe_stop(control)  # a stop asked for while this step was logged ends the run here
 
-    return EventCallback()
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            loss = float((metrics or {}).get("eval_loss", math.nan))
+            if loss < self.best_loss:
+                self.best_loss, self.bad_evals = loss, 0
+                if early_stop:
+                    self.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+                    self.best_step = state.global_step
+            else:
+                self.bad_evals += 1
+                if early_stop and self.bad_evals >= early_stop:
+                    flag.set("early-stopped")
+                    control.should_training_stop = True
+            emit(EvalEnd(step=state.global_step, loss=loss, best=self.best_loss))
+
+        def _maybe_stop(self, control):
+            if flag.is_set() and not control.should_training_stop:
+                control.should_training_stop = True
+                control.should_save = True  # a resumable checkpoint at the step we stop on
+
+    return Callback()
 
 
 class _SigintToFlag:
@@ -126,67 +188,91 @@ class _SigintToFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, flag: StopFlag | None = None):
-    """Train one adapter named `args.name` on `dataset`; returns the RunEnd event."""
+def last_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def _to_hf(part: LoraDataset, tokenizer, max_length: int):
     import datasets as hf_datasets
+
+    return hf_datasets.Dataset.from_dict(part.tokenize(tokenizer, max_length))
+
+
+def _parts(dataset: LoraDataset) -> tuple[LoraDataset, LoraDataset | None]:
+    splits = dataset.splits() if hasattr(dataset, "splits") else {"train": dataset}
+    return splits["train"], splits.get("eval")
+
+
+def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, flag: StopFlag | None = None,
+                 resume: bool = False) -> RunEnd:
+    """Train one adapter named `args.name` on `dataset` (or continue it); returns the RunEnd event."""
     from transformers import set_seed
     from trl import SFTTrainer
 
     name = check_name(args.name, "run")
     flag = flag or StopFlag()
     run_dir = Path(args.output) / name
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"Run {name!r} has no checkpoint to resume from in {run_dir / CHECKPOINTS}: "
+                          "train it with --save-every N, or stop it (checkpoints are written on stop).")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenized = dataset.tokenize(session.tokenizer, args.max_length)
-    train_data = hf_datasets.Dataset.from_dict(tokenized)
+    train_part, eval_part = _parts(dataset)
+    train_data = _to_hf(train_part, session.tokenizer, args.max_length)
+    eval_data = _to_hf(eval_part, session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
+    if args.early_stop and eval_data is None:
+        raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
     steps = total_steps(len(train_data), args)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    last: dict = {"step": 0, "loss": None}
+    metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume)
+    last: dict = {"step": 0, "loss": None, "eval_loss": None}
 
     def emit(event: Event) -> None:
         metrics.write(event.to_dict())
         if isinstance(event, StepEnd):
-            last.update(step=event.step, loss=event.loss)
+            last.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s)
+        elif isinstance(event, EvalEnd):
+            last.update(eval_loss=event.loss, best_eval_loss=event.best)
         session._on_event(event)
         if reporter is not None:
             reporter(event)
 
-    record = {
-        "name": name,
-        "status": "running",
-        "model": session.model_id,
-        "quantization": args.quantization,
-        "precision": session.precision.dtype,
-        "device": session.device,
-        "dataset": dataset.describe(),
-        "train": {k: v for k, v in asdict(args).items() if k != "lora"},
-        "lora": asdict(args.lora),
-        "total_steps": steps,
-        "versions": _versions(),
-        "started": time.time(),
-    }
+    record = read_json(run_dir / "run.json") if resume else {}
+    record.update({
+        "name": name, "status": "running", "model": session.model_id, "model_source": session.model_source,
+        "quantization": args.quantization, "precision": session.precision.dtype, "device": session.device,
+        "dataset": dataset.describe(), "train": {k: v for k, v in asdict(args).items() if k != "lora"},
+        "lora": asdict(args.lora), "total_steps": steps, "train_rows": len(train_data),
+        "eval_rows": len(eval_data) if eval_data is not None else 0, "versions": _versions(), "started": time.time(),
+    })
+    if checkpoint is not None:
+        record["resumed_from"] = int(checkpoint.name.split("-")[-1])
     write_json(run_dir / "run.json", record)
     set_seed(args.seed)
     model = session.attach_adapter(name, args.lora)
     started = time.time()
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
+    callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop)
     trainer = None
     try:
-        with tempfile.TemporaryDirectory(prefix="ipylora-trainer-") as scratch:
-            trainer = SFTTrainer(
-                model=model,
-                args=sft_config(args, steps, session.precision, scratch, session.device),
-                train_dataset=train_data,
-                processing_class=session.tokenizer,
-                callbacks=[_callback(flag, emit, steps, started)],
-            )
-            # The Trainer's own printer/progress callbacks would print from the training loop.
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
+                            eval_data is not None),
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=session.tokenizer,
+            callbacks=[callback],
+        )
+        # The Trainer's own printer/progress callbacks would print from the training loop.
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            with _SigintToFlag(flag):
-                trainer.train()
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        with _SigintToFlag(flag):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if flag.is_set():
             status = flag.reason
     except KeyboardInterrupt:
@@ -197,15 +283,23 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     finally:
         del trainer
         model.eval()
+        if status == "early-stopped" and callback.best_state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, callback.best_state, adapter_name=name)
+            message = f"kept the best eval loss {callback.best_loss:.4f} from step {callback.best_step}; "
         adapter = _save_adapter(model, name, run_dir) if last["step"] > 0 else None
         elapsed = time.time() - started
-        if not message:
-            message = (f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved")
-        end = RunEnd(name=name, status=status, step=last["step"], total_steps=steps,
-                     final_loss=last["loss"], adapter_dir=str(adapter) if adapter else None,
-                     elapsed=elapsed, message=message)
-        record.update(status=status, step=last["step"], final_loss=last["loss"], elapsed=elapsed,
-                      adapter=str(adapter) if adapter else None, finished=time.time())
+        message += f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved"
+        if status == "failed":
+            message = f"failed: {message}"
+        end = RunEnd(name=name, status=status, step=last["step"], total_steps=steps, final_loss=last["loss"],
+                     adapter_dir=str(adapter) if adapter else None, elapsed=elapsed, message=message)
+        record.update(status=status, step=last["step"], final_loss=last["loss"], eval_loss=last["eval_loss"],
+                      best_eval_loss=last.get("best_eval_loss"), tokens_per_s=last.get("tokens_per_s"),
+                      elapsed=elapsed + record.get("elapsed_before", 0.0), adapter=str(adapter) if adapter else None,
+                      finished=time.time())
+        record["elapsed_before"] = record["elapsed"]
         write_json(run_dir / "run.json", record)
         emit(end)
         metrics.close()
@@ -214,14 +308,14 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
 
 def _save_adapter(model, name: str, run_dir: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
-    model.save_pretrained(tmp, selected_adapters=[name])
-    # PEFT writes a non-"default" adapter into a subfolder named after it.
-    saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp
-    final = run_dir / "adapter"
-    replace_dir(saved, final)
-    if saved != tmp:
-        os.rmdir(tmp) if not any(tmp.iterdir()) else None
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        # PEFT writes a non-"default" adapter into a subfolder named after it.
+        saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
+        final = run_dir / "adapter"
+        if saved == Path(tmp):  # the temp dir itself is removed on exit: move a copy of it instead
+            saved = saved.rename(run_dir / f".adapter-new-{time.time_ns()}")
+        replace_dir(saved, final)
     return final
 
 

@@ -4,10 +4,13 @@
 def register(ipython) -> None:
     from ipylora.magics.chat import ChatMagics
     from ipylora.magics.dataset import DatasetMagics
+    from ipylora.magics.runs import RunsMagics
+    from ipylora.magics.settings import register_settings
     from ipylora.magics.status import StatusMagics
     from ipylora.magics.train import TrainMagics
 
-    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics):
+    register_settings(ipython)
+    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics, RunsMagics):
         ipython.register_magics(magics)
     try:
         from ipylora.lab.comm import register_comm_target

@@ -5,17 +5,37 @@ from __future__ import annotations
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import display
 
 from ipylora.engine import LoraArgs, TrainArgs, get_session
 from ipylora.magics.args import parse
 from ipylora.magics.common import in_kernel, user_errors
+from ipylora.magics.settings import get_settings
+
+
+def train_args(opts) -> TrainArgs:
+    """TrainArgs from parsed %lora_train options, with %config / pyproject defaults filled in."""
+    settings = get_settings()
+    if opts.q4 and opts.q8:
+        raise UsageError("Choose one of --4bit and --8bit.")
+    quantization = "4bit" if opts.q4 else "8bit" if opts.q8 else settings.quantization
+    return TrainArgs(
+        model=opts.model or settings.default_model, name=opts.name, quantization=quantization,
+        lr=opts.lr, scheduler=opts.scheduler, warmup_ratio=opts.warmup_ratio, epochs=opts.epochs,
+        steps=opts.steps, batch_size=opts.batch_size, max_length=opts.max_length,
+        max_grad_norm=opts.max_grad_norm, seed=opts.seed, output=opts.output or settings.runs_dir,
+        trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
+        save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
+        lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
+    )
+
 
 @magics_class
 class TrainMagics(Magics):
     """%lora_train."""
 
     @magic_arguments()
-    @argument("dataset", help="Name given to %%%%lora_dataset.")
+    @argument("dataset", nargs="?", help="Name given to %%%%lora_dataset.")
     @argument("--model", default=None, help="Hub id or local folder (default: the resident model, else the embedded tiny model).")
     @argument("--name", default=None, help="Run and adapter name (default: the dataset name).")
     @argument("--4bit", dest="q4", action="store_true", help="Load the base model in 4-bit nf4 (QLoRA).")
@@ -33,33 +53,60 @@ class TrainMagics(Magics):
     @argument("--max-length", type=int, default=1024, help="Longest sequence in tokens.")
     @argument("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 turns it off.")
     @argument("--seed", type=int, default=42, help="Seed for adapter init and data order.")
-    @argument("--output", default="runs", help="Folder for runs/<name>/.")
+    @argument("--output", default=None, help="Folder for runs/<name>/ (default: %%config Lora.runs_dir, 'runs').")
     @argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code.")
+    @argument("--eval-every", type=int, default=None, help="Steps between eval losses on the dataset's eval split.")
+    @argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+              help="Stop after PATIENCE evals without improvement; keep the best adapter.")
+    @argument("--save-every", type=int, default=None, help="Steps between resumable checkpoints.")
+    @argument("--sample", action="append", default=None, metavar="PROMPT",
+              help="A prompt to answer during training (repeatable).")
+    @argument("--sample-every", type=int, default=None, help="Steps between samples.")
+    @argument("--background", action="store_true", help="Return at once; train in a thread with a Stop button.")
+    @argument("--wait", action="store_true", help="Queue behind a running training instead of refusing.")
+    @argument("--stop", action="store_true", help="Stop the running training at the next step and save it.")
+    @argument("--resume", default=None, metavar="NAME", help="Continue run NAME from its last checkpoint.")
+    @argument("--form", action="store_true", help="Show a form that builds this line.")
     @line_magic
     @user_errors
     def lora_train(self, line):
-        """Train a LoRA adapter on a dataset, with a live loss plot. Ctrl-C / interrupt stops and saves.
+        """Train a LoRA adapter on a dataset, with a live loss plot. Interrupt (or --stop) stops and saves.
 
             %lora_train concepts --name sd-prompts
             %lora_train concepts --model Qwen/Qwen2.5-7B-Instruct --4bit --r 64 --alpha 16 --dropout 0.1
+            %lora_train concepts --background --sample "describe a cat"   # then %lora_train --stop
+            %lora_train --resume sd-prompts
         """
-        from ipylora.engine.events import console_reporter
-
         opts = parse(self.lora_train, line)
-        if opts.q4 and opts.q8:
-            raise UsageError("Choose one of --4bit and --8bit.")
-        args = TrainArgs(
-            model=opts.model, name=opts.name, quantization="4bit" if opts.q4 else "8bit" if opts.q8 else None,
-            lr=opts.lr, scheduler=opts.scheduler, warmup_ratio=opts.warmup_ratio, epochs=opts.epochs,
-            steps=opts.steps, batch_size=opts.batch_size, max_length=opts.max_length,
-            max_grad_norm=opts.max_grad_norm, seed=opts.seed, output=opts.output,
-            trust_remote_code=opts.trust_remote_code,
-            lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
-        )
+        session = get_session()
+        if opts.form:
+            from ipylora.ui.forms import TrainForm
+
+            display(TrainForm(shell=self.shell, dataset=opts.dataset))
+            return
+        if opts.stop:
+            if not session.request_stop():
+                raise UsageError("No training is running.")
+            print("Stopping at the next step boundary; the adapter will be saved.")
+            return
+        reporter = self._reporter(opts.background)
+        if opts.resume:
+            result = session.resume(opts.resume, opts.output or get_settings().runs_dir, reporter,
+                                    background=opts.background, wait=opts.wait)
+        else:
+            if not opts.dataset:
+                known = ", ".join(sorted(session.datasets)) or "none yet: create one with %%lora_dataset NAME"
+                raise UsageError(f"Which dataset? %lora_train DATASET (known: {known}).")
+            result = session.train(opts.dataset, train_args(opts), reporter=reporter,
+                                   background=opts.background, wait=opts.wait)
+        if opts.background:
+            print(f"Training {result.name} in the background: %lora_train --stop (or the Stop button) ends it.")
+
+    def _reporter(self, background: bool):
         if in_kernel(self.shell):
             from ipylora.ui.live import NotebookReporter
 
-            reporter = NotebookReporter()
-        else:
-            reporter = console_reporter()
-        get_session().train(opts.dataset, args, reporter=reporter)
+            return NotebookReporter(background=background)
+        from ipylora.engine.events import console_reporter
+
+        return console_reporter()

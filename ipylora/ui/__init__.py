@@ -1,1 +1,10 @@
-"""Notebook front end: HTML renderings and the live training panel (IPython + matplotlib)."""
+"""Notebook front end: renderings, the live training panel, and ipywidgets forms."""
+
+
+def __getattr__(name):
+    # Lazy, so `%load_ext ipylora` does not import ipywidgets.
+    if name in ("TrainForm", "DatasetForm"):
+        from ipylora.ui import forms
+
+        return getattr(forms, name)
+    raise AttributeError(name)

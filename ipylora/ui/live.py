@@ -1,93 +1,161 @@
-"""The live training panel: one loss plot and one progress line, each a display handle.
+"""The live training panel: a loss plot, a progress line, samples and (in background) a Stop button.
 
-Both handles are created up front by the main thread and updated in place (throttled), so a
-saved notebook keeps exactly one final image and one final line. The plot is drawn with
-matplotlib's object API on an Agg canvas, not pyplot, so it is safe from any thread.
+Each artifact is one display handle, created up front by the main thread and updated in place,
+throttled, so a saved notebook keeps exactly one final frame of each. The plot is drawn with
+matplotlib's object API on an Agg canvas, not pyplot, so the training thread can draw it safely.
 """
 
 from __future__ import annotations
 
+import html
 import io
 import time
 from datetime import timedelta
 
-import html
-
 from IPython.display import Image, display
 
-from ipylora.engine.events import Event, RunEnd, RunStart, StepEnd
+from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
 from ipylora.ui.render import Rendered
 
 
-def loss_png(steps: list[int], losses: list[float], title: str) -> bytes:
+def loss_png(curves: dict, title: str, lrs: list[float] | None = None) -> bytes:
+    """Train (and eval) loss by step, with the learning rate in a thin panel underneath."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 3.0), dpi=80)
+    figure = Figure(figsize=(6.4, 3.4), dpi=80)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(steps, losses, color="#1f77b4", linewidth=1.2, label="train loss")
-    axes.set_xlabel("step")
+    grid = figure.add_gridspec(2, 1, height_ratios=(4, 1), hspace=0.08)
+    axes = figure.add_subplot(grid[0])
+    axes.plot(curves["steps"], curves["loss"], color="#1f77b4", linewidth=1.2, label="train loss")
+    if curves.get("eval_steps"):
+        axes.plot(curves["eval_steps"], curves["eval_loss"], "o-", color="#d62728", linewidth=1.2,
+                  markersize=3, label="eval loss")
     axes.set_ylabel("loss")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(loc="upper right", fontsize=8)
-    figure.tight_layout()
+    axes.tick_params(labelbottom=not lrs)
+    if lrs:
+        lr_axes = figure.add_subplot(grid[1], sharex=axes)
+        lr_axes.plot(curves["steps"], lrs, color="#2ca02c", linewidth=1.0)
+        lr_axes.set_ylabel("lr", fontsize=8)
+        lr_axes.tick_params(labelsize=7)
+        lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        lr_axes.grid(alpha=0.3)
+        lr_axes.set_xlabel("step")
+    else:
+        axes.set_xlabel("step")
+    figure.subplots_adjust(left=0.11, right=0.97, top=0.9, bottom=0.14)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     return str(timedelta(seconds=int(seconds))) if seconds is not None else "-"
 
 
-class NotebookReporter:
-    """Turns training events into an in-place plot and progress line."""
+def _memory(mb: float) -> str:
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
 
-    def __init__(self, plot_every_s: float = 1.0, line_every_s: float = 0.25):
+
+class NotebookReporter:
+    """Turns training events into an in-place panel. `background=True` adds a working Stop button."""
+
+    def __init__(self, background: bool = False, plot_every_s: float = 1.0, line_every_s: float = 0.25):
+        self.background = background
         self.plot_every_s, self.line_every_s = plot_every_s, line_every_s
-        self.steps: list[int] = []
-        self.losses: list[float] = []
+        self.curves = {"steps": [], "loss": [], "eval_steps": [], "eval_loss": []}
+        self.lrs: list[float] = []
+        self.samples: list[Sample] = []
         self.name = ""
-        self._plot = self._line = None
+        self.stop_button = None
+        self._plot = self._line = self._samples = None
         self._last_plot = self._last_line = 0.0
+        self._last_step: StepEnd | None = None
+        self._eval_loss: float | None = None
 
     def __call__(self, event: Event) -> None:
         now = time.monotonic()
         if isinstance(event, RunStart):
             self.name = event.name
+            if self.background:
+                self._show_stop_button()
             self._update_line(f"{event.name}: starting, {event.total_steps} steps")
         elif isinstance(event, StepEnd):
-            self.steps.append(event.step)
-            self.losses.append(event.loss)
-            if self._plot is None:
-                self._plot = display(Image(self._png(event.step, event.total_steps)), display_id=True)
-                self._last_plot = now
-            elif now - self._last_plot >= self.plot_every_s:
-                self._plot.update(Image(self._png(event.step, event.total_steps)))
+            self.curves["steps"].append(event.step)
+            self.curves["loss"].append(event.loss)
+            self.lrs.append(event.lr)
+            self._last_step = event
+            if self._plot is None or now - self._last_plot >= self.plot_every_s:
+                self._draw(event.step, event.total_steps)
                 self._last_plot = now
             if now - self._last_line >= self.line_every_s:
                 self._update_line(self._progress(event))
                 self._last_line = now
+        elif isinstance(event, EvalEnd):
+            self.curves["eval_steps"].append(event.step)
+            self.curves["eval_loss"].append(event.loss)
+            self._eval_loss = event.loss
+        elif isinstance(event, Sample):
+            self.samples.append(event)
+            self._show_samples()
         elif isinstance(event, RunEnd):
-            if self.steps:
-                image = Image(self._png(event.step, event.total_steps, event.status))
-                if self._plot is None:
-                    self._plot = display(image, display_id=True)
-                else:
-                    self._plot.update(image)
+            if self.curves["steps"]:
+                self._draw(event.step, event.total_steps, event.status)
             loss = f"final loss {event.final_loss:.4f}" if event.final_loss is not None else "no loss"
+            if self._eval_loss is not None:
+                loss += f", eval loss {self._eval_loss:.4f}"
             self._update_line(f"{event.name} {event.status}: {event.step}/{event.total_steps} steps in "
-                              f"{_duration(event.elapsed)}, {loss}; {event.message}")
+                              f"{duration(event.elapsed)}, {loss}; {event.message}")
+            if self.stop_button is not None:
+                self.stop_button.disabled = True
+                self.stop_button.description = event.status
 
-    def _png(self, step: int, total: int, status: str = "") -> bytes:
+    def _show_stop_button(self) -> None:
+        import ipywidgets
+
+        from ipylora.engine import get_session
+
+        self.stop_button = ipywidgets.Button(description="Stop", icon="stop", button_style="danger",
+                                             tooltip="Stop at the next step and save the adapter")
+
+        def stop(_button):
+            if get_session().request_stop():
+                self.stop_button.description = "stopping..."
+                self.stop_button.disabled = True
+
+        self.stop_button.on_click(stop)
+        display(self.stop_button)
+
+    def _draw(self, step: int, total: int, status: str = "") -> None:
         title = f"{self.name} · step {step}/{total}" + (f" · {status}" if status else "")
-        return loss_png(self.steps, self.losses, title)
+        image = Image(loss_png(self.curves, title, self.lrs))
+        if self._plot is None:
+            self._plot = display(image, display_id=True)
+        else:
+            self._plot.update(image)
 
     def _progress(self, e: StepEnd) -> str:
-        return (f"{self.name}: step {e.step}/{e.total_steps} · loss {e.loss:.4f} · "
-                f"{e.tokens_per_s:,.0f} tok/s · ETA {_duration(e.eta_s)}")
+        eval_part = f" · eval {self._eval_loss:.4f}" if self._eval_loss is not None else ""
+        return (f"{self.name}: step {e.step}/{e.total_steps} · loss {e.loss:.4f}{eval_part} · lr {e.lr:.2e} · "
+                f"{e.tokens_per_s:,.0f} tok/s · {_memory(e.memory_mb)} · ETA {duration(e.eta_s)}")
+
+    def _show_samples(self) -> None:
+        newest = sorted(self.samples, key=lambda s: s.step, reverse=True)[:12]
+        rows = "".join(
+            f"<tr><td>{s.step}</td><td>{html.escape(s.prompt)}</td><td style='text-align:left'>{html.escape(s.text)}</td></tr>"
+            for s in newest
+        )
+        content = Rendered(
+            f"<table><tr><th>step</th><th>prompt</th><th style='text-align:left'>sample (newest first)</th></tr>{rows}</table>",
+            "\n".join(f"step {s.step} · {s.prompt!r} -> {s.text!r}" for s in newest),
+        )
+        if self._samples is None:
+            self._samples = display(content, display_id=True)
+        else:
+            self._samples.update(content)
 
     def _update_line(self, text: str) -> None:
         content = Rendered(f"<code>{html.escape(text)}</code>", text)

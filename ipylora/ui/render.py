@@ -83,3 +83,19 @@ def status_table(snapshot: dict, extra: dict) -> Rendered:
     html_rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                         for k, v in rows)
     return Rendered(f"<table>{html_rows}</table>", "\n".join(f"{k:>15}: {v}" for k, v in rows))
+
+
+def table(rows: list[dict], columns: list[str]) -> Rendered:
+    """A list of dicts as an HTML table (and aligned text)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    widths = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    return Rendered(f"<table><tr>{head}</tr>{body}</table>", "\n".join(lines))

@@ -1,0 +1,172 @@
+"""ipywidgets forms that build magic lines: fill it in, read the equivalent line, press the button.
+
+A form never calls the engine itself: its button runs the very `%lora_train ...` /
+`%%lora_dataset ...` line it shows, so what the form does and what the notebook can reproduce
+are the same thing by construction.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import ipywidgets as w
+
+from ipylora.engine import get_session
+
+PRESETS = {
+    "defaults (chosen for the model)": {},
+    "seed recipe: QLoRA r=64 alpha=16 dropout=0.1": {"quantization": "4bit", "r": 64, "alpha": 16.0, "dropout": 0.1},
+    "quick check: 20 steps": {"steps": 20},
+}
+
+
+def _flag(name: str, value) -> str:
+    return f"--{name} {shlex.quote(str(value))}"
+
+
+class TrainForm(w.VBox):
+    """A form for %lora_train; `.line` is the equivalent magic line, `.train()` runs it."""
+
+    def __init__(self, shell=None, dataset: str | None = None):
+        from IPython import get_ipython
+
+        self.shell = shell or get_ipython()
+        names = sorted(get_session().datasets)
+        style = {"description_width": "110px"}
+        self.dataset = w.Dropdown(options=names, value=dataset if dataset in names else (names[0] if names else None),
+                                  description="dataset", style=style)
+        self.name = w.Text(placeholder="(dataset name)", description="run name", style=style)
+        self.model = w.Text(placeholder="(resident, else embedded tiny model)", description="model", style=style)
+        self.quantization = w.Dropdown(options=["none", "4bit", "8bit"], description="quantization", style=style)
+        self.r = w.IntText(0, description="LoRA r", style=style)
+        self.alpha = w.FloatText(0, description="LoRA alpha", style=style)
+        self.dropout = w.FloatText(-1, description="LoRA dropout", style=style)
+        self.targets = w.Text(placeholder="all-linear", description="target modules", style=style)
+        self.lr = w.FloatText(0, description="learning rate", style=style)
+        self.epochs = w.FloatText(0, description="epochs", style=style)
+        self.steps = w.IntText(0, description="steps", style=style)
+        self.batch = w.IntText(0, description="batch size", style=style)
+        self.max_length = w.IntText(1024, description="max length", style=style)
+        self.eval_every = w.IntText(0, description="eval every", style=style)
+        self.background = w.Checkbox(True, description="in the background (Stop button)", indent=False)
+        self.preset = w.Dropdown(options=list(PRESETS), description="preset", style=style)
+        self.shown = w.HTML()
+        self.button = w.Button(description="Train", button_style="primary", icon="play")
+        self.output = w.Output()
+        hint = w.HTML("<small>0 or empty: the default chosen for the model.</small>")
+        fields = [self.dataset, self.name, self.model, self.quantization, self.r, self.alpha, self.dropout,
+                  self.targets, self.lr, self.epochs, self.steps, self.batch, self.max_length, self.eval_every]
+        for field in [*fields, self.background]:
+            field.observe(lambda _change: self._refresh(), names="value")
+        self.preset.observe(self._apply_preset, names="value")
+        self.button.on_click(lambda _button: self.train())
+        super().__init__([self.preset, w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), hint, self.background,
+                          self.shown, self.button, self.output])
+        self._refresh()
+
+    @property
+    def line(self) -> str:
+        """The %lora_train line this form stands for."""
+        parts = [self.dataset.value or "DATASET"]
+        text = {"name": self.name, "model": self.model, "target-modules": self.targets}
+        parts += [_flag(flag, box.value.strip()) for flag, box in text.items() if box.value.strip()]
+        if self.quantization.value != "none":
+            parts.append(f"--{self.quantization.value}")
+        numbers = {"r": self.r, "alpha": self.alpha, "lr": self.lr, "epochs": self.epochs, "steps": self.steps,
+                   "batch-size": self.batch, "eval-every": self.eval_every}
+        parts += [_flag(flag, box.value) for flag, box in numbers.items() if box.value > 0]
+        if self.dropout.value >= 0:
+            parts.append(_flag("dropout", self.dropout.value))
+        if self.max_length.value != 1024:
+            parts.append(_flag("max-length", self.max_length.value))
+        if self.background.value:
+            parts.append("--background")
+        return "%lora_train " + " ".join(parts)
+
+    def train(self) -> None:
+        """Run the shown line, exactly as if it were typed in a cell."""
+        self.output.clear_output()
+        with self.output:
+            self.shell.run_line_magic("lora_train", self.line[len("%lora_train "):])
+
+    def _refresh(self) -> None:
+        self.shown.value = f"<code>{self.line}</code>"
+
+    def _apply_preset(self, change) -> None:
+        boxes = {"quantization": self.quantization, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                 "steps": self.steps}
+        for key, value in PRESETS[change["new"]].items():
+            boxes[key].value = value
+
+
+class DatasetForm(w.VBox):
+    """A form for %%lora_dataset: paste data or upload a file; `.cell` is the equivalent cell."""
+
+    def __init__(self, shell=None, folder: str = "data"):
+        from IPython import get_ipython
+
+        self.shell = shell or get_ipython()
+        self.folder = Path(folder)
+        style = {"description_width": "80px"}
+        self.name = w.Text("my_data", description="name", style=style)
+        self.text = w.Textarea(placeholder="paste CSV, a JSON list or JSON lines", description="data",
+                               layout=w.Layout(width="95%", height="140px"), style=style)
+        self.upload = w.FileUpload(accept=".csv,.tsv,.json,.jsonl,.parquet", multiple=False, description="upload")
+        self.prompt = w.Text(placeholder="{column} (empty: first column)", description="prompt", style=style)
+        self.response = w.Text(placeholder="{column} (empty: second column)", description="response", style=style)
+        self.template = w.Combobox(value="human-assistant", options=["human-assistant", "alpaca", "plain"],
+                                   description="template", style=style)
+        self.shown = w.HTML()
+        self.button = w.Button(description="Create dataset", button_style="primary")
+        self.output = w.Output()
+        for field in (self.name, self.text, self.prompt, self.response, self.template):
+            field.observe(lambda _change: self._refresh(), names="value")
+        self.upload.observe(self._save_upload, names="value")
+        self.button.on_click(lambda _button: self.create())
+        self.uploaded: Path | None = None
+        super().__init__([self.name, self.text, self.upload, self.prompt, self.response, self.template,
+                          self.shown, self.button, self.output])
+        self._refresh()
+
+    @property
+    def line(self) -> str:
+        parts = [self.name.value.strip() or "NAME"]
+        if self.uploaded is not None:
+            parts.append(_flag("from", self.uploaded.as_posix()))
+        for flag, box in (("prompt", self.prompt), ("response", self.response)):
+            if box.value.strip():
+                parts.append(_flag(flag, box.value))
+        if self.template.value.strip() and self.template.value != "human-assistant":
+            parts.append(_flag("template", self.template.value))
+        return " ".join(parts)
+
+    @property
+    def cell(self) -> str:
+        """The %%lora_dataset cell (or %lora_dataset line, for an upload) this form stands for."""
+        if self.uploaded is not None:
+            return f"%lora_dataset {self.line}"
+        return f"%%lora_dataset {self.line}\n{self.text.value.strip()}"
+
+    def create(self) -> None:
+        self.output.clear_output()
+        with self.output:
+            if self.uploaded is not None:
+                self.shell.run_line_magic("lora_dataset", self.line)
+            else:
+                self.shell.run_cell_magic("lora_dataset", self.line, self.text.value)
+
+    def _save_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        upload = files[0]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.uploaded = self.folder / Path(upload["name"]).name
+        self.uploaded.write_bytes(bytes(upload["content"]))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        import html
+
+        self.shown.value = f"<pre>{html.escape(self.cell)}</pre>"
