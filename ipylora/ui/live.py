@@ -12,7 +12,7 @@ import io
 import time
 from datetime import timedelta
 
-from IPython.display import Image, display
+from IPython.display import display
 
 from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
 from ipylora.ui.render import Rendered
@@ -50,6 +50,21 @@ def loss_png(curves: dict, title: str, lrs: list[float] | None = None) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+class LossPlot:
+    """The panel's plot: PNG for notebooks, and a text line that says what was drawn."""
+
+    def __init__(self, curves: dict, title: str, lrs: list[float] | None = None):
+        self._png = loss_png(curves, title, lrs)
+        evals = f", eval loss ({len(curves['eval_steps'])} points)" if curves.get("eval_steps") else ""
+        self._text = f"<loss plot: {title}: train loss ({len(curves['steps'])} points){evals}>"
+
+    def _repr_png_(self) -> bytes:
+        return self._png
+
+    def __repr__(self) -> str:
+        return self._text
 
 
 def duration(seconds: float | None) -> str:
@@ -131,7 +146,7 @@ class NotebookReporter:
 
     def _draw(self, step: int, total: int, status: str = "") -> None:
         title = f"{self.name} · step {step}/{total}" + (f" · {status}" if status else "")
-        image = Image(loss_png(self.curves, title, self.lrs))
+        image = LossPlot(self.curves, title, self.lrs)
         if self._plot is None:
             self._plot = display(image, display_id=True)
         else:
