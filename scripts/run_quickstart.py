@@ -5,13 +5,14 @@ The executed copy is written to examples/quickstart.out.ipynb (git-ignored).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from ipylora.engine.runs import list_runs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -33,11 +34,11 @@ def main() -> int:
     notebook, seconds = execute()
     out = EXAMPLES / "quickstart.out.ipynb"
     nbformat.write(notebook, out)
-    run = json.loads((EXAMPLES / "runs" / "sd-prompts" / "run.json").read_text())
+    run = list_runs(EXAMPLES / "runs")[0]  # the newest: a re-run is saved as sd-prompts-2, never over the old one
     chats = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith("%lora_chat")]
     last = chats[-1]
     print(f"notebook executed in {seconds:.1f} s -> {out.relative_to(EXAMPLES.parent)}")
-    print(f"final training loss: {run['final_loss']:.4f} ({run['step']} steps, {run['status']})")
+    print(f"final training loss: {run['train_loss']:.4f} ({run['steps']} steps, {run['status']}, runs/{run['name']})")
     print(f"chat: {last.source.split(' ', 1)[1]}")
     print(f"  -> {cell_text(last).strip()}")
     return 0

@@ -30,6 +30,22 @@ def check_name(name: str, what: str = "run") -> str:
     return name
 
 
+def claim_run_dir(root: Path, name: str) -> tuple[str, Path]:
+    """Create runs/<name>/, or <name>-2, -3... if taken: a finished run is never overwritten.
+
+    `mkdir` is atomic, so two kernels starting the same run name at once get different folders.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(1, 10_000):
+        candidate = name if index == 1 else f"{name}-{index}"
+        try:
+            (root / candidate).mkdir()
+        except FileExistsError:
+            continue
+        return candidate, root / candidate
+    raise ConfigError(f"Too many runs named {name!r} in {root}: choose another --name.")
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

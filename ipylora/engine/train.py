@@ -16,14 +16,14 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ipylora.engine.config import GenerateArgs, TrainArgs
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError
 from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
-from ipylora.engine.runs import MetricsLog, check_name, read_json, replace_dir, write_json
+from ipylora.engine.runs import MetricsLog, check_name, claim_run_dir, read_json, replace_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 
@@ -213,17 +213,22 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
     name = check_name(args.name, "run")
     flag = flag or StopFlag()
-    run_dir = Path(args.output) / name
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise ConfigError(f"Run {name!r} has no checkpoint to resume from in {run_dir / CHECKPOINTS}: "
-                          "train it with --save-every N, or stop it (checkpoints are written on stop).")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run_dir = Path(args.output) / name
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is None:
+            raise ConfigError(f"Run {name!r} has no checkpoint to resume from in {run_dir / CHECKPOINTS}: "
+                              "train it with --save-every N, or stop it (checkpoints are written on stop).")
+    else:
+        run_dir = checkpoint = None  # claimed below, once the data is known to be usable
     train_part, eval_part = _parts(dataset)
     train_data = _to_hf(train_part, session.tokenizer, args.max_length)
     eval_data = _to_hf(eval_part, session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
     if args.early_stop and eval_data is None:
         raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
+    if not resume:
+        name, run_dir = claim_run_dir(Path(args.output), name)
+        args, checkpoint = replace(args, name=name), None
     steps = total_steps(len(train_data), args)
     metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume)
     last: dict = {"step": 0, "loss": None, "eval_loss": None}
