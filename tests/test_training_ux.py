@@ -163,3 +163,25 @@ def test_ten_runs_do_not_leak_memory(session):
         sizes.append(process.memory_info().rss)
     assert session.load_count == 1
     assert sizes[-1] <= sizes[0] * 1.05, [s // 2**20 for s in sizes]
+
+
+def test_dataset_form_pastes_and_uploads(shell, session, tmp_path):
+    from datetime import datetime, timezone
+
+    from ipylora.ui import DatasetForm
+
+    form = DatasetForm(shell=shell)
+    form.name.value = "pasted"
+    form.text.value = "q,a\nhello,world\nfoo,bar\n"
+    form.template.value = "plain"
+    assert form.cell == "%%lora_dataset pasted --template plain\nq,a\nhello,world\nfoo,bar"
+    form.button.click()
+    assert session.datasets["pasted"].pairs()[0] == ("hello", "world")
+    upload = DatasetForm(shell=shell, folder=str(tmp_path / "uploads"))
+    upload.name.value = "uploaded"
+    upload.upload.value = ({"name": "../../evil name.csv", "content": memoryview(b"q,a\nx,y\n"), "type": "text/csv",
+                            "size": 8, "last_modified": datetime.now(timezone.utc)},)
+    assert (tmp_path / "uploads" / "evil name.csv").exists()  # the file name is kept, its path is not
+    assert upload.cell.startswith("%lora_dataset uploaded --from ")
+    upload.button.click()
+    assert len(session.datasets["uploaded"]) == 1

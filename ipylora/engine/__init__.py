@@ -19,6 +19,7 @@ from ipylora.engine.errors import (
     DatasetError,
     IpyloraError,
     ModelLoadError,
+    OutOfMemoryError,
     SessionBusyError,
     UnknownNameError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "IpyloraError",
     "LoraArgs",
     "ModelLoadError",
+    "OutOfMemoryError",
     "Session",
     "SessionBusyError",
     "TrainArgs",

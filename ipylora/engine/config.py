@@ -13,6 +13,7 @@ from ipylora.engine.errors import ConfigError
 
 QUANTIZATIONS = (None, "4bit", "8bit")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,26 @@ class DataArgs:
     response: str | None = None
     """Format string over the columns for the response, e.g. "{description}". None: second column."""
     template: str = "human-assistant"
-    """Built-in template name (human-assistant, alpaca, plain) or a string with {prompt} and {response}."""
+    """Template name (human-assistant, alpaca, chatml, plain, model, or a plugin's), a string with
+    {prompt} and {response}, or a Jinja chat template (text or a .jinja file)."""
     train_on_prompt: bool = False
     """Put loss on the prompt tokens too (default: response and EOS only)."""
+    format: str | None = None
+    """Data format: text, alpaca, prompt-completion, messages, sharegpt (or a plugin's). None: detected."""
+    columns: str | None = None
+    """Field-to-column mapping, e.g. "prompt=concept,response=description"."""
+    eval: float | None = None
+    """Held-out share (< 1) or row count (>= 1) for evaluation; None: no eval split."""
+    eval_from: str | None = None
+    """Where the eval rows came from (recorded; the rows are passed to the dataset)."""
+    shuffle: bool = False
+    """Shuffle the rows (seeded) before --limit and the eval split."""
+    limit: int | None = None
+    """Keep only the first N rows (after shuffling)."""
+    seed: int = 42
+    """Seed for --shuffle and the eval split."""
+    source: str | None = None
+    """Where the data came from (recorded in run.json)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,8 @@ class TrainArgs:
     """Optimizer steps; overrides epochs."""
     batch_size: int | None = None
     """Sequences per optimizer step."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass; batch_size / micro_batch_size steps are accumulated (None: all at once)."""
     max_grad_norm: float | None = None
     """Gradient clipping norm; 0 turns clipping off."""
     max_length: int = 1024
@@ -87,6 +107,10 @@ class TrainArgs:
     """Steps between samples (None: about 5 per run)."""
     sample_max_new_tokens: int = 64
     """Length cap for those answers."""
+    gpus: int = 1
+    """Processes (one per GPU) to train on; above 1 the run goes to torchrun workers outside the kernel."""
+    strategy: str = "ddp"
+    """How several GPUs share the work: ddp (each holds the model) or fsdp (the model is sharded)."""
     lora: LoraArgs = LoraArgs()
     """Adapter shape."""
 
@@ -112,7 +136,8 @@ class GenerateArgs:
 # clipping at 1.0 the same run reaches only ~40/55.
 TINY_DEFAULTS = dict(lr=1e-2, scheduler="constant", warmup_ratio=0.0, epochs=43.0, batch_size=8, max_grad_norm=0.0)
 TINY_LORA = LoraArgs(r=32, alpha=32.0, dropout=0.0, target_modules="all-linear")
-MODEL_DEFAULTS = dict(lr=2e-4, scheduler="cosine", warmup_ratio=0.03, epochs=3.0, batch_size=8, max_grad_norm=1.0)
+# No batch_size: on a GPU the engine sizes batches from a token budget (speed.py); on CPU it uses 8.
+MODEL_DEFAULTS = dict(lr=2e-4, scheduler="cosine", warmup_ratio=0.03, epochs=3.0, max_grad_norm=1.0)
 MODEL_LORA = LoraArgs(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
 
 
@@ -129,18 +154,23 @@ def resolve(args: TrainArgs, tiny: bool) -> TrainArgs:
     problems = []
     if args.quantization not in QUANTIZATIONS:
         problems.append(f"quantization {args.quantization!r} is not one of 4bit, 8bit")
+    if args.strategy not in STRATEGIES:
+        problems.append(f"--strategy {args.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if args.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {args.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     checks = [
         ("--lr", args.lr, 0, 1, False),
         ("--epochs", args.epochs, 0, 1e6, False),
-        ("--batch-size", args.batch_size, 1, 1e6, True),
+        ("--batch-size", 1 if args.batch_size is None else args.batch_size, 1, 1e6, True),
+        ("--micro-batch-size", 1 if args.micro_batch_size is None else args.micro_batch_size, 1,
+         args.batch_size or 1e6, True),
         ("--max-length", args.max_length, 8, 1e7, True),
         ("--warmup-ratio", args.warmup_ratio, 0, 1, True),
         ("--max-grad-norm", args.max_grad_norm, 0, 1e6, True),
         ("--r", args.lora.r, 1, 4096, True),
         ("--alpha", args.lora.alpha, 0, 1e6, False),
         ("--dropout", args.lora.dropout, 0, 0.95, True),
+        ("--gpus", args.gpus, 1, 1024, True),
     ]
     for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--early-stop", args.early_stop),
                         ("--save-every", args.save_every), ("--sample-every", args.sample_every),

@@ -28,3 +28,7 @@ class SessionBusyError(IpyloraError):
 
 class UnknownNameError(IpyloraError):
     """A dataset, adapter or run name that the session does not know."""
+
+
+class OutOfMemoryError(IpyloraError):
+    """Training did not fit in memory even after shrinking the micro-batch."""

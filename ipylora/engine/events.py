@@ -61,6 +61,13 @@ class Sample(Event):
 
 
 @dataclass(frozen=True)
+class Notice(Event):
+    """Something the engine did on the user's behalf and should say (e.g. an OOM retry)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class RunEnd(Event):
     name: str
     status: str  # finished | interrupted | stopped | failed
@@ -89,6 +96,8 @@ def console_reporter(every: int = 10, write: Callable[[str], None] = print) -> R
             write(f"[ipylora] step {event.step} eval loss {event.loss:.4f} (best {event.best:.4f})")
         elif isinstance(event, Sample):
             write(f"[ipylora] step {event.step} sample {event.prompt!r} -> {event.text!r}")
+        elif isinstance(event, Notice):
+            write(f"[ipylora] {event.message}")
         elif isinstance(event, RunEnd):
             write(f"[ipylora] {event.name} {event.status} at step {event.step}: {event.message}")
 

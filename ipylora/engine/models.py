@@ -69,11 +69,16 @@ def load_model(source: str, quantization: str | None, precision: Precision, devi
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device == "cuda":
+        from ipylora.engine.speed import configure_allocator
+
+        configure_allocator()  # before the first CUDA allocation
     dtype = getattr(torch, precision.dtype)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    # safetensors only: pickle weights can run arbitrary code when loaded.
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quantization:
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as exc:
@@ -103,6 +108,16 @@ def _keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def check_safetensors_adapter(folder: Path) -> None:
+    """Refuse an adapter whose weights are pickles (adapter_model.bin): loading them can run code."""
+    if not (folder / "adapter_model.safetensors").exists():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ModelLoadError(
+            f"{str(folder)!r} has no adapter_model.safetensors (it has: {found}); ipylora does not load pickled "
+            "adapters. Re-save it with PeftModel.save_pretrained (safetensors is the default)."
+        )
+
+
 def _bnb_config(quantization: str, compute_dtype):
     from transformers import BitsAndBytesConfig
 
@@ -119,7 +134,11 @@ def _bnb_config(quantization: str, compute_dtype):
 def _load_message(source: str, exc: Exception, trust_remote_code: bool) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "trust_remote_code" in str(exc) and not trust_remote_code:
-        return f"{source!r} ships its own model code: if you trust it, add --trust-remote-code."
+        return (f"{source!r} ships its own model code, which would run as Python on this machine with your "
+                "permissions: if you trust its authors, add --trust-remote-code.")
+    if "safetensors" in str(exc).lower() or "use_safetensors" in str(exc):
+        return (f"{source!r} has no .safetensors weights: ipylora loads no pickle (.bin/.pt) weights, since "
+                "unpickling can run code. Convert the checkpoint to safetensors (save_pretrained does by default).")
     if not os.path.exists(source) and ("/" in source or not source.startswith(".")):
         return (
             f"Could not load {source!r}: it is not a local folder and the hub did not provide it "

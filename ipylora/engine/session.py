@@ -7,15 +7,17 @@ one PeftModel, so switching between them (or back to the base) costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ipylora.engine import chat as chat_module
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
-from ipylora.engine.errors import ConfigError, SessionBusyError, UnknownNameError
-from ipylora.engine.events import Event, RunEnd, StepEnd
+from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
+from ipylora.engine.events import Event, Notice, RunEnd, StepEnd
 from ipylora.engine.runs import check_name
 from ipylora.engine.templates import get_template
 from ipylora.engine.tiny import TINY_MODEL_ID
@@ -34,33 +36,26 @@ def get_session() -> Session:
 
 
 class RunHandle:
-    """A training running in a background thread: `join()` it, or read `result` / `error` when `done`."""
+    """A training running in the background: `join()` it, or read `result` / `error` once `done`."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, future):
         self.name = name
-        self.result: RunEnd | None = None
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, work) -> None:
-        def run():
-            try:
-                self.result = work()
-            except BaseException as exc:  # kept for the caller: a thread has nobody to raise to
-                self.error = exc
-
-        self._thread = threading.Thread(target=run, name=f"ipylora-train-{self.name}", daemon=True)
-        self._thread.start()
+        self._future = future
 
     @property
     def done(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
+        return self._future.done()
 
-    def join(self, timeout: float | None = None) -> RunEnd | None:
-        self._thread.join(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
+    @property
+    def result(self) -> RunEnd | None:
+        return self._future.result() if self.done and self.error is None else None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._future.exception() if self.done else None
+
+    def join(self, timeout: float | None = None) -> RunEnd:
+        return self._future.result(timeout)
 
 
 @dataclass
@@ -90,6 +85,7 @@ class Session:
         self.load_count = 0
         self._stop_flag = None
         self.background_run: RunHandle | None = None
+        self._worker: ThreadPoolExecutor | None = None
         self._tiny_tokenizer = None
         self._listeners: list = []
         self._busy = threading.Lock()
@@ -210,6 +206,7 @@ class Session:
         """Load a saved adapter (a run name under `output`, or a PEFT folder) into the resident model."""
         from peft import PeftModel
 
+        from ipylora.engine.models import check_safetensors_adapter
         from ipylora.engine.runs import adapter_dir, read_json
 
         self._check_idle()
@@ -217,6 +214,7 @@ class Session:
         folder = adapter_dir(run_dir) if (run_dir / "run.json").exists() else Path(source)
         if folder is None or not (folder / "adapter_config.json").exists():
             raise UnknownNameError(f"No saved adapter at {source!r}: give a run name from %lora_runs or a PEFT folder.")
+        check_safetensors_adapter(folder)
         record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
         name = check_name(name or record.get("name") or folder.name, "adapter")
         if record.get("model_source") and self.model is None:
@@ -274,10 +272,13 @@ class Session:
             return self._train_now(data, args, reporter, wait, resume)
         if not wait and self._busy.locked():
             raise self._busy_error()
-        handle = RunHandle(args.name)
-        self.background_run = handle
-        handle.start(lambda: self._train_now(data, args, reporter, True, resume))
-        return handle
+        if self._worker is None:
+            # One long-lived thread for every background run: a new thread per run would get a new
+            # malloc arena each time, and the process would grow by ~4 MB a run (measured).
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipylora-train")
+        future = self._worker.submit(self._train_now, data, args, reporter, True, resume)
+        self.background_run = RunHandle(args.name, future)
+        return self.background_run
 
     def resume(self, name: str, output: str = "runs", reporter=None, background: bool = False, wait: bool = False):
         """Continue run `name` from its last checkpoint with the config recorded in its run.json."""
@@ -292,7 +293,7 @@ class Session:
         return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
 
     def _train_now(self, data, args: TrainArgs, reporter, wait: bool, resume: bool):
-        from ipylora.engine.train import StopFlag, run_training
+        from ipylora.engine.train import StopFlag, micro_batch, run_training
 
         if not self._busy.acquire(blocking=wait):
             raise self._busy_error()
@@ -300,12 +301,45 @@ class Session:
             self._stop_flag = StopFlag()
             self.run_state = {"name": args.name, "status": "loading", "step": 0, "total": 0, "loss": [],
                               "tokens_per_s": 0.0, "eta_s": None}
+            if args.gpus > 1:
+                return self._train_distributed(data, args, reporter, resume)
             self.ensure_model(args.model, args.quantization, args.trust_remote_code)
-            return run_training(self, data, args, reporter, self._stop_flag, resume)
+            end = run_training(self, data, args, reporter, self._stop_flag, resume)
+            # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
+            # same, and start the run again in its folder; give up at micro-batch 1.
+            while end.status == "oom":
+                micro = micro_batch(args)
+                if micro == 1:
+                    raise OutOfMemoryError(
+                        f"Out of GPU memory even at micro-batch 1 (run {end.name}): lower --max-length, "
+                        "use --4bit, or a smaller model. The session is still usable."
+                    )
+                args = replace(args, name=end.name, micro_batch_size=micro // 2)
+                if reporter is not None:
+                    reporter(Notice(f"Out of memory at micro-batch {micro}: retrying with {micro // 2} "
+                                    f"x {args.batch_size // micro_batch(args)} accumulation steps (same batch)."))
+                end = run_training(self, data, args, reporter, self._stop_flag, reuse_dir=True)
+            return end
         finally:
             self._stop_flag = None
             self._busy.release()
             self._changed()
+
+    def _train_distributed(self, data, args: TrainArgs, reporter, resume: bool) -> RunEnd:
+        """Train in `args.gpus` torchrun workers, then load the adapter here for chat."""
+        from ipylora.engine.distributed import run_distributed
+
+        if resume:
+            raise ConfigError(f"Resuming a --gpus run ({args.name}) is not supported yet: start it again "
+                              "with %lora_train DATASET --gpus N.")
+        end = run_distributed(self, data, args, reporter, self._stop_flag)
+        if end.adapter_dir:
+            self._stop_flag = None  # the workers are gone: the resident model is free again
+            self.ensure_model(args.model, args.quantization, args.trust_remote_code)
+            if end.name in self.adapters:
+                self.delete_adapter(end.name)
+            self.load_adapter(end.name, output=args.output)
+        return end
 
     def request_stop(self) -> bool:
         """Ask the running training to stop at the next step boundary; False if none runs."""
@@ -341,26 +375,81 @@ class Session:
         self._changed()
 
     # -- chat -------------------------------------------------------------------------------
-    def chat(self, text: str, args: GenerateArgs = GenerateArgs(), on_text=None, raw: bool = False) -> dict:
-        """Answer `text` with the active adapter (or `args.adapter`), in its training template."""
-        if not self._busy.acquire(blocking=False):
-            raise self._busy_error()
+    def chat(self, text: str, args: GenerateArgs = GenerateArgs(), on_text=None, raw: bool = False,
+             history: list[tuple[str, str]] = ()) -> dict:
+        """Answer `text`, after the (user, answer) turns in `history`, with the active adapter (or
+        `args.adapter`; "base" for none), in the prompt format it was trained with."""
+        with self._holding_model():
+            adapter = self._chat_adapter(args.adapter)
+            ids = chat_module.prompt_ids(self.tokenizer, self.prompt_format(adapter, raw), text, history)
+            return chat_module.generate(self.model, self.tokenizer, ids, args, adapter, on_text)
+
+    def start_chat(self, text: str, args: GenerateArgs = GenerateArgs(), history: list[tuple[str, str]] = (),
+                   raw: bool = False) -> chat_module.Generation:
+        """Like `chat`, but generating in a worker thread: iterate the result for text pieces, `stop()` it.
+
+        The model stays reserved (training and other chats refuse) until the generation ends.
+        """
+        self._reserve_model()
         try:
-            self.ensure_model()
-            adapter = args.adapter or self.active_adapter or "base"
-            if adapter != "base":
-                self.adapter(adapter)
-            prompt = text if raw else self._template_for(adapter).prompt_text(text)
-            return chat_module.generate(self.model, self.tokenizer, prompt, args, adapter, on_text)
+            adapter = self._chat_adapter(args.adapter)
+            ids = chat_module.prompt_ids(self.tokenizer, self.prompt_format(adapter, raw), text, history)
+            return chat_module.Generation(self.model, self.tokenizer, ids, args, adapter,
+                                          on_done=lambda result: self._busy.release())
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def prompt_format(self, adapter: str, raw: bool = False) -> chat_module.PromptFormat:
+        """How prompts for `adapter` ("base": none) are built: its training template (run.json), the
+        model's chat template, or raw text. The base uses the latest dataset's template, else the
+        tokenizer's chat template (chat models), else none."""
+        PromptFormat = chat_module.PromptFormat
+        if raw:
+            return PromptFormat("raw")
+        if adapter != "base":
+            template_name, source, dataset = _trained_template(self.adapter(adapter))
+            if template_name in chat_module.CHAT_TEMPLATE_NAMES:
+                return PromptFormat("chat")
+            known = self.datasets.get(dataset)
+            if known is not None and getattr(known.template, "source", None) == source:
+                return PromptFormat("template", known.template)
+            return PromptFormat("template", get_template(source))
+        if self.datasets:  # the base answers in the format the user is about to train on
+            template = list(self.datasets.values())[-1].template
+            if template.name in chat_module.CHAT_TEMPLATE_NAMES:
+                return PromptFormat("chat")
+            return PromptFormat("template", template)
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            return PromptFormat("chat")
+        return PromptFormat("template", get_template("plain"))
+
+    def _chat_adapter(self, requested: str | None) -> str:
+        adapter = requested or self.active_adapter or "base"
+        if adapter != "base":
+            self.adapter(adapter)
+        return adapter
+
+    def _reserve_model(self) -> None:
+        """Take the resident model for a generation (loading the default one if none is resident)."""
+        if not self._busy.acquire(blocking=False):
+            if self.training:
+                raise self._busy_error()
+            raise SessionBusyError("An answer is being generated: press Stop in the chat (or wait for it), then run this again.")
+        try:
+            if self.model is None:
+                self.ensure_model()
+        except BaseException:
+            self._busy.release()
+            raise
+
+    @contextlib.contextmanager
+    def _holding_model(self):
+        self._reserve_model()
+        try:
+            yield
         finally:
             self._busy.release()
-
-    def _template_for(self, adapter: str):
-        if adapter != "base":
-            return get_template(self.adapters[adapter].template)
-        if self.datasets:  # the base answers in the format the user is about to train on
-            return list(self.datasets.values())[-1].template
-        return get_template("plain")
 
     # -- state for front ends ---------------------------------------------------------------
     def add_listener(self, callback) -> None:
@@ -397,9 +486,114 @@ class Session:
             raise self._busy_error()
 
     def _busy_error(self) -> SessionBusyError:
+        if not self.training:  # the lock is held by a streaming chat answer
+            return SessionBusyError("An answer is being generated: press Stop in the chat, or wait for it to end.")
         state = self.run_state or {}
         where = f" (step {state.get('step', 0)}/{state.get('total', '?')})" if state else ""
         return SessionBusyError(f"Training is running{where}: run %lora_train --stop or wait for it to finish.")
+
+    # -- compare, evaluate, export ------------------------------------------------------------
+    def compare(self, prompts: list[str], adapters: list[str], args: GenerateArgs = GenerateArgs()) -> dict:
+        """Each adapter's ("base": none) answer to each prompt, all on the one resident model."""
+        if not prompts:
+            raise ConfigError("Nothing to compare: give a prompt, or --prompts-from DATASET.")
+        adapters = list(dict.fromkeys(adapters))
+        answers = {}
+        with self._holding_model():
+            for name in adapters:
+                self._chat_adapter(name)
+            for name in adapters:
+                fmt = self.prompt_format(name)
+                ids = [chat_module.prompt_ids(self.tokenizer, fmt, prompt) for prompt in prompts]
+                answers[name] = chat_module.generate_batch(self.model, self.tokenizer, ids, args, name)
+        return {"prompts": list(prompts), "adapters": adapters, "answers": answers}
+
+    def evaluate(self, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
+        """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
+        appended to runs/NAME/eval.json. Returns this eval and the earlier ones."""
+        import time
+
+        from ipylora.engine import evaluate as evaluate_module
+
+        args = args or evaluate_module.EvalArgs()
+        args.check()
+        examples = evaluate_module.dataset_examples(self.dataset(dataset), split, args.limit)
+        if name != "base" and name not in self.adapters and (Path(output) / name / "run.json").exists():
+            self.load_adapter(name, output=output)
+        with self._holding_model():
+            self._chat_adapter(name)
+            result = evaluate_module.evaluate(self.model, self.tokenizer, examples, name, args)
+        run_dir = self.adapters[name].run_dir if name != "base" else Path(output) / "base"
+        record = {"name": name, "model": self.model_id, "dataset": dataset, "split": split, "time": time.time(),
+                  **{k: result[k] for k in ("rows", "metrics", "worst", "settings", "seconds")}}
+        history = evaluate_module.save_eval(Path(run_dir), record)
+        return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}
+
+    def save(self, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs") -> Path:
+        """Write adapter `name` to `path` (PEFT format), or with `merge` the base + adapter as one plain model."""
+        from ipylora.engine import export
+
+        run_dir = self._run_dir(name, output)
+        if not merge:
+            return export.save_adapter(run_dir, Path(path))
+        record = export.run_record(run_dir)
+        tokenizer = self.tokenizer if self.model_id == record.get("model") else None
+        return export.save_merged(run_dir, Path(path), _model_source(record), dtype, tokenizer,
+                                  bool(record.get("train", {}).get("trust_remote_code")))
+
+    def export_script(self, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
+        """Write a standalone transformers + peft + trl script that retrains run `name` from a data file.
+
+        Without `data`, the rows the run trained on are written beside the script (NAME.data.jsonl).
+        """
+        from ipylora import __version__
+        from ipylora.engine import export
+
+        record = export.run_record(self._run_dir(name, output))
+        settings = export.script_settings(record, _model_source(record))
+        path = Path(path)
+        if data is not None:
+            if not Path(data).exists():
+                raise UnknownNameError(f"--data {data!r} does not exist: give the file the dataset was made from.")
+            data_ref = str(Path(data).resolve())
+        else:
+            data_ref = export.write_data(self._trained_frame(record), path.with_name(path.stem + ".data.jsonl")).name
+        return export.write_script(settings, data_ref, path, __version__)
+
+    def _run_dir(self, name: str, output: str) -> Path:
+        if name in self.adapters:
+            return Path(self.adapters[name].run_dir)
+        return Path(output) / check_name(name, "run")
+
+    def _trained_frame(self, record: dict):
+        """The rows run `record` trained on, from the dataset still in this session."""
+        described = record["dataset"]
+        dataset = self.datasets.get(described["name"])
+        same = dataset is not None and all(
+            dataset.describe().get(key) == described.get(key) for key in ("prompt", "response", "template"))
+        if not same:
+            raise UnknownNameError(f"Dataset {described['name']!r} of run {record['name']!r} is not in this session "
+                                   "as it was trained: pass --data FILE (the table it was made from).")
+        part = dataset.splits()["train"] if hasattr(dataset, "splits") else dataset
+        return part.frame
+
+
+def _trained_template(adapter: Adapter) -> tuple[str, str, str]:
+    """(template name, template source, dataset name) the adapter was trained with, from its run.json."""
+    from ipylora.engine.runs import read_json
+
+    path = Path(adapter.run_dir) / "run.json"
+    data = read_json(path).get("dataset", {}) if path.exists() else {}
+    return data.get("template_name", "custom"), data.get("template", adapter.template), data.get("name", adapter.dataset)
+
+
+def _model_source(record: dict) -> str:
+    """Where run.json's base model loads from (the embedded model is rebuilt if its cache is gone)."""
+    from ipylora.engine.models import resolve_model_id
+
+    if record.get("model") == TINY_MODEL_ID:
+        return resolve_model_id(None)[1]
+    return record.get("model_source") or resolve_model_id(record["model"])[1]
 
 
 def _targets(spec: str):

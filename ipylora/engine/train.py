@@ -34,18 +34,21 @@ def total_steps(rows: int, args: TrainArgs) -> int:
     return max(1, math.ceil(args.epochs * math.ceil(rows / args.batch_size)))
 
 
-def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool):
+def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool,
+               fast: dict | None = None):
     from trl import SFTConfig
+
+    from ipylora.engine import distributed
 
     # SFTConfig's own defaults (bf16 on CPU, lr 2e-5, gradient checkpointing, periodic saves) are
     # not what we mean, so every one that matters is set here.
     eval_every = args.eval_every or max(1, steps // 10)
-    return SFTConfig(
+    settings = dict(
         output_dir=output_dir,
         max_steps=steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro_batch(args),
+        per_device_eval_batch_size=micro_batch(args),
+        gradient_accumulation_steps=args.batch_size // micro_batch(args),
         learning_rate=args.lr,
         lr_scheduler_type=args.scheduler,
         warmup_steps=int(round(args.warmup_ratio * steps)),
@@ -63,6 +66,8 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every if has_eval else None,
         report_to="none",
+        ddp_backend=distributed.ddp_backend(device),
+        ddp_find_unused_parameters=False,  # every LoRA weight is used: skip DDP's extra graph walk
         disable_tqdm=True,
         seed=args.seed,
         data_seed=args.seed,
@@ -72,6 +77,34 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
         max_length=None,  # our tokenizer step already truncated
         remove_unused_columns=False,
     )
+    if args.strategy == "fsdp" and args.gpus > 1:
+        settings["fsdp"] = "full_shard auto_wrap"  # untested here: needs GPUs (issue 8)
+    # GPU speed settings (padding-free batches, checkpointing only when needed...); the batch
+    # shape stays the one computed above from args, so an OOM retry can shrink it.
+    fast = {k: v for k, v in (fast or {}).items()
+            if v is not None and k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    return SFTConfig(**{**settings, **fast})
+
+
+def plan_batches(model, session, lengths: list[int], args: TrainArgs) -> tuple[TrainArgs, dict, dict | None]:
+    """(args with batch sizes filled, SFTConfig overrides, the speed plan) for this device."""
+    from ipylora.engine import speed
+
+    fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
+                               quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout)
+    plan = fast.pop("_plan", None)
+    if plan is None:
+        return replace(args, batch_size=args.batch_size or 8), fast, None
+    micro = min(args.micro_batch_size or plan.batch_size, fast["per_device_train_batch_size"])
+    return replace(args, batch_size=plan.batch_size, micro_batch_size=micro), fast, asdict(plan)
+
+
+def micro_batch(args: TrainArgs) -> int:
+    """The largest micro-batch <= micro_batch_size that divides batch_size (the effective batch is kept)."""
+    micro = min(args.micro_batch_size or args.batch_size, args.batch_size)
+    while args.batch_size % micro:
+        micro -= 1
+    return micro
 
 
 class StopFlag:
@@ -120,18 +153,24 @@ class _Samples:
             yield Sample(step=step, prompt=prompt, text=answer["text"])
 
 
-def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None):
+def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None,
+              run_dir: Path):
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
+
+    from ipylora.engine import distributed
 
     class Callback(TrainerCallback):
         best_loss = math.inf
         best_state = None
         bad_evals = 0
+        agreed = False  # under torchrun: every rank decided together to stop after this step
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
+            if distributed.world_size() > 1:
+                self.agreed = distributed.agree_to_stop(flag, run_dir)
             self._maybe_stop(control)
-            if samples.due(state.global_step, steps):
+            if samples.due(state.global_step, steps) and distributed.is_main():  # rank 0 reports them
                 for sample in samples(model, state.global_step):
                     emit(sample)
 
@@ -159,7 +198,9 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
             emit(EvalEnd(step=state.global_step, loss=loss, best=self.best_loss))
 
         def _maybe_stop(self, control):
-            if flag.is_set() and not control.should_training_stop:
+            # Several ranks must stop at the same step, so they read only the flag they agreed on.
+            stopping = self.agreed if distributed.world_size() > 1 else flag.is_set()
+            if stopping and not control.should_training_stop:
                 control.should_training_stop = True
                 control.should_save = True  # a resumable checkpoint at the step we stop on
 
@@ -206,10 +247,12 @@ def _parts(dataset: LoraDataset) -> tuple[LoraDataset, LoraDataset | None]:
 
 
 def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, flag: StopFlag | None = None,
-                 resume: bool = False) -> RunEnd:
+                 resume: bool = False, reuse_dir: bool = False) -> RunEnd:
     """Train one adapter named `args.name` on `dataset` (or continue it); returns the RunEnd event."""
     from transformers import set_seed
     from trl import SFTTrainer
+
+    from ipylora.engine import distributed
 
     name = check_name(args.name, "run")
     flag = flag or StopFlag()
@@ -226,15 +269,22 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     eval_data = _to_hf(eval_part, session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
     if args.early_stop and eval_data is None:
         raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
-    if not resume:
+    if reuse_dir:
+        run_dir = Path(args.output) / name
+    elif not resume:
         name, run_dir = claim_run_dir(Path(args.output), name)
         args, checkpoint = replace(args, name=name), None
+    set_seed(args.seed)
+    model = session.attach_adapter(name, args.lora)
+    args, fast, plan = plan_batches(model, session, [len(ids) for ids in train_data["input_ids"]], args)
     steps = total_steps(len(train_data), args)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume)
+    main = distributed.is_main()  # under torchrun only rank 0 writes the run folder
+    metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume) if main else None
     last: dict = {"step": 0, "loss": None, "eval_loss": None}
 
     def emit(event: Event) -> None:
-        metrics.write(event.to_dict())
+        if metrics is not None:
+            metrics.write(event.to_dict())
         if isinstance(event, StepEnd):
             last.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s)
         elif isinstance(event, EvalEnd):
@@ -253,19 +303,21 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     })
     if checkpoint is not None:
         record["resumed_from"] = int(checkpoint.name.split("-")[-1])
-    write_json(run_dir / "run.json", record)
-    set_seed(args.seed)
-    model = session.attach_adapter(name, args.lora)
+    if plan is not None:
+        record["speed_plan"] = plan
+    if main:
+        write_json(run_dir / "run.json", record)
     started = time.time()
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
-    callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop)
+    callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
+                         run_dir)
     trainer = None
     try:
         trainer = SFTTrainer(
             model=model,
             args=sft_config(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
-                            eval_data is not None),
+                            eval_data is not None, fast),
             train_dataset=train_data,
             eval_dataset=eval_data,
             processing_class=session.tokenizer,
@@ -283,17 +335,24 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     except KeyboardInterrupt:
         status = "interrupted"
     except Exception as exc:
-        status, message = "failed", f"{type(exc).__name__}: {exc}"
-        raise
+        if _is_oom(exc):
+            status, message = "oom", f"out of memory at micro-batch {micro_batch(args)}; "
+        else:
+            status, message = "failed", f"{type(exc).__name__}: {exc}"
+            raise
     finally:
         del trainer
         model.eval()
+        if status == "oom":
+            from ipylora.engine.models import free_memory
+
+            free_memory()
         if status == "early-stopped" and callback.best_state is not None:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(model, callback.best_state, adapter_name=name)
             message = f"kept the best eval loss {callback.best_loss:.4f} from step {callback.best_step}; "
-        adapter = _save_adapter(model, name, run_dir) if last["step"] > 0 else None
+        adapter = _save_adapter(model, name, run_dir) if last["step"] > 0 and status != "oom" and main else None
         elapsed = time.time() - started
         message += f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved"
         if status == "failed":
@@ -305,11 +364,19 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
                       elapsed=elapsed + record.get("elapsed_before", 0.0), adapter=str(adapter) if adapter else None,
                       finished=time.time())
         record["elapsed_before"] = record["elapsed"]
-        write_json(run_dir / "run.json", record)
+        if main:
+            write_json(run_dir / "run.json", record)
         emit(end)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         session._after_run(name, run_dir, dataset, saved=adapter is not None)
     return end
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _save_adapter(model, name: str, run_dir: Path) -> Path:

@@ -19,6 +19,7 @@ thread); the snapshot is taken by the session and only read here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -28,6 +29,7 @@ from typing import Any, Callable
 TARGET_NAME = "ipylora"
 MAX_PUSHES_PER_S = 4.0
 _MAX_NAME_LEN = 200
+_MAX_MESSAGE_BYTES = 16 * 1024  # every valid request is a few dozen bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,12 @@ def parse_request(data: Any) -> dict:
     """Validate one frontend message; raises :class:`MessageError` naming the problem."""
     if not isinstance(data, dict):
         raise MessageError(f"message must be an object, got {type(data).__name__}")
+    try:
+        size = len(json.dumps(data))
+    except (TypeError, ValueError):
+        raise MessageError("message is not plain JSON") from None
+    if size > _MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {size} bytes is over the {_MAX_MESSAGE_BYTES}-byte limit")
     kind = data.get("type")
     if not isinstance(kind, str):
         raise MessageError("message.type must be a string")
@@ -176,10 +184,8 @@ class SidebarChannel:
         try:
             data = msg.get("content", {}).get("data")
             request = parse_request(data)
-        except MessageError as exc:
-            self._send({"type": "error", "message": f"Bad sidebar request: {exc}"})
-            return
-        except Exception as exc:  # noqa: BLE001 - malformed envelope
+        except Exception as exc:  # noqa: BLE001 - MessageError, or a malformed envelope
+            log.warning("ipylora sidebar: ignored a bad message: %s", exc)
             self._send({"type": "error", "message": f"Bad sidebar request: {exc}"})
             return
         try:

@@ -10,7 +10,10 @@ def register(ipython) -> None:
     from ipylora.magics.train import TrainMagics
 
     register_settings(ipython)
-    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics, RunsMagics):
+    from ipylora.magics.evaluate import EvalMagics
+    from ipylora.magics.export import ExportMagics
+
+    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics, RunsMagics, EvalMagics, ExportMagics):
         ipython.register_magics(magics)
     try:
         from ipylora.lab.comm import register_comm_target

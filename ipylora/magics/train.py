@@ -22,10 +22,12 @@ def train_args(opts) -> TrainArgs:
     return TrainArgs(
         model=opts.model or settings.default_model, name=opts.name, quantization=quantization,
         lr=opts.lr, scheduler=opts.scheduler, warmup_ratio=opts.warmup_ratio, epochs=opts.epochs,
-        steps=opts.steps, batch_size=opts.batch_size, max_length=opts.max_length,
+        steps=opts.steps, batch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
+        max_length=opts.max_length,
         max_grad_norm=opts.max_grad_norm, seed=opts.seed, output=opts.output or settings.runs_dir,
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
+        gpus=opts.gpus, strategy=opts.strategy,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
     )
 
@@ -50,6 +52,8 @@ class TrainMagics(Magics):
     @argument("--epochs", type=float, default=None, help="Passes over the data.")
     @argument("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
     @argument("--batch-size", type=int, default=None, help="Sequences per step.")
+    @argument("--micro-batch-size", type=int, default=None,
+              help="Sequences per forward pass; the rest of --batch-size is accumulated (halved on out-of-memory).")
     @argument("--max-length", type=int, default=1024, help="Longest sequence in tokens.")
     @argument("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 turns it off.")
     @argument("--seed", type=int, default=42, help="Seed for adapter init and data order.")
@@ -62,6 +66,10 @@ class TrainMagics(Magics):
     @argument("--sample", action="append", default=None, metavar="PROMPT",
               help="A prompt to answer during training (repeatable).")
     @argument("--sample-every", type=int, default=None, help="Steps between samples.")
+    @argument("--gpus", type=int, default=1, metavar="N",
+              help="Train on N GPUs in torchrun worker processes outside the kernel (metrics stream back here).")
+    @argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
+              help="With --gpus: ddp (each GPU holds the model) or fsdp (the model is sharded across GPUs).")
     @argument("--background", action="store_true", help="Return at once; train in a thread with a Stop button.")
     @argument("--wait", action="store_true", help="Queue behind a running training instead of refusing.")
     @argument("--stop", action="store_true", help="Stop the running training at the next step and save it.")
@@ -76,6 +84,7 @@ class TrainMagics(Magics):
             %lora_train concepts --model Qwen/Qwen2.5-7B-Instruct --4bit --r 64 --alpha 16 --dropout 0.1
             %lora_train concepts --background --sample "describe a cat"   # then %lora_train --stop
             %lora_train --resume sd-prompts
+            %lora_train concepts --model Qwen/Qwen2-1.5B --gpus 2             # DDP over 2 GPUs
         """
         opts = parse(self.lora_train, line)
         session = get_session()

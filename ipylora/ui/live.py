@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from IPython.display import display
 
-from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
+from ipylora.engine.events import EvalEnd, Event, Notice, RunEnd, RunStart, Sample, StepEnd
 from ipylora.ui.render import Rendered
 
 
@@ -84,11 +84,13 @@ class NotebookReporter:
         self.curves = {"steps": [], "loss": [], "eval_steps": [], "eval_loss": []}
         self.lrs: list[float] = []
         self.samples: list[Sample] = []
+        self.notices: list[str] = []
         self.name = ""
         self.stop_button = None
         self._plot = self._line = self._samples = None
         self._last_plot = self._last_line = 0.0
         self._last_step: StepEnd | None = None
+        self._draw_cost = 0.0
         self._eval_loss: float | None = None
 
     def __call__(self, event: Event) -> None:
@@ -103,8 +105,10 @@ class NotebookReporter:
             self.curves["loss"].append(event.loss)
             self.lrs.append(event.lr)
             self._last_step = event
-            if self._plot is None or now - self._last_plot >= self.plot_every_s:
+            # Drawing runs inside the training loop: keep it under ~2% of wall time whatever it costs.
+            if self._plot is None or now - self._last_plot >= max(self.plot_every_s, self._draw_cost / 0.02):
                 self._draw(event.step, event.total_steps)
+                self._draw_cost = time.monotonic() - now
                 self._last_plot = now
             if now - self._last_line >= self.line_every_s:
                 self._update_line(self._progress(event))
@@ -113,6 +117,9 @@ class NotebookReporter:
             self.curves["eval_steps"].append(event.step)
             self.curves["eval_loss"].append(event.loss)
             self._eval_loss = event.loss
+        elif isinstance(event, Notice):
+            self.notices.append(event.message)
+            self._update_line(event.message)
         elif isinstance(event, Sample):
             self.samples.append(event)
             self._show_samples()
@@ -122,8 +129,9 @@ class NotebookReporter:
             loss = f"final loss {event.final_loss:.4f}" if event.final_loss is not None else "no loss"
             if self._eval_loss is not None:
                 loss += f", eval loss {self._eval_loss:.4f}"
+            notes = "".join(f" ({note})" for note in self.notices)
             self._update_line(f"{event.name} {event.status}: {event.step}/{event.total_steps} steps in "
-                              f"{duration(event.elapsed)}, {loss}; {event.message}")
+                              f"{duration(event.elapsed)}, {loss}; {event.message}{notes}")
             if self.stop_button is not None:
                 self.stop_button.disabled = True
                 self.stop_button.description = event.status

@@ -7,10 +7,6 @@ has a text twin so the same magic reads well in a terminal IPython.
 from __future__ import annotations
 
 import html
-import statistics
-
-GREY = "color:#888"
-LOSS = "background:#dff3e3;color:#0b5d1e"
 
 
 class Rendered:
@@ -27,43 +23,10 @@ class Rendered:
 
 
 def dataset_preview(dataset, tokenizer, tokenizer_name: str, max_length: int, samples: int = 3) -> Rendered:
-    """Row count, columns, `samples` rendered examples with loss tokens highlighted, token lengths."""
-    tokens = dataset.tokenize(tokenizer, max_length=10**9)
-    lengths = [len(ids) for ids in tokens["input_ids"]]
-    over = sum(n > max_length for n in lengths)
-    stats = (f"tokens per row ({tokenizer_name}): min {min(lengths)}, median {statistics.median(lengths):g}, "
-             f"max {max(lengths)}" + (f"; {over} row(s) over --max-length {max_length} will be truncated" if over else ""))
-    head = f"{dataset.name}: {len(dataset)} rows, columns {', '.join(dataset.columns)}"
-    mapping = f"prompt {dataset.prompt_format!r} -> response {dataset.response_format!r}, template {dataset.template.name}"
-    parts, text_parts = [], []
-    for i in range(min(samples, len(dataset))):
-        segments = _segments(tokenizer, tokens["input_ids"][i], tokens["labels"][i])
-        body = "".join(
-            f'<span style="{LOSS if trained else GREY}">{html.escape(text)}</span>' for text, trained in segments
-        )
-        parts.append(f'<pre style="white-space:pre-wrap;margin:4px 0;padding:6px;border:1px solid #ddd">{body}</pre>')
-        text_parts.append("".join(f"[{t}]" if trained else t for t, trained in segments))
-    legend = (f'<span style="{GREY}">grey: prompt, no loss</span> · '
-              f'<span style="{LOSS}">green: trained on (response + EOS)</span>')
-    html_text = (f"<div><b>{html.escape(head)}</b><br><small>{html.escape(mapping)}</small>"
-                 f"<br>{legend}{''.join(parts)}<small>{html.escape(stats)}</small></div>")
-    text = "\n".join([head, mapping, *(f"--- sample {i + 1} ([...] = trained)\n{t}" for i, t in enumerate(text_parts)), stats])
-    return Rendered(html_text, text)
+    """The dataset preview (ipylora.ui.preview): table, samples with loss spans, length histogram, warnings."""
+    from ipylora.ui.preview import dataset_preview as preview
 
-
-def _segments(tokenizer, input_ids, labels):
-    """Consecutive runs of (decoded text, carries loss?)."""
-    runs, current, flag = [], [], None
-    for token, label in zip(input_ids, labels):
-        trained = label != -100
-        if flag is not None and trained != flag:
-            runs.append((tokenizer.decode(current), flag))
-            current = []
-        current.append(token)
-        flag = trained
-    if current:
-        runs.append((tokenizer.decode(current), flag))
-    return runs
+    return preview(dataset, tokenizer, tokenizer_name, max_length, samples)
 
 
 def status_table(snapshot: dict, extra: dict) -> Rendered:

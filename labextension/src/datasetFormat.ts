@@ -3,7 +3,7 @@
  *
  * The notebook highlights every cell as IPython. For a dataset cell that is
  * wrong: the body is CSV, JSON(L) or YAML. `analyzeCell` finds the magic line
- * and decides the body format (the `--format` flag wins; otherwise the body is
+ * and decides the body format (a `--reader`/`--format` flag wins; otherwise the body is
  * sniffed), and `tokenize` splits the body into ranges that the CodeMirror
  * plugin in `highlight.ts` turns into CSS classes. No editor code here, so all
  * of it is unit tested.
@@ -81,13 +81,16 @@ export function analyzeCell(text: string): ICellAnalysis | null {
   };
 }
 
-/** The value of `--format X` / `--format=X`, when it names a known format. */
+/**
+ * The body format named by `--reader X` (how the magic parses the body), else by `--format X`
+ * (which older lines used for that, and which otherwise names a data format such as alpaca).
+ */
 export function formatFromFlag(magicLine: string): DatasetFormat | null {
-  const match = /(?:^|\s)--format(?:=|\s+)["']?([A-Za-z]+)/.exec(magicLine);
-  if (!match) {
-    return null;
+  const named: Record<string, DatasetFormat | null> = { reader: null, format: null };
+  for (const match of magicLine.matchAll(/(?:^|\s)--(reader|format)(?:=|\s+)["']?([A-Za-z]+)/g)) {
+    named[match[1]] = named[match[1]] ?? FORMAT_ALIASES[match[2].toLowerCase()] ?? null;
   }
-  return FORMAT_ALIASES[match[1].toLowerCase()] ?? null;
+  return named.reader ?? named.format;
 }
 
 /** Guess the format of a dataset body from its first non-blank line. */

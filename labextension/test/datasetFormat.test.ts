@@ -52,6 +52,9 @@ describe('formatFromFlag / sniffFormat', () => {
     expect(formatFromFlag('%%lora_dataset d --format YML')).toBe('yaml');
     expect(formatFromFlag('%%lora_dataset d --format parquet')).toBeNull();
     expect(formatFromFlag('%%lora_dataset d --formats csv')).toBeNull();
+    expect(formatFromFlag('%%lora_dataset d --reader jsonl')).toBe('json');
+    expect(formatFromFlag('%%lora_dataset d --format alpaca --reader yaml')).toBe('yaml');
+    expect(formatFromFlag('%%lora_dataset d --reader csv --format yaml')).toBe('csv');
   });
 
   it('sees a CSV header with a colon later as CSV', () => {

@@ -11,9 +11,12 @@ the cost on a small machine); the tests run in order on that page:
    progress, adapter switch, Stop button;
 5. the kernel crashes: the sidebar says so; `%load_ext ipylora` in the new
    kernel connects it to the real session;
-6. (IPYLORA_BROWSER_LIVE=1, needs the engine) the quickstart notebook runs,
-   the loss image appears, the sidebar follows a real background run and
-   its Stop button stops it.
+6. the quickstart notebook (from a temporary copy of examples/) runs all
+   cells, the loss image appears; the sidebar follows a real background run
+   of the engine (step/total rising, sparkline) and its Stop button stops it:
+   "stopped" in the sidebar and in runs/<name>/run.json.
+
+`IPYLORA_UPDATE_DOCS_SCREENSHOT=1` also rewrites docs/sidebar.png from test 6.
 
 Every test also asserts that the browser console has no errors.
 Needs: the built extension (`npm run build:prod` in labextension/ or
@@ -50,20 +53,26 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# Switch on once `%lora_train --background` exists in the engine.
-LIVE = os.environ.get("IPYLORA_BROWSER_LIVE") == "1"
-# A background run long enough to watch and stop from the sidebar.
-LIVE_TRAIN_LINE = os.environ.get(
-    "IPYLORA_BROWSER_TRAIN", "%lora_train concepts --name sidebar-run --background --max-steps 5000"
-)
+# A background run long enough to watch and stop from the sidebar (the tiny
+# model does ~10 steps/s on a small CPU: minutes, and the test stops it).
+LIVE_RUN = "sidebar-run"
+LIVE_TRAIN_LINE = f"%lora_train concepts --name {LIVE_RUN} --steps 3000 --background"
+QUICKSTART_STEPS = 60
 TIMEOUT_MS = 60_000
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
+# The README's test command sets IPYLORA_REQUIRE_BROWSER=1: there a missing browser is a failure,
+# not a silent skip.
+if os.environ.get("IPYLORA_REQUIRE_BROWSER") == "1":
+    import playwright.sync_api as playwright_api  # noqa: F401
+
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: apt-get install chromium"
+else:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
 
 DATASET_JSON = '%%lora_dataset pairs\n[{"prompt": "hi", "response": "hello", "n": 1, "ok": true}]'
-DATASET_YAML = "%%lora_dataset pairs --format yaml\n- prompt: hi  # greeting\n  response: hello"
+DATASET_YAML = "%%lora_dataset pairs --reader yaml\n- prompt: hi  # greeting\n  response: hello"
 PLAIN_CODE = "x = [1, 2, 3]  # plain python\nprint(sum(x))"
 
 
@@ -87,6 +96,19 @@ def _notebook(*sources: str) -> dict:
     }
 
 
+def _short_quickstart() -> dict:
+    """examples/quickstart.ipynb with its foreground run cut to QUICKSTART_STEPS steps.
+
+    The full run (300 steps) is the notebook test's job (tests/test_quickstart_notebook.py);
+    here it would take minutes of a small shared CPU and only the plot matters.
+    """
+    notebook = json.loads((ROOT / "examples" / "quickstart.ipynb").read_text())
+    trains = [c for c in notebook["cells"] if "".join(c["source"]).startswith("%lora_train ")]
+    assert len(trains) == 1, "the quickstart should have one %lora_train cell"
+    trains[0]["source"] = "".join(trains[0]["source"]).rstrip() + f" --steps {QUICKSTART_STEPS}"
+    return notebook
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on 127.0.0.1 with an isolated config, settings and workspace."""
@@ -96,10 +118,9 @@ def lab(tmp_path_factory):
     notebooks = tmp / "notebooks"
     notebooks.mkdir()
     (notebooks / "cells.ipynb").write_text(json.dumps(_notebook(DATASET_JSON, DATASET_YAML, PLAIN_CODE)))
-    if LIVE:
-        shutil.copy(ROOT / "examples" / "quickstart.ipynb", notebooks / "quickstart.ipynb")
-        if (ROOT / "examples" / "data").is_dir():
-            shutil.copytree(ROOT / "examples" / "data", notebooks / "data")
+    # The kernel's cwd is this temporary folder, so runs/ never lands in the repository.
+    (notebooks / "quickstart.ipynb").write_text(json.dumps(_short_quickstart()))
+    shutil.copytree(ROOT / "examples" / "data", notebooks / "data")
     # The source-tree build comes first on the extensions path, so this tests
     # the files just built even if an older ipylora is installed.
     extensions = tmp / "labextensions"
@@ -145,7 +166,7 @@ def lab(tmp_path_factory):
                 log.close()
                 pytest.fail("JupyterLab did not start:\n" + (tmp / "jupyterlab.log").read_text()[-3000:])
             time.sleep(0.3)
-    yield {"base": base, "token": token, "log": tmp / "jupyterlab.log"}
+    yield {"base": base, "token": token, "log": tmp / "jupyterlab.log", "root": notebooks}
     proc.terminate()
     try:
         proc.wait(10)
@@ -287,10 +308,9 @@ def test_dataset_cells_are_highlighted_and_other_cells_are_not(page):
     assert json_cell.locator(".cm-ipylora-key").all_inner_texts()[:2] == ['"prompt"', '"response"']
     assert json_cell.locator(".cm-ipylora-literal").all_inner_texts() == ["true"]
     assert yaml_cell.locator(".cm-line.cm-ipylora-body-yaml").count() == 2
-    assert yaml_cell.locator(".cm-ipylora-flag").all_inner_texts() == ["--format"]
+    assert yaml_cell.locator(".cm-ipylora-flag").all_inner_texts() == ["--reader"]
     assert yaml_cell.locator(".cm-ipylora-comment").all_inner_texts() == ["# greeting"]
     assert plain_cell.locator("[class*='cm-ipylora']").count() == 0
-    # The body's colours are the data's, not Python's: the key and the number differ.
     # The body's colours are the data's, not Python's: a JSON key (a Python
     # string) is coloured as a key, like a YAML key, not as a string.
     def color(cell, selector: str) -> str:
@@ -344,12 +364,6 @@ def test_sidebar_shows_a_fake_session_run_and_stop_stops_it(page):
     panel.locator(".jp-ipylora-adapter-select").select_option("sd-prompts")
     panel.locator(".jp-ipylora-list li.jp-mod-active", has_text="sd-prompts").wait_for()
 
-    if os.environ.get("IPYLORA_UPDATE_DOCS_SCREENSHOT") == "1":
-        # Let the loss curve take shape before the picture for the README.
-        page.wait_for_function(
-            "() => +document.querySelector('#ipylora-sidebar progress').value >= 250", timeout=30_000
-        )
-        page.screenshot(path=str(ROOT / "docs" / "sidebar.png"))
     page.screenshot(path=str(ARTIFACTS / "lab-sidebar-run.png"))
 
     panel.locator("button.jp-ipylora-stop").click()
@@ -385,26 +399,56 @@ def test_load_ext_ipylora_connects_the_sidebar_to_the_real_session(page):
     panel.locator(".jp-ipylora-body").wait_for(state="visible")
     assert panel.get_attribute("data-connection") == "ready"
     section = panel.locator("[data-section='model']")
-    if LIVE:
-        return  # the engine may already hold a model from the quickstart
     assert "No model loaded yet." in section.inner_text()
     assert panel.locator(".jp-ipylora-error").is_hidden()
 
 
-@pytest.mark.skipif(not LIVE, reason="set IPYLORA_BROWSER_LIVE=1 once %lora_train --background exists")
-def test_quickstart_runs_and_the_sidebar_follows_a_real_background_run(page):
+def _step(stats) -> int:
+    return int(re.search(r"step (\d+)/", stats.inner_text()).group(1))
+
+
+def test_quickstart_runs_and_the_sidebar_follows_and_stops_a_real_background_run(page, lab):
     _command(page, "docmanager:open", {"path": "quickstart.ipynb"})
     _wait_kernel_idle(page)
     _command(page, "notebook:run-all-cells")
+    notebook = page.locator(".jp-NotebookPanel:visible")
+    # The foreground run's loss plot (a PNG, updated in place) is the loss image.
+    notebook.locator(".jp-OutputArea-output img").first.wait_for(timeout=150_000)
     _wait_kernel_idle(page)
-    page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output img").first.wait_for(timeout=120_000)
+    assert notebook.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count() == 0
     panel = _sidebar(page)
-    panel.locator(".jp-ipylora-model-id").wait_for()
+    assert panel.locator(".jp-ipylora-notebook").inner_text() == "quickstart.ipynb"
+    panel.locator(".jp-ipylora-model-id", has_text="ipylora/tiny-llama").wait_for()
+    panel.locator(".jp-ipylora-list li", has_text="sd-prompts").first.wait_for()
+
+    # A background run: the cell returns at once, the sidebar follows it.
     _run_code(page, LIVE_TRAIN_LINE)
     stats = panel.locator(".jp-ipylora-run-stats")
-    stats.filter(has_text=re.compile(r"step [1-9]\d*/")).wait_for(timeout=120_000)
-    page.screenshot(path=str(ARTIFACTS / "lab-sidebar-live-run.png"))
+    panel.locator(".jp-ipylora-run-name", has_text=LIVE_RUN).wait_for()
+    stats.filter(has_text=re.compile(r"step [1-9]\d*/3000")).wait_for(timeout=60_000)
+    first = _step(stats)
+    page.wait_for_function(
+        "(n) => { const m = document.querySelector('#ipylora-sidebar .jp-ipylora-run-stats').textContent.match(/step (\\d+)\\//); return m && +m[1] >= n + 20; }",
+        arg=first, timeout=60_000,
+    )
+    assert panel.locator(".jp-ipylora-sparkline path").get_attribute("d").startswith("M")
+    assert "tokens/s" in stats.inner_text() and "ETA" in stats.inner_text()
+    assert panel.locator("button.jp-ipylora-stop").is_visible()
+    notebook.locator(".jp-Cell").last.scroll_into_view_if_needed()
     if os.environ.get("IPYLORA_UPDATE_DOCS_SCREENSHOT") == "1":
+        # Let the loss curve take shape before the picture for the README.
+        page.wait_for_function(
+            "(n) => +document.querySelector('#ipylora-sidebar progress').value >= n", arg=first + 150,
+            timeout=90_000,
+        )
         page.screenshot(path=str(ROOT / "docs" / "sidebar.png"))
+    page.screenshot(path=str(ARTIFACTS / "lab-sidebar-live-run.png"))
+
     panel.locator("button.jp-ipylora-stop").click()
-    panel.locator(".jp-ipylora-run-name", has_text="stopped").wait_for(timeout=120_000)
+    panel.locator(".jp-ipylora-run-name", has_text=f"{LIVE_RUN} — stopped").wait_for(timeout=60_000)
+    assert panel.locator("button.jp-ipylora-stop").is_hidden()
+    assert _step(stats) < 3000
+    record = json.loads((lab["root"] / "runs" / LIVE_RUN / "run.json").read_text())
+    assert record["status"] == "stopped", record["status"]
+    assert 0 < record["step"] < 3000
+    assert (lab["root"] / "runs" / LIVE_RUN / "adapter" / "adapter_config.json").exists()

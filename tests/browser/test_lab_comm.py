@@ -94,12 +94,15 @@ def test_open_sends_state_snapshot():
         ({"type": "set_adapter"}, "non-empty string 'name'"),
         ({"type": "set_adapter", "name": 7}, "non-empty string 'name'"),
         ({"type": "set_adapter", "name": "x" * 500}, "longer than"),
+        ({"type": "refresh", "padding": "x" * 100_000}, "over the 16384-byte limit"),
     ],
 )
-def test_bad_requests_get_an_error_reply_not_an_exception(data, fragment):
+def test_bad_requests_get_an_error_reply_not_an_exception(data, fragment, caplog):
     session = FakeSession()
     comm = open_channel(session)
-    comm.receive(data)
+    with caplog.at_level("WARNING", logger="ipylora.lab.comm"):
+        comm.receive(data)
+    assert any("ignored a bad message" in r.getMessage() for r in caplog.records)
     errors = comm.of_type("error")
     assert len(errors) == 1 and fragment in errors[0]["message"], errors
     assert session.calls == []

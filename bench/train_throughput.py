@@ -1,0 +1,424 @@
+"""Training throughput on the GPU: the seed recipe vs the best off-the-shelf TRL flags vs ipylora.
+
+    python bench/train_throughput.py --out bench-out          # the H200 run (bench/RESULTS.md)
+    python bench/train_throughput.py --smoke                  # CPU, tiny shapes, seconds: checks the plumbing
+
+Models are random-init Qwen2 of real shapes (7B, 1.5B; no download): random weights cost the
+same FLOPs. Data: alpaca-like lengths (log-normal, median ~220 tokens, clipped to 16..1024), a
+prompt/response split with loss on the response. Each configuration runs in its own process
+(Liger patches module globals; memory peaks stay clean) through the real TRL SFTTrainer.
+
+tokens/s counts real tokens (no padding) over the timed steps, after warm-up steps.
+MFU = tokens/s x 4 FLOP x linear parameters / 790 TFLOP/s (forward 2 + input-gradient 2 per
+weight; frozen weights get no weight gradient). Attention score FLOPs are not counted (< 1% at
+these lengths); recomputation under checkpointing is not counted (it is overhead, not model work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_FLOPS = 790e12
+SHAPES = {
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+               rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=False),
+}
+SEED_LORA = dict(r=64, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"])
+MODEL_LORA = dict(r=16, alpha=32, dropout=0.05, targets="all-linear")  # ipylora's MODEL_LORA
+
+
+# -- data ----------------------------------------------------------------------------------------
+def make_dataset(rows: int, vocab: int, seed: int = 0, median: float = 220, sigma: float = 0.6):
+    """Alpaca-like rows: prompt then response then EOS; loss on response + EOS.
+
+    Response tokens come from a small Zipf-weighted set, so the loss can fall: the loss trajectory
+    comparison needs something to learn, and a random-init model can learn unigram statistics.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(math.log(median), sigma, rows).astype(int), 16, 1024)
+    answer_vocab = rng.choice(np.arange(100, vocab - 1), size=min(512, vocab // 4), replace=False)
+    zipf = 1.0 / np.arange(1, len(answer_vocab) + 1)
+    zipf /= zipf.sum()
+    eos = vocab - 1
+    input_ids, labels = [], []
+    for n in lengths:
+        p = int(n * rng.uniform(0.2, 0.6))
+        prompt = rng.integers(100, vocab - 1, size=p)
+        response = rng.choice(answer_vocab, size=n - p - 1, p=zipf)
+        ids = [*prompt.tolist(), *response.tolist(), eos]
+        input_ids.append(ids)
+        labels.append([-100] * p + ids[p:])
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class Tokenizer:
+    """Just what SFTTrainer reads from a tokenizer when the data is already tokenized."""
+
+    def __init__(self, vocab):
+        from transformers import PreTrainedTokenizerFast
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers.models import WordLevel
+
+        vocab_map = {f"t{i}": i for i in range(vocab)}
+        raw = RawTokenizer(WordLevel(vocab_map, unk_token="t0"))
+        self.tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=f"t{vocab - 1}", pad_token=f"t{vocab - 1}")
+
+
+# -- models --------------------------------------------------------------------------------------
+def build_model(shape: str, quantization: str | None, device: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = Qwen2Config(**SHAPES[shape], initializer_range=0.02)
+    config.use_cache = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    if quantization == "4bit":
+        _quantize_4bit(model, dtype)
+        model.is_loaded_in_4bit = True
+    return model
+
+
+def _quantize_4bit(model, dtype):
+    """nf4 + double quantization, as BitsAndBytesConfig would (decoder linears; LM head stays)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu") if child.weight.device.type == "cpu"
+                                             else child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                q.weight = q.weight.to(child.weight.device) if child.weight.device.type != "cpu" else q.weight._quantize("cpu")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del child
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def linear_params(shape: str) -> int:
+    s = SHAPES[shape]
+    h, i, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["num_key_value_heads"]
+    d = h // heads
+    per_layer = h * (heads * d) * 2 + h * kv * d * 2 + 3 * h * i
+    return per_layer * s["num_hidden_layers"] + h * s["vocab_size"]
+
+
+# -- one configuration ---------------------------------------------------------------------------
+def run_one(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    import datasets as hf_datasets
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape, quant, recipe = spec["model"], spec.get("quant"), spec["recipe"]
+    vocab = SHAPES[shape]["vocab_size"]
+    data = make_dataset(spec.get("rows", 6000), vocab, seed=spec.get("data_seed", 0))
+    tokenizer = Tokenizer(vocab).tok
+    model = build_model(shape, quant, device)
+    lora = SEED_LORA if recipe == "seed" else {**MODEL_LORA, **spec.get("lora", {})}
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe == "seed")
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                             target_modules=lora["targets"], bias="none", task_type="CAUSAL_LM"))
+    bf16 = device == "cuda"
+    common = dict(output_dir=spec.get("tmp", "/tmp/bench-trainer"), learning_rate=spec.get("lr", 2e-4),
+                  lr_scheduler_type="cosine", warmup_steps=int(0.03 * spec["steps"]), weight_decay=0.0,
+                  max_grad_norm=1.0, bf16=bf16, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no",
+                  report_to="none", disable_tqdm=True, seed=42, data_seed=42, dataloader_num_workers=0,
+                  remove_unused_columns=False, max_steps=spec["steps"], logging_steps=1)
+    plan = None
+    if recipe == "seed":  # QLoRA notebook: padded batches, SFTConfig defaults (checkpointing on)
+        args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
+                         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    elif recipe == "reference":  # plain padded LoRA, no tricks: the loss-trajectory reference
+        args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], gradient_checkpointing=False,
+                         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    elif recipe == "trl":  # the best off-the-shelf flags: BFD packing (padding-free) + Liger
+        args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], packing=True, max_length=1024,
+                         use_liger_kernel=device == "cuda", gradient_checkpointing=True)
+    else:  # ipylora's engine: train.sft_config + speed.fast_settings
+        from ipylora.engine import speed
+        from ipylora.engine.models import choose_precision
+
+        precision = choose_precision(device, None)
+        lengths = [len(x) for x in data["input_ids"]]
+        overrides = speed.fast_settings(model, tokenizer, lengths, precision, device, quantization=quant,
+                                        batch_size=spec.get("batch"), dropout=lora["dropout"],
+                                        attention=spec.get("attention"), liger=spec.get("liger"),
+                                        force=True,
+                                        memory_budget=int(spec["budget_gib"] * 2**30) if spec.get("budget_gib") else None)
+        plan = overrides.pop("_plan", None)
+        kwargs = {**common, "per_device_train_batch_size": spec.get("batch") or 8, "gradient_checkpointing": False,
+                  "dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None,
+                  "include_num_input_tokens_seen": "non_padding"}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        kwargs["logging_steps"] = 1
+        args = SFTConfig(**kwargs)
+
+    counts: list[int] = []
+    timing: dict = {}
+    losses: list[float] = []
+    warmup = spec.get("warmup", 3)
+    measured = spec["steps"] - warmup
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                timing["start"] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == spec["steps"]:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                timing["end"] = time.perf_counter()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    train = hf_datasets.Dataset.from_dict(data)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    collate = trainer.data_collator
+
+    def counting(examples):
+        batch = collate(examples)
+        mask = batch.get("attention_mask")
+        counts.append(int(mask.sum()) if mask is not None else int((batch["labels"] != -999).sum()))
+        return batch
+
+    trainer.data_collator = counting
+    check = packed_check(model, tokenizer, data) if spec.get("check") else None
+    trainer.train()
+    ga = args.gradient_accumulation_steps
+    tokens = sum(counts[warmup * ga: spec["steps"] * ga])
+    seconds = timing["end"] - timing["start"]
+    tps = tokens / seconds
+    result = {
+        **{k: v for k, v in spec.items() if k not in ("tmp",)},
+        "tokens_per_s": tps,
+        "mfu": tps * 4 * linear_params(shape) / PEAK_FLOPS,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None,
+        "tokens_per_step": tokens / measured,
+        "micro_batch": args.per_device_train_batch_size,
+        "accumulation": ga,
+        "checkpointing": args.gradient_checkpointing,
+        "step_s": seconds / measured,
+        "losses": losses,
+        "plan": plan.__dict__ if plan is not None else None,
+        "packed_check": check,
+    }
+    return result
+
+
+def packed_check(model, tokenizer, data) -> dict:
+    """Packed (padding-free, engine attention) vs padded logits on 8 real rows, in the run's dtype."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ipylora.engine import speed
+
+    base = model.get_base_model()
+    examples = [{"input_ids": data["input_ids"][i], "labels": data["labels"][i]} for i in range(8)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    dev = next(model.parameters()).device
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    move = lambda b: {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in b.items()}  # noqa: E731
+    current = base.config._attn_implementation
+    model.eval()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        speed.set_attention(base, "sdpa")
+        ref = model(**move(padded))
+        base.config._attn_implementation = current
+        out = model(**move(packed))
+    model.train()
+    pieces = torch.split(out.logits[0].float(), lengths)
+    diff = max((p - ref.logits[i, :n].float()).abs().max().item() for i, (p, n) in enumerate(zip(pieces, lengths)))
+    scale = ref.logits.float().abs().max().item()
+    flat_ref = torch.cat([ref.logits[i, :n].float() for i, n in enumerate(lengths)])
+    rel = ((out.logits[0].float() - flat_ref).norm() / flat_ref.norm()).item()
+    return {"attention": current, "max_abs_logit_diff": diff, "max_abs_logit": scale, "rel_l2": rel,
+            "loss_padded": ref.loss.item(), "loss_packed": out.loss.item()}
+
+
+# -- the plan ------------------------------------------------------------------------------------
+def plan(smoke: bool, which: str) -> list[dict]:
+    if smoke:
+        m = "tiny"
+        return [
+            dict(name="seed-4bit-b4", model=m, recipe="seed", quant="4bit", batch=4, steps=4, warmup=1, rows=200),
+            dict(name="trl-bf16-b4", model=m, recipe="trl", batch=4, steps=4, warmup=1, rows=200),
+            dict(name="engine-bf16", model=m, recipe="engine", steps=4, warmup=1, rows=600, check=True),
+            dict(name="engine-4bit", model=m, recipe="engine", quant="4bit", steps=4, warmup=1, rows=600),
+            dict(name="loss-reference", model=m, recipe="reference", batch=8, steps=6, warmup=1, rows=200),
+            dict(name="loss-engine", model=m, recipe="engine", batch=8, steps=6, warmup=1, rows=200),
+        ]
+    runs = {
+        "main": [
+            dict(name="seed-4bit-b4", model="7b", recipe="seed", quant="4bit", batch=4, steps=10, warmup=3),
+            dict(name="seed-4bit-b16", model="7b", recipe="seed", quant="4bit", batch=16, steps=8, warmup=2),
+            dict(name="trl-bf16-b4", model="7b", recipe="trl", batch=4, steps=10, warmup=3),
+            dict(name="trl-4bit-b16", model="7b", recipe="trl", quant="4bit", batch=16, steps=6, warmup=2),
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3, check=True),
+            dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=10, warmup=3),
+        ],
+        "loss": [
+            dict(name="loss-reference", model="1.5b", recipe="reference", batch=16, steps=100, warmup=5),
+            dict(name="loss-engine", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5, check=True),
+        ],
+        "retune": [
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3, check=True),
+            dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=10, warmup=3),
+            dict(name="engine-4bit-budget11g", model="7b", recipe="engine", quant="4bit", budget_gib=11, steps=8,
+                 warmup=3),
+        ],
+        "variants": [
+            dict(name="engine-bf16-flex", model="7b", recipe="engine", attention="flex", steps=8, warmup=3),
+            dict(name="engine-bf16-sdpa", model="7b", recipe="engine", attention="sdpa", steps=6, warmup=2),
+            dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+            dict(name="engine-bf16-noliger", model="7b", recipe="engine", liger=False, steps=10, warmup=3),
+        ],
+        "small": [
+            dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),
+            dict(name="trl-bf16-b4", model="1.5b", recipe="trl", batch=4, steps=10, warmup=3),
+            dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-4bit", model="1.5b", recipe="engine", quant="4bit", steps=10, warmup=3),
+        ],
+    }
+    out = []
+    for group in which.split(","):
+        out += [dict(spec, group=group) for spec in runs[group]]
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | config | batch (rows x accum) | tok/step | tokens/s | MFU | peak GiB | x seed best |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model]
+        seeds = [r["tokens_per_s"] for r in rows if r.get("recipe") == "seed" and "tokens_per_s" in r]
+        best = max(seeds) if seeds else None
+        for r in rows:
+            if "tokens_per_s" not in r:
+                lines.append(f"| {model} | {r['name']} | failed: {r.get('error', '?')[:80]} |||||| ")
+                continue
+            ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
+            peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+            lines.append(f"| {model} | {r['name']} | {r['micro_batch']} x {r['accumulation']} | "
+                         f"{r['tokens_per_step']:,.0f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {peak} | {ratio} |")
+    return "\n".join(lines)
+
+
+def loss_comparison(results: list[dict]) -> str | None:
+    ref = next((r for r in results if r["name"] == "loss-reference" and r.get("losses")), None)
+    eng = next((r for r in results if r["name"] == "loss-engine" and r.get("losses")), None)
+    if not ref or not eng:
+        return None
+    n = min(len(ref["losses"]), len(eng["losses"]))
+    rel = [abs(a - b) / abs(a) for a, b in zip(ref["losses"][:n], eng["losses"][:n])]
+    drop = ref["losses"][0] - min(ref["losses"][:n])
+    return (f"loss trajectory over {n} steps: max relative diff {100 * max(rel):.3f}%, mean {100 * sum(rel) / n:.3f}%; "
+            f"reference {ref['losses'][0]:.3f} -> {ref['losses'][n - 1]:.3f} (drop {drop:.3f}), "
+            f"engine {eng['losses'][0]:.3f} -> {eng['losses'][n - 1]:.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, variants, small")
+    parser.add_argument("--only", default="", help="comma-separated config names to keep")
+    parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        try:
+            result = run_one(spec)
+        except Exception as exc:
+            traceback.print_exc()
+            result = {**spec, "error": f"{type(exc).__name__}: {exc}"}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan(args.smoke, args.groups)
+    if args.only:
+        keep = set(args.only.split(","))
+        specs = [s for s in specs if s["name"] in keep or f"{s['model']}:{s['name']}" in keep]
+    results = []
+    for spec in specs:
+        started = time.time()
+        log = out / "log.txt"
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                                  text=True, timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                 "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+            text = proc.stdout + proc.stderr
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            result = json.loads(line[7:]) if line else {**spec, "error": f"no result (rc {proc.returncode})"}
+        except subprocess.TimeoutExpired as exc:
+            text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            result = {**spec, "error": f"timeout after {args.timeout}s"}
+        with log.open("a") as f:
+            f.write(f"\n===== {spec['model']} {spec['name']} ({time.time() - started:.0f}s)\n{text[-6000:]}\n")
+        result["wall_s"] = time.time() - started
+        results.append(result)
+        brief = {k: result.get(k) for k in ("tokens_per_s", "mfu", "peak_gib", "tokens_per_step", "error")}
+        print(f"{spec['model']:>5} {spec['name']:<22} {json.dumps(brief)} ({result['wall_s']:.0f}s)", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print()
+    print(table(results))
+    comparison = loss_comparison(results)
+    if comparison:
+        print(comparison)
+    for r in results:
+        if r.get("packed_check"):
+            print(f"packed check {r['model']} {r['name']}: {r['packed_check']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""More than one GPU: the same run, in torchrun workers outside the kernel.
+
+The kernel cannot fork itself into ranks (its CUDA state and bitsandbytes forbid it), so a
+`--gpus N` run is handed to `torchrun --nproc_per_node N -m ipylora.worker RUN_DIR`: the kernel
+claims the run folder and writes what the workers need into it (run.json with the config,
+data.parquet with the rows), and each worker trains through the same `run_training`, with the
+HF Trainer doing DDP itself. Rank 0 alone writes metrics.jsonl, run.json and the adapter.
+
+The folder is also the wire back: the kernel tails metrics.jsonl, turns each line back into its
+event and feeds the same reporter, so the live panel cannot tell the difference. A stop is a
+file, RUN_DIR/STOP; rank 0 reads it at each step and the ranks agree through one all_reduce, so
+every rank stops after the same step. A worker that dies leaves RUN_DIR/error-rank<R>.json (or,
+if it was killed, torchrun's summary in worker.log): the kernel reports the rank and the cause
+in one line, and kills whatever is left of the process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ipylora.engine.errors import IpyloraError
+from ipylora.engine.events import EvalEnd, Event, Notice, RunEnd, RunStart, Sample, StepEnd
+from ipylora.engine.runs import claim_run_dir, read_json, write_json
+
+STOP = "STOP"
+LOG = "worker.log"
+EVENTS = {cls.__name__: cls for cls in (RunStart, StepEnd, EvalEnd, Sample, Notice, RunEnd)}
+
+
+class WorkerError(IpyloraError):
+    """A training worker process crashed, ran out of memory or was killed."""
+
+
+# -- inside a worker -----------------------------------------------------------------------------
+def world_size() -> int:
+    """Ranks in this run: 1 in the kernel, N under torchrun once the Trainer set up the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """True in the kernel and on rank 0: the one process that writes the run folder."""
+    return rank() == 0
+
+
+def ddp_backend(device: str) -> str | None:
+    """gloo for CPU ranks under torchrun; None otherwise (the Trainer's choice, or no process group)."""
+    return "gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def agree_to_stop(flag, run_dir: Path) -> bool:
+    """Whether any rank wants to stop after this step; every rank gets the same answer.
+
+    Rank 0 reads RUN_DIR/STOP (on multi-node runs only its machine is sure to see the folder).
+    """
+    import torch
+    import torch.distributed as dist
+
+    wanted = flag.is_set() or (is_main() and (Path(run_dir) / STOP).exists())
+    vote = torch.tensor([1 if wanted else 0])
+    if dist.get_backend() == "nccl":
+        vote = vote.cuda()
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    agreed = bool(vote.item())
+    if agreed and not flag.is_set():
+        path = Path(run_dir) / STOP
+        flag.set((path.read_text().strip() if path.exists() else "") or "stopped")
+    return agreed
+
+
+def write_failure(run_dir: Path, step: int, exc: BaseException) -> None:
+    """Leave the cause of this rank's crash for the kernel (one line)."""
+    cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    write_json(Path(run_dir) / f"error-rank{rank()}.json",
+               {"rank": rank(), "step": step, "cause": cause, "time": time.time()})
+
+
+# -- in the kernel -------------------------------------------------------------------------------
+def launch_command(run_dir: Path, gpus: int) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m ipylora.worker RUN_DIR`, with this Python."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+            "-m", "ipylora.worker", str(Path(run_dir).resolve())]
+
+
+def prepare_run(session, dataset: str, args) -> Path:
+    """Claim runs/<name>/ and write what workers need, for a launch by hand (several machines).
+
+    Start `torchrun ... -m ipylora.worker RUN_DIR` (or `accelerate launch`) on each machine; then
+    `%lora_adapters --load NAME` brings the adapter into the kernel.
+    """
+    from ipylora.engine.config import resolve
+    from ipylora.engine.tiny import TINY_MODEL_ID
+
+    data = session.dataset(dataset)
+    args = replace(args, name=args.name or dataset)
+    model_id, _ = session._target_model(args.model)
+    args = resolve(args, tiny=model_id == TINY_MODEL_ID)
+    name, run_dir = claim_run_dir(Path(args.output), args.name)
+    write_inputs(session, data, replace(args, name=name), run_dir)
+    return run_dir
+
+
+def write_inputs(session, dataset, args, run_dir: Path) -> None:
+    """run.json (config, model, data mapping) and the rows, for the workers to read."""
+    from ipylora.engine.models import resolve_model_id
+
+    model_id, source = session._target_model(args.model)
+    split = dataset.splits() if hasattr(dataset, "splits") else {"train": dataset}
+    split["train"].frame.to_parquet(run_dir / "data.parquet")
+    if split.get("eval") is not None:
+        split["eval"].frame.to_parquet(run_dir / "eval.parquet")
+    # The rows are written already shuffled, limited and split: the workers must not do it again.
+    data_args = replace(dataset.args, eval=None, shuffle=False, limit=None)
+    if model_id == resolve_model_id(None)[0]:
+        model_id = None
+    write_json(run_dir / "run.json", {
+        "name": args.name, "status": "launching", "model": model_id, "model_source": source,
+        "train": {**{k: v for k, v in asdict(args).items() if k != "lora"}, "model": model_id},
+        "lora": asdict(args.lora), "data_args": asdict(data_args), "dataset": dataset.describe(),
+        "started": time.time(),
+    })
+
+
+def run_distributed(session, dataset, args, reporter=None, flag=None) -> RunEnd:
+    """Train `dataset` on `args.gpus` worker processes; events reach `reporter` as they happen."""
+    import psutil
+
+    from ipylora.engine.train import StopFlag, _SigintToFlag
+
+    flag = flag or StopFlag()
+    name, run_dir = claim_run_dir(Path(args.output), args.name)
+    args = replace(args, name=name)
+    write_inputs(session, dataset, args, run_dir)
+    tail = _Tail(run_dir / "metrics.jsonl")
+    ended: list[RunEnd] = []
+
+    def deliver(event: Event) -> None:
+        session._on_event(event)
+        if reporter is not None:
+            reporter(event)
+        if isinstance(event, RunEnd):
+            ended.append(event)
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(run_dir / LOG, "wb") as log:
+        process = subprocess.Popen(launch_command(run_dir, args.gpus), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    family: dict[int, psutil.Process] = {}
+    stop_sent = False
+    try:
+        with _SigintToFlag(flag):
+            while process.poll() is None:
+                family.update({p.pid: p for p in _descendants(process.pid)})
+                if flag.is_set() and not stop_sent:
+                    (run_dir / STOP).write_text(flag.reason or "stopped")
+                    stop_sent = True
+                try:
+                    for event in tail.events():
+                        deliver(event)
+                    time.sleep(0.1)
+                except KeyboardInterrupt:  # raised by a reporter, or a second Ctrl-C: stop, still save
+                    flag.set("interrupted")
+        for event in tail.events():
+            deliver(event)
+    finally:
+        _kill_tree(process, family)
+    if process.returncode != 0 or not ended:
+        message = failure_message(run_dir, process.returncode)
+        _mark_failed(run_dir, message)
+        if not ended:
+            deliver(RunEnd(name=name, status="failed", step=(session.run_state or {}).get("step", 0),
+                           total_steps=(session.run_state or {}).get("total", 0), final_loss=None,
+                           adapter_dir=None, elapsed=0.0, message=f"failed: {message}"))
+        raise WorkerError(message)
+    return ended[-1]
+
+
+class _Tail:
+    """New complete lines of a growing metrics.jsonl, as events."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def events(self) -> list[Event]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        return [event for event in map(event_from_line, lines) if event is not None]
+
+
+def event_from_line(line: bytes | str) -> Event | None:
+    """The event a metrics.jsonl line was written from (None for a blank or unknown line)."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    cls = EVENTS.get(data.pop("event", None))
+    return cls(**data) if cls is not None else None
+
+
+def failure_message(run_dir: Path, returncode: int | None) -> str:
+    """One line: which rank failed, at which step, and why."""
+    where = f"(log: {Path(run_dir) / LOG})"
+    errors = []
+    for path in Path(run_dir).glob("error-rank*.json"):
+        try:
+            errors.append(read_json(path))
+        except (OSError, ValueError):
+            continue
+    if errors:  # the first to fail is the cause; the others usually lost their peer
+        first = min(errors, key=lambda e: e.get("time", 0))
+        return f"Training worker rank {first['rank']} failed at step {first['step']}: {first['cause']} {where}"
+    log = (Path(run_dir) / LOG).read_text(errors="replace") if (Path(run_dir) / LOG).exists() else ""
+    root = log.split("Root Cause")[-1]
+    ranks = re.findall(r"^\s*rank\s*:\s*(\d+)", root, re.M)
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", root, re.M)
+    if ranks and codes:
+        code = int(codes[0])
+        if code < 0:
+            signame = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            cause = f"killed by {signame}" + (" (usually the machine running out of memory)" if code == -9 else "")
+        else:
+            cause = f"exited with code {code}"
+        return f"Training worker rank {ranks[0]} {cause} {where}"
+    last = next((line.strip() for line in reversed(log.splitlines()) if line.strip()), "no output")
+    return f"Training workers ended with exit code {returncode}: {last[:200]} {where}"
+
+
+def _mark_failed(run_dir: Path, message: str) -> None:
+    path = Path(run_dir) / "run.json"
+    record = read_json(path) if path.exists() else {}
+    if record.get("status") in (None, "launching", "running", "failed"):
+        write_json(path, {**record, "status": "failed", "error": message, "finished": time.time()})
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_tree(process: subprocess.Popen, family: dict) -> None:
+    """End torchrun and every worker it started (workers run in sessions of their own)."""
+    import psutil
+
+    family = {**family, **{p.pid: p for p in _descendants(process.pid)}}
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    alive = [p for p in family.values() if p.is_running()]
+    for proc in alive:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, survivors = psutil.wait_procs(alive, timeout=10)
+    for proc in survivors:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

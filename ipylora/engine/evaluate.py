@@ -1,0 +1,247 @@
+"""Measuring an adapter (or the base model) on a dataset: how well it fits, and what it answers.
+
+One teacher-forced pass gives the eval loss (mean cross-entropy over the tokens training puts
+loss on: the response and EOS) and its perplexity. Then the model answers every prompt greedily,
+and each answer is scored against the row's response:
+
+- exact match and token F1 after SQuAD's normalisation (lower case, punctuation and articles
+  dropped, whitespace collapsed), so "A cat." matches "a cat";
+- ROUGE-L F-measure from Google's `rouge-score` package, with a tokenizer that also splits CJK
+  text into characters (the package's default drops every non-ASCII character);
+- whether the answer ended with EOS before `max_new_tokens` (a model that never stops is the
+  classic pad == eos failure), and the answer length in tokens.
+
+The prompts go through the dataset's own template, tokenized as training tokenized them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ipylora.engine.config import GenerateArgs
+from ipylora.engine.errors import ConfigError, DatasetError
+
+SPLITS = ("all", "train", "eval")
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """One evaluation."""
+
+    max_new_tokens: int = 256
+    """Most tokens per generated answer; an answer that reaches it did not stop at EOS."""
+    batch_size: int = 8
+    """Rows per forward pass and per batched generation."""
+    limit: int | None = None
+    """Evaluate only the first N rows of the split."""
+    worst: int = 5
+    """How many of the lowest-scoring rows to keep and show."""
+    max_length: int = 1024
+    """Longest sequence for the eval loss, in tokens (as in training)."""
+
+    def check(self) -> None:
+        problems = [f"{flag} {value} must be at least {low}" for flag, value, low in (
+            ("--max-new-tokens", self.max_new_tokens, 1), ("--batch-size", self.batch_size, 1),
+            ("--worst", self.worst, 0), ("--max-length", self.max_length, 8),
+        ) if value < low]
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit {self.limit} must be at least 1")
+        if problems:
+            raise ConfigError("; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One dataset row as evaluation sees it."""
+
+    row: int
+    """Row number in the split (0-based)."""
+    prompt: str
+    """The user's prompt before templating (what %lora_chat would be given)."""
+    prompt_side: str
+    """The templated text before the response, as trained."""
+    response_side: str
+    """The trained continuation (response plus the template's suffix)."""
+    reference: str
+    """The expected answer (response without the suffix)."""
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str]:
+    """"concepts:eval" -> ("concepts", "eval"); no split means all rows."""
+    name, _, split = spec.partition(":")
+    split = split or "all"
+    if split not in SPLITS:
+        raise ConfigError(f"Split {split!r} in {spec!r} is not one of {', '.join(SPLITS)}: e.g. {name}:eval.")
+    return name, split
+
+
+def split_part(dataset, split: str):
+    """The dataset itself for "all", else its train or eval part. A dataset without splits is all "train"."""
+    if split == "all":
+        return dataset
+    parts = dataset.splits() if hasattr(dataset, "splits") else {"train": dataset}
+    part = parts.get(split)
+    if part is None or not len(part):
+        raise DatasetError(f"Dataset {dataset.name!r} has no {split} split: make one with "
+                           f"%%lora_dataset {dataset.name} --eval 0.1, or evaluate on {dataset.name} (all rows).")
+    return part
+
+
+def dataset_examples(dataset, split: str = "all", limit: int | None = None) -> list[Example]:
+    """The rows of `split` (the first `limit`), with raw prompt, templated text and reference."""
+    part = split_part(dataset, split)
+    rows = list(range(len(part)))[:limit]
+    pairs = part.pairs()
+    prompts = _raw_prompts(part, rows)
+    suffix = getattr(part.template, "suffix", "")
+    examples = []
+    for row, prompt in zip(rows, prompts):
+        prompt_side, response_side = pairs[row]
+        reference = response_side[:-len(suffix)] if suffix and response_side.endswith(suffix) else response_side
+        examples.append(Example(row, prompt, prompt_side, response_side, reference))
+    return examples
+
+
+def _raw_prompts(dataset, rows: list[int]) -> list[str]:
+    fmt = getattr(dataset, "prompt_format", "") or ""
+    names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
+    if not names:
+        return [fmt] * len(rows)
+    records = dataset.frame.iloc[rows][list(dict.fromkeys(names))].astype(str).to_dict("records")
+    return [fmt.format_map(record) for record in records]
+
+
+# -- scores -----------------------------------------------------------------------------------
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+", re.UNICODE)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def words(text: str) -> list[str]:
+    """Word tokens (CJK characters one by one) of the normalised text."""
+    return _WORD.findall(normalize(text))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    from collections import Counter
+
+    pred, ref = words(prediction), words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+class _RougeTokenizer:
+    """rouge-score's tokenizer protocol, on the same words as F1 (CJK-aware)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return words(text)
+
+
+def rouge_scorer():
+    try:
+        from rouge_score import rouge_scorer as module
+    except ImportError:
+        raise ConfigError("ROUGE-L needs the rouge-score package: pip install rouge-score") from None
+    return module.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
+
+
+def score(prediction: str, reference: str, scorer) -> dict:
+    return {
+        "exact_match": float(normalize(prediction) == normalize(reference)),
+        "f1": token_f1(prediction, reference),
+        "rouge_l": scorer.score(reference, prediction)["rougeL"].fmeasure,
+    }
+
+
+# -- the evaluation ---------------------------------------------------------------------------
+def eval_loss(model, tokenizer, examples: list[Example], batch_size: int, max_length: int) -> tuple[float, int]:
+    """(mean loss per trained token, number of trained tokens) under teacher forcing."""
+    import torch
+
+    from ipylora.engine.data import IGNORE_INDEX, tokenize_pairs
+
+    tokens = tokenize_pairs([(e.prompt_side, e.response_side) for e in examples], tokenizer, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids = tokens["input_ids"][start:start + batch_size]
+        labels = tokens["labels"][start:start + batch_size]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        target = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in labels], device=device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        target = target[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
+        count += int((target != IGNORE_INDEX).sum())
+    return (total / count if count else float("nan")), count
+
+
+def evaluate(model, tokenizer, examples: list[Example], adapter: str | None, args: EvalArgs = EvalArgs()) -> dict:
+    """Eval loss, perplexity and generation metrics of `adapter` ("base": none) on `examples`."""
+    from ipylora.engine.chat import _eval_mode, adapter_context, generate_batch
+
+    args.check()
+    started = time.time()
+    with adapter_context(model, adapter), _eval_mode(model):
+        loss, loss_tokens = eval_loss(model, tokenizer, examples, args.batch_size, args.max_length)
+    prompts = [tokenizer(e.prompt_side)["input_ids"] for e in examples]
+    answers = generate_batch(model, tokenizer, prompts, GenerateArgs(max_new_tokens=args.max_new_tokens),
+                             adapter, batch_size=args.batch_size)
+    scorer = rouge_scorer()
+    rows = []
+    for example, answer in zip(examples, answers):
+        rows.append({"row": example.row, "prompt": example.prompt, "reference": example.reference,
+                     "answer": answer["text"], "stopped_at_eos": answer["stopped_at_eos"],
+                     "answer_tokens": answer["tokens"], **score(answer["text"], example.reference, scorer)})
+    n = len(rows)
+    metrics = {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "exact_match": sum(r["exact_match"] for r in rows) / n,
+        "f1": sum(r["f1"] for r in rows) / n,
+        "rouge_l": sum(r["rouge_l"] for r in rows) / n,
+        "eos_stop": sum(r["stopped_at_eos"] for r in rows) / n,
+        "answer_tokens": sum(r["answer_tokens"] for r in rows) / n,
+    }
+    worst = sorted(rows, key=lambda r: (r["rouge_l"], r["f1"], r["row"]))[:args.worst]
+    return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": worst, "answers": rows,
+            "settings": asdict(args), "seconds": time.time() - started}
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    """Earlier evals of a run (oldest first)."""
+    from ipylora.engine.runs import read_json
+
+    path = Path(run_dir) / "eval.json"
+    return read_json(path).get("evals", []) if path.exists() else []
+
+
+def save_eval(run_dir: Path, record: dict) -> list[dict]:
+    """Append `record` to run_dir/eval.json (atomically); returns all evals, oldest first."""
+    from ipylora.engine.runs import write_json
+
+    history = read_evals(run_dir) + [record]
+    write_json(Path(run_dir) / "eval.json", {"evals": history})
+    return history

@@ -1,0 +1,304 @@
+"""Fast GPU training defaults, chosen from the model, the data and free memory, with no user tuning.
+
+The seed recipe pads every batch to its longest row, runs a handful of sequences per step and
+recomputes every activation: an H200 sits under 4% busy. What pays, measured in
+`bench/train_throughput.py` (figures in `bench/RESULTS.md`):
+
+- Padding-free batches. TRL's collator concatenates a batch's rows into one row and passes the
+  sequence boundaries (`cu_seq_lens_q`, computed on the CPU). Our attention function
+  (`ipylora_varlen`) hands them to FlashAttention's varlen kernel through PyTorch's own build of it
+  (`aten::_flash_attention_forward`, no flash-attn package needed), so no token attends across a
+  boundary and no compute is spent on padding. Without a usable flash kernel (CPU, old GPU) the
+  same function runs SDPA with a block-diagonal causal mask: correct, slower; the CPU test checks
+  this path against unpacked batches.
+- Batches sized by a token budget taken from free memory (after the resident model), not by a
+  fixed row count; activation checkpointing only when the budget would otherwise be too small.
+- Liger's RMSNorm, RoPE and SwiGLU kernels. The fused linear cross-entropy is already there: TRL's
+  SFTTrainer scores the LM head in tiles without materialising the logits (and refuses Liger's).
+- LoRA inputs are not copied: PEFT casts every LoRA input to the adapter's fp32 dtype (one copy
+  per adapted layer, kept for backward); under bf16 autocast that copy is useless.
+- 4-bit models: the non-quantized weights that `prepare_model_for_kbit_training` widened to fp32
+  (embeddings, LM head, norms) go back to the compute dtype: 2 GiB less on a 7B model.
+
+`fast_settings` is the one entry point: it patches the model in place and returns SFTConfig
+overrides. On CPU it returns {} and touches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+VARLEN = "ipylora_varlen"
+GIB = 2**30
+# Token budget per optimizer step: past ~16k tokens a 7B step is already compute-bound.
+MAX_STEP_TOKENS = 16384
+# Below this many tokens per step without checkpointing, recomputing activations pays for itself.
+MIN_STEP_TOKENS = 8192
+# 4-bit runs are sized to stay small: this planning budget (or the resident size, if larger).
+# Measured on the 7B shape (bench/RESULTS.md): 11 GiB plans ~12.7k tokens/step under checkpointing,
+# 9,623 tokens/s at a 11.8 GiB peak; 6.5 GiB gave 8,039 tokens/s at 9.0 GiB. The per-token
+# estimate under checkpointing is conservative (~1.4x), which is what keeps this under 12 GiB.
+QUANTIZED_EXTRA_BYTES = 11 * GIB
+# Keep at least this many steps per epoch on small datasets (the loss curve needs points).
+MIN_STEPS_PER_EPOCH = 32
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What fast_settings decided, and why (recorded in run.json by the caller if it likes)."""
+
+    attention: str
+    liger: bool
+    checkpointing: bool
+    step_tokens: int
+    batch_size: int
+    accumulation: int
+    budget_bytes: int
+    notes: tuple[str, ...]
+
+
+def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
+                  batch_size: int | None = None, dropout: float = 0.0, attention: str | None = None,
+                  liger: bool | None = None, memory_budget: int | None = None, force: bool = False) -> dict:
+    """Patch `model` (a PeftModel with its adapter attached) for speed; return SFTConfig overrides.
+
+    `tokenized_lengths`: tokens per training row. `batch_size`: rows per step the user asked for
+    (None: chosen from the token budget). `attention`: force "varlen", "flex" or "sdpa" (benchmarks);
+    `liger`: force Liger on/off; `memory_budget`: bytes the run may use beyond what is allocated now.
+    The returned dict has a "_plan" entry (a Plan); pop it before building the SFTConfig.
+    `force` plans on CPU too (the benchmark's smoke mode); otherwise CPU gets {} and no patches.
+    """
+    if device != "cuda" and not force:
+        return {}
+    import torch
+
+    notes: list[str] = []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    compute_dtype = getattr(torch, precision.dtype)
+    if quantization:
+        _narrow_frozen_weights(base, compute_dtype)
+    if precision.bf16 or precision.fp16:
+        _stop_lora_input_casts(model)
+    # Without a flash kernel: SDPA with transformers' packed-sequence mask (measured at half the
+    # varlen speed on an H200). Flex attention recompiles for every new packed length: it did not
+    # finish 8 steps of the 7B shape in 110 s, so it is never chosen automatically.
+    attention = attention or ("varlen" if device != "cuda" or flash_varlen_available() else "sdpa")
+    set_attention(base, attention)
+    use_liger = _apply_liger(base, notes) if liger is not False else False
+
+    lengths = [int(n) for n in tokenized_lengths] or [1]
+    cuda = device == "cuda"
+    free = _free_bytes() if cuda else 8 * GIB
+    budget = memory_budget if memory_budget is not None else int(0.88 * free)
+    if quantization and memory_budget is None:
+        resident = torch.cuda.memory_allocated() if cuda else 0
+        budget = min(budget, max(QUANTIZED_EXTRA_BYTES, resident))
+    budget -= _fixed_training_bytes(model, slack=0.5 * GIB if quantization else 1.5 * GIB)
+    per_token = activation_bytes_per_token(base.config, dropout, checkpointing=False)
+    checkpointing = budget / per_token < MIN_STEP_TOKENS
+    if checkpointing:
+        per_token = activation_bytes_per_token(base.config, dropout, checkpointing=True)
+    step_tokens = int(max(256, min(MAX_STEP_TOKENS, budget / per_token)))
+    micro = rows_for_tokens(lengths, step_tokens)
+    if batch_size is None:
+        batch_size = min(micro, max(8, len(lengths) // MIN_STEPS_PER_EPOCH))
+    accumulation = max(1, math.ceil(batch_size / micro))
+    micro = math.ceil(batch_size / accumulation)
+    plan = Plan(attention, use_liger, checkpointing, step_tokens, batch_size, accumulation, budget, tuple(notes))
+    overrides = {
+        "padding_free": True,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        # The Trainer reads the loss back to the host at each logging step; TRL's own metrics sync
+        # every step anyway, so this only trims the Trainer's share.
+        "logging_steps": 1,
+        "dataloader_pin_memory": True,
+        "_plan": plan,
+    }
+    return overrides
+
+
+def rows_for_tokens(lengths: list[int], step_tokens: int) -> int:
+    """Rows per step such that a random batch stays under `step_tokens` (mean + 3.5 sigma of its sum)."""
+    n = len(lengths)
+    mean = sum(lengths) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in lengths) / n)
+    rows = 1
+    while rows < n and (rows + 1) * mean + 3.5 * math.sqrt(rows + 1) * std <= step_tokens:
+        rows += 1
+    return rows
+
+
+def activation_bytes_per_token(config, dropout: float, checkpointing: bool) -> float:
+    """Bytes of saved activations per token for a Llama/Qwen-style decoder with LoRA on all linears.
+
+    Counted tensor by tensor (bf16, Liger RMSNorm/SwiGLU, flash attention, LoRA inputs not copied):
+    per layer 6 hidden-sized tensors, q/k/v, and 3 intermediate-sized ones (gate, up, their
+    product); LoRA dropout adds a copy plus a mask for each adapted input. With checkpointing only
+    each layer's input stays, plus one layer's full set during its backward.
+    """
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = 2 * getattr(config, "num_key_value_heads", heads) * head_dim
+    if dropout > 0:
+        layer = 13 * h + kv + 3.5 * inter
+    else:
+        layer = 6 * h + kv + 3 * inter
+    layer_bytes = 2 * layer * 1.1  # 10% for what is not counted (rstd, lse, rotary cos/sin)
+    top = 2 * 4 * h  # embeddings out, final norm, hidden fed to the LM head and its grad
+    if checkpointing:
+        return layers * 2 * h + layer_bytes + top
+    return layers * layer_bytes + top
+
+
+def _fixed_training_bytes(model, slack: float) -> int:
+    """Optimizer state, LoRA grads, the LM head's tile and allocator slack."""
+    trainable = sum(p.numel() * (p.element_size() * 2 + 8) for p in model.parameters() if p.requires_grad)
+    lm_tile = 2 * 4096 * 32768 * 4  # TRL's fused LM head: a fp32 token x vocab tile, and its grad
+    return int(trainable + lm_tile + slack)
+
+
+def configure_allocator() -> None:
+    """Expandable segments: batches of varying token counts otherwise fragment the CUDA cache
+    (measured: 99 GiB allocated at peak but 139 GiB reserved on an H200). Call before CUDA starts."""
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def _free_bytes() -> int:
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+# -- model patches ---------------------------------------------------------------------------
+def _narrow_frozen_weights(base, dtype) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 copies of frozen non-quantized weights."""
+    import torch
+
+    for param in base.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+
+
+def _stop_lora_input_casts(model) -> None:
+    """Under autocast, PEFT's cast of each LoRA input to fp32 only adds a copy per adapted layer."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+
+
+def _apply_liger(base, notes: list[str]) -> bool:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        notes.append("liger-kernel not installed: RMSNorm/RoPE/SwiGLU unfused")
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as exc:  # an architecture Liger does not know, or an API drift
+        notes.append(f"liger not applied: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+# -- attention -------------------------------------------------------------------------------
+def flash_varlen_available() -> bool:
+    """PyTorch's built-in FlashAttention (varlen entry point): CUDA, sm80 or newer."""
+    import torch
+
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def set_attention(model, kind: str) -> str:
+    """Switch `model` to "varlen" (ours), "flex" or "sdpa"; returns the transformers name used."""
+    name = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa"}[kind]
+    if name == VARLEN:
+        register_varlen_attention()
+    try:
+        model.set_attn_implementation(name)
+    except Exception:
+        model.config._attn_implementation = name
+    return name
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="ipylora_varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    # Packed rows carry their boundaries in cu_seq_lens; unpadded rows are plain causal. Only
+    # padded batches (generation with several prompts) need a real mask, the SDPA one.
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """transformers attention function: packed rows by their boundaries, anything else by SDPA.
+
+    query/key/value: (batch, heads, seq, head_dim). Returns (batch, seq, heads, head_dim), None.
+    """
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None and attention_mask is None and query.shape[0] == 1 and kwargs.get("position_ids") is not None \
+            and query.shape[2] == key.shape[2]:
+        cu, max_len = cu_seq_lens_from_positions(kwargs["position_ids"])
+    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available():
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, int(max_len), int(max_len), dropout if module.training else 0.0, True, False,
+            scale=scale)[0]
+    else:
+        out = _block_causal_sdpa(q, k, v, cu, scale)
+    return out.unsqueeze(0), None
+
+
+def cu_seq_lens_from_positions(position_ids):
+    """Boundaries of packed sequences from position ids that restart at 0 (one host sync)."""
+    import torch
+
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().flatten()
+    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _block_causal_sdpa(q, k, v, cu, scale):
+    """Reference kernel for packed rows: SDPA under a block-diagonal causal mask (CPU, old GPUs)."""
+    import torch
+
+    n = q.shape[0]
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu.diff().long(), output_size=n)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = causal & (seq[:, None] == seq[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)

@@ -1,0 +1,115 @@
+"""What the dataset preview shows, computed without IPython: samples as loss spans, token lengths,
+truncation, and warnings about rows that would train badly.
+
+Token lengths of a large dataset are measured on a seeded random sample (`sample_size` rows)
+and the truncated count is extrapolated and labelled as an estimate: tokenizing 100k alpaca rows
+takes ~10 s on 2 cores, the preview must appear in under 3 s. Warnings that need no tokenizer
+(empty responses, duplicates, non-UTF-8 text) are counted on every row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ipylora.engine.data import IGNORE_INDEX, LoraDataset
+
+BAD_TEXT = re.compile("[\ufffd\ud800-\udfff]")
+
+
+@dataclass
+class DatasetStats:
+    """Numbers and samples for one preview."""
+
+    rows: int
+    eval_rows: int
+    tokenizer: str
+    max_length: int
+    samples: list[list[tuple[str, bool]]]
+    """Rendered samples as runs of (decoded text, carries loss)."""
+    truncated_samples: list[bool]
+    lengths: list[int]
+    """Token lengths of the measured rows."""
+    measured: int
+    """How many rows were tokenized (all, or a seeded sample)."""
+    over: int
+    """Rows over max_length (extrapolated when measured < rows)."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def estimated(self) -> bool:
+        return self.measured < self.rows
+
+    @property
+    def over_share(self) -> float:
+        return self.over / self.rows if self.rows else 0.0
+
+
+def dataset_stats(dataset: LoraDataset, tokenizer, tokenizer_name: str, max_length: int, samples: int = 3,
+                  sample_size: int = 1000, seed: int = 0) -> DatasetStats:
+    n = len(dataset)
+    shown = list(range(min(samples, n)))
+    measured = list(range(n)) if n <= sample_size else sorted(np.random.default_rng(seed).choice(n, sample_size, replace=False).tolist())
+    wanted = sorted(set(shown) | set(measured))
+    tokens = dataset.tokenize(tokenizer, max_length=10**9, rows=wanted)
+    position = {row: i for i, row in enumerate(wanted)}
+    lengths = [len(tokens["input_ids"][position[r]]) for r in measured]
+    over_measured = sum(length > max_length for length in lengths)
+    over = over_measured if len(measured) == n else round(over_measured * n / len(measured))
+    runs, cut = [], []
+    for row in shown:
+        ids, labels = tokens["input_ids"][position[row]], tokens["labels"][position[row]]
+        runs.append(_runs(tokenizer, ids[:max_length], labels[:max_length]))
+        cut.append(len(ids) > max_length)
+    stats = DatasetStats(rows=n, eval_rows=len(dataset.eval) if dataset.eval is not None else 0,
+                         tokenizer=tokenizer_name, max_length=max_length, samples=runs, truncated_samples=cut,
+                         lengths=lengths, measured=len(measured), over=over)
+    stats.warnings = _warnings(dataset, stats)
+    return stats
+
+
+def _warnings(dataset: LoraDataset, stats: DatasetStats) -> list[str]:
+    out = []
+    conversations = dataset.conversations()
+    texts = ["\x00".join([m["content"] for m in conv]) for conv in conversations]
+    empty = [i + 1 for i, conv in enumerate(conversations)
+             if not all(m["content"].strip() for m in conv if m["role"] == "assistant")] \
+        if any(not m["content"].strip() for conv in conversations for m in conv) else []
+    if empty:
+        out.append(f"{len(empty)} row(s) have an empty response (e.g. row {empty[0]}): they teach the model to "
+                   "answer nothing; drop them.")
+    frame = dataset.frame
+    try:
+        duplicated = frame.duplicated()
+    except TypeError:  # unhashable cells (lists of messages)
+        duplicated = frame.astype(str).duplicated()
+    if duplicated.any():
+        first = int(np.flatnonzero(duplicated.to_numpy())[0]) + 1
+        out.append(f"{int(duplicated.sum())} duplicate row(s) (e.g. row {first}): they weigh those examples more; "
+                   "drop them with df.drop_duplicates().")
+    if stats.over:
+        approx = "≈" if stats.estimated else ""
+        out.append(f"{approx}{stats.over} row(s) ({stats.over_share:.1%}) are longer than --max-length "
+                   f"{stats.max_length} tokens and will be truncated: raise --max-length or shorten them.")
+    if BAD_TEXT.search("".join(texts)):  # one scan over all text; rows are located only when needed
+        bad = [i + 1 for i, text in enumerate(texts) if BAD_TEXT.search(text)]
+        out.append(f"{len(bad)} row(s) contain text that was not valid UTF-8 (U+FFFD or lone surrogates, e.g. "
+                   f"row {bad[0]}): re-read the source with its real encoding.")
+    return out
+
+
+def _runs(tokenizer, input_ids, labels) -> list[tuple[str, bool]]:
+    """Consecutive runs of (decoded text, carries loss?)."""
+    runs, current, flag = [], [], None
+    for token, label in zip(input_ids, labels):
+        trained = label != IGNORE_INDEX
+        if flag is not None and trained != flag:
+            runs.append((tokenizer.decode(current), flag))
+            current = []
+        current.append(token)
+        flag = trained
+    if current:
+        runs.append((tokenizer.decode(current), flag))
+    return runs

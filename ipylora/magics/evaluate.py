@@ -1,0 +1,43 @@
+"""%lora_eval: measure an adapter (or the base) on a dataset, beside its earlier evals."""
+
+from __future__ import annotations
+
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import display
+
+from ipylora.engine import get_session
+from ipylora.magics.args import parse
+from ipylora.magics.common import user_errors
+
+
+@magics_class
+class EvalMagics(Magics):
+    """%lora_eval."""
+
+    @magic_arguments()
+    @argument("name", help='Adapter (or run) name, or "base" for the model without adapters.')
+    @argument("-o", "--on", required=True, help="DATASET, DATASET:eval or DATASET:train.")
+    @argument("-l", "--limit", type=int, default=None, help="Only the first N rows of the split.")
+    @argument("-n", "--max-new-tokens", type=int, default=256, help="Most tokens per answer.")
+    @argument("-b", "--batch-size", type=int, default=8, help="Rows per forward pass / batched generation.")
+    @argument("-w", "--worst", type=int, default=5, help="How many of the worst rows to show.")
+    @argument("--output", default="runs", help="Folder that holds runs/<name>/ (eval.json goes there).")
+    @line_magic
+    @user_errors
+    def lora_eval(self, line):
+        """Eval loss, perplexity, exact match, token F1, ROUGE-L, EOS-stop share and answer length of an
+        adapter on a dataset split; saved to runs/NAME/eval.json and shown beside earlier evals.
+
+            %lora_eval sd-prompts --on concepts
+            %lora_eval base --on concepts:eval --limit 20
+        """
+        from ipylora.engine.evaluate import EvalArgs, parse_dataset_spec
+        from ipylora.ui.compare import eval_table
+
+        opts = parse(self.lora_eval, line)
+        dataset, split = parse_dataset_spec(opts.on)
+        args = EvalArgs(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, limit=opts.limit,
+                        worst=opts.worst)
+        result = get_session().evaluate(opts.name, dataset, split, args, output=opts.output)
+        display(eval_table(result, result["history"]))

@@ -1,0 +1,53 @@
+"""%lora_save and %lora_export: take an adapter, a merged model or a training script out of the notebook."""
+
+from __future__ import annotations
+
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from ipylora.engine import get_session
+from ipylora.magics.args import parse
+from ipylora.magics.common import user_errors
+
+
+@magics_class
+class ExportMagics(Magics):
+    """%lora_save, %lora_export."""
+
+    @magic_arguments()
+    @argument("name", help="Adapter (or run) name.")
+    @argument("path", help="Folder to write.")
+    @argument("-m", "--merge", action="store_true",
+              help="Write base + adapter merged into one plain model (loads with AutoModelForCausalLM alone).")
+    @argument("-d", "--dtype", default=None, help="With --merge: bf16, fp16 or fp32 (default: the precision the run trained in).")
+    @argument("--output", default="runs", help="Folder that holds runs/<name>/.")
+    @line_magic
+    @user_errors
+    def lora_save(self, line):
+        """Save an adapter in standard PEFT format, or with --merge a merged full model (a 4-bit base is
+        dequantized first, never merged into 4-bit weights).
+
+            %lora_save sd-prompts exported/sd-prompts
+            %lora_save sd-prompts exported/sd-prompts-merged --merge --dtype bf16
+        """
+        opts = parse(self.lora_save, line)
+        path = get_session().save(opts.name, opts.path, merge=opts.merge, dtype=opts.dtype, output=opts.output)
+        what = "merged model" if opts.merge else "adapter (PEFT)"
+        load = ("AutoModelForCausalLM.from_pretrained" if opts.merge else "PeftModel.from_pretrained(base, ...)")
+        print(f"{what} saved to {path}; load it with {load}")
+
+    @magic_arguments()
+    @argument("name", help="Run name.")
+    @argument("-s", "--script", required=True, help="Path of the Python script to write, e.g. train.py.")
+    @argument("--data", default=None, help="Data file the script reads (default: the run's rows, written beside the script).")
+    @argument("--output", default="runs", help="Folder that holds runs/<name>/.")
+    @line_magic
+    @user_errors
+    def lora_export(self, line):
+        """Write a standalone script (transformers + peft + trl, no ipylora) that retrains the run.
+
+            %lora_export sd-prompts --script train.py
+        """
+        opts = parse(self.lora_export, line)
+        path = get_session().export_script(opts.name, opts.script, data=opts.data, output=opts.output)
+        print(f"wrote {path}: run it with python {path}")

@@ -1,0 +1,102 @@
+"""The dataset preview: what `%%lora_dataset` shows, as HTML with a plain-text twin.
+
+A table of the first rows; rendered samples where the tokens that carry loss are highlighted and
+prompt tokens are grey; a token-length histogram with the --max-length cut line and the count
+and share of rows that will be truncated; warnings. The numbers come from `engine.stats`.
+"""
+
+from __future__ import annotations
+
+import html
+import statistics
+
+from ipylora.engine.stats import DatasetStats, dataset_stats
+from ipylora.ui.render import Rendered
+
+GREY = "color:#888"
+LOSS = "background:#dff3e3;color:#0b5d1e"
+TABLE_ROWS = 5
+CELL_CHARS = 80
+
+
+def dataset_preview(dataset, tokenizer, tokenizer_name: str, max_length: int, samples: int = 3) -> Rendered:
+    stats = dataset_stats(dataset, tokenizer, tokenizer_name, max_length, samples=samples)
+    return render_preview(dataset, stats)
+
+
+def render_preview(dataset, stats: DatasetStats) -> Rendered:
+    mapping = dataset.mapping
+    split = f" + {stats.eval_rows} eval" if stats.eval_rows else ""
+    head = f"{dataset.name}: {stats.rows} rows{split}, columns {', '.join(dataset.columns)}"
+    fields = ", ".join(f"{k}={v}" for k, v in mapping.fields.items())
+    how = f"format {mapping.format.name} ({fields}), template {dataset.template.name}"
+    lengths = stats.lengths
+    measured = "" if not stats.estimated else f", measured on {stats.measured:,} sampled rows"
+    approx = "≈" if stats.estimated else ""
+    length_line = (f"tokens per row ({stats.tokenizer}{measured}): min {min(lengths)}, median "
+                   f"{statistics.median(lengths):g}, max {max(lengths)}; {approx}{stats.over} row(s) "
+                   f"({stats.over_share:.1%}) over --max-length {stats.max_length}")
+
+    sample_html, sample_text = [], []
+    for i, (runs, cut) in enumerate(zip(stats.samples, stats.truncated_samples)):
+        body = "".join(f'<span style="{LOSS if trained else GREY}">{html.escape(text)}</span>' for text, trained in runs)
+        more = f'<span style="color:#b00">… cut at {stats.max_length} tokens</span>' if cut else ""
+        sample_html.append(f'<pre style="white-space:pre-wrap;margin:4px 0;padding:6px;border:1px solid #ddd">'
+                           f"{body}{more}</pre>")
+        sample_text.append(f"--- sample {i + 1} ([...] = trained)\n"
+                           + "".join(f"[{t}]" if trained else t for t, trained in runs) + (" …cut" if cut else ""))
+    legend = (f'<span style="{GREY}">grey: prompt, no loss</span> · '
+              f'<span style="{LOSS}">green: trained on (responses + EOS)</span>')
+    warnings_html = "".join(f'<div style="color:#9a5b00">⚠ {html.escape(w)}</div>' for w in stats.warnings)
+    html_text = (
+        f"<div><b>{html.escape(head)}</b><br><small>{html.escape(how)}</small>"
+        f"{_table(dataset.frame)}{legend}{''.join(sample_html)}"
+        f"{_histogram(lengths, stats.max_length)}<div><small>{html.escape(length_line)}</small></div>"
+        f"{warnings_html}</div>"
+    )
+    text = "\n".join([head, how, *sample_text, length_line, *(f"warning: {w}" for w in stats.warnings)])
+    return Rendered(html_text, text)
+
+
+def head_table(frame, total: int | None, where: str) -> Rendered:
+    """`--head`: the first rows of a file and its row count when known."""
+    count = f"{total:,} rows" if total is not None else "row count unknown without reading it all"
+    head = f"{where}: {count}, columns {', '.join(map(str, frame.columns))}"
+    return Rendered(f"<div><b>{html.escape(head)}</b>{_table(frame, len(frame))}</div>",
+                    head + "\n" + frame.to_string(max_colwidth=CELL_CHARS))
+
+
+def _table(frame, rows: int = TABLE_ROWS) -> str:
+    shown = frame.head(rows).copy()
+    for column in shown.columns:
+        shown[column] = shown[column].map(lambda v: _short(v))
+    more = f"<small>… {len(frame) - rows:,} more rows</small>" if len(frame) > rows else ""
+    return f'<div style="overflow-x:auto;margin:6px 0">{shown.to_html(index=True, escape=True)}{more}</div>'
+
+
+def _short(value) -> str:
+    text = str(value.tolist() if hasattr(value, "tolist") else value)
+    return text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…"
+
+
+def _histogram(lengths: list[int], max_length: int, bins: int = 30, width: int = 420, height: int = 90) -> str:
+    """An inline SVG histogram of token lengths with a red line at --max-length."""
+    top = max(max(lengths), max_length) * 1.05
+    step = top / bins
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(int(length / step), bins - 1)] += 1
+    peak = max(counts) or 1
+    bar_w = width / bins
+    bars = "".join(
+        f'<rect x="{i * bar_w:.1f}" y="{height - c / peak * height:.1f}" width="{bar_w - 1:.1f}" '
+        f'height="{c / peak * height:.1f}" fill="{"#d9822b" if (i + 1) * step > max_length else "#4c78a8"}"/>'
+        for i, c in enumerate(counts) if c
+    )
+    x = max_length / top * width
+    return (f'<svg width="{width}" height="{height + 14}" style="margin-top:6px" role="img" '
+            f'aria-label="token length histogram">{bars}'
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height}" stroke="#c00" stroke-dasharray="3,2"/>'
+            f'<text x="{min(x + 3, width - 90):.1f}" y="10" font-size="10" fill="#c00">max-length {max_length}</text>'
+            f'<text x="0" y="{height + 12}" font-size="10">0</text>'
+            f'<text x="{width - 40}" y="{height + 12}" font-size="10">{int(top)} tok</text></svg>')
