@@ -185,3 +185,19 @@ def test_dataset_form_pastes_and_uploads(shell, session, tmp_path):
     assert upload.cell.startswith("%lora_dataset uploaded --from ")
     upload.button.click()
     assert len(session.datasets["uploaded"]) == 1
+
+
+def test_early_stop_keeps_the_best_eval_adapter(fresh_session, concepts):
+    from ipylora.engine.events import EvalEnd
+
+    fresh_session.add_dataset("held", concepts, DataArgs(prompt=PROMPT, response="{description}", eval=0.2, seed=1))
+    events = []
+    end = fresh_session.train("held", TrainArgs(name="early", steps=400, eval_every=10, early_stop=3),
+                              reporter=events.append)
+    evals = [e for e in events if isinstance(e, EvalEnd)]
+    best = min(evals, key=lambda e: e.loss)
+    assert end.status == "early-stopped" and end.step < 400
+    assert [e.step for e in evals][-1] - best.step == 30  # three evals without improvement
+    assert f"kept the best eval loss {best.loss:.4f} from step {best.step}" in end.message
+    record = json.loads(Path("runs/early/run.json").read_text())
+    assert record["best_eval_loss"] == pytest.approx(best.loss)

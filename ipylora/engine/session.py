@@ -217,10 +217,8 @@ class Session:
         check_safetensors_adapter(folder)
         record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
         name = check_name(name or record.get("name") or folder.name, "adapter")
-        if record.get("model_source") and self.model is None:
-            self.ensure_model(record.get("model") if record.get("model") != TINY_MODEL_ID else None,
-                              record.get("quantization"))
-        self.ensure_model()
+        if self.model is None:  # e.g. after a restart: load the base the adapter was trained on
+            self.ensure_model(record.get("model"), record.get("quantization"))
         if isinstance(self.model, PeftModel):
             if name in self.model.peft_config:
                 raise ConfigError(f"Adapter {name!r} is already loaded: delete it first or pass another name.")

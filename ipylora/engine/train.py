@@ -154,7 +154,7 @@ class _Samples:
 
 
 def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None,
-              run_dir: Path):
+              run_dir: Path, adapter: str):
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
@@ -188,7 +188,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
             if loss < self.best_loss:
                 self.best_loss, self.bad_evals = loss, 0
                 if early_stop:
-                    self.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+                    self.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
                     self.best_step = state.global_step
             else:
                 self.bad_evals += 1
@@ -311,7 +311,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
     callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
-                         run_dir)
+                         run_dir, name)
     trainer = None
     try:
         trainer = SFTTrainer(
