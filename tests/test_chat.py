@@ -4,12 +4,11 @@ import json
 import time
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from ipylora.engine import DataArgs, GenerateArgs, SessionBusyError, TrainArgs
 from ipylora.engine.chat import PromptFormat, prompt_ids
 from ipylora.engine.session import Session
-from support import PROMPT
+from support import PROMPT, ipython_shell
 
 ROWS = 8
 
@@ -25,13 +24,7 @@ def session(concepts, tmp_path_factory):
 
 @pytest.fixture
 def shell(session, monkeypatch):
-    from ipylora.engine import session as session_module
-
-    monkeypatch.setattr(session_module, "_session", session)
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
-    return ip
+    return ipython_shell(monkeypatch, session)
 
 
 def _prompt(concepts, i):
@@ -174,9 +167,7 @@ def test_base_model_chat_needs_explicit_trust_remote_code(fresh_session, tmp_pat
     from ipylora.engine.tiny import tiny_model_path
 
     folder = _remote_code_model(tmp_path, tiny_model_path())
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
+    ip = ipython_shell()
     out, err = _run(ip, capsys, f"%lora_chat --model {folder} --max-new-tokens 5 hello")
     text = (out + err).strip()
     assert text.startswith("UsageError:") and "--trust-remote-code" in text and "\n" not in text, text

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from ipylora.engine import DataArgs, TrainArgs
 from ipylora.engine.evaluate import EvalArgs, normalize, rouge_scorer, score, token_f1
 from ipylora.engine.session import Session
-from support import PROMPT
+from support import PROMPT, ipython_shell
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +21,7 @@ def session(concepts, tmp_path_factory):
 
 @pytest.fixture
 def shell(session, monkeypatch):
-    from ipylora.engine import session as session_module
-
-    monkeypatch.setattr(session_module, "_session", session)
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
-    return ip
+    return ipython_shell(monkeypatch, session)
 
 
 def test_trained_adapter_answers_the_trained_rows_and_stops(session):

@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from ipylora.engine import DataArgs, GenerateArgs, TrainArgs
 from ipylora.engine.chat import generate_batch, prompt_ids
 from ipylora.engine.session import Session
-from support import PROMPT
+from support import PROMPT, ipython_shell
 
 ROWS = 12
 
@@ -26,13 +25,7 @@ def session(concepts, tmp_path_factory):
 
 @pytest.fixture
 def shell(session, monkeypatch):
-    from ipylora.engine import session as session_module
-
-    monkeypatch.setattr(session_module, "_session", session)
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
-    return ip
+    return ipython_shell(monkeypatch, session)
 
 
 def _greedy(session, model, adapter, concepts, tokens=60):

@@ -2,19 +2,15 @@
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
-from support import CONCEPTS, PROMPT
+from support import CONCEPTS, PROMPT, ipython_shell
 
 DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{description}}"'
 
 
 @pytest.fixture
 def shell(fresh_session):
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
-    yield ip
+    yield ipython_shell()
 
 
 def run_cell_output(ip, capsys, source):

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from ipylora.engine import DataArgs, SessionBusyError, TrainArgs
 from ipylora.engine.events import StepEnd
-from support import PROMPT
+from support import PROMPT, ipython_shell
 
 ROWS = 8
 
@@ -24,10 +23,7 @@ def session(fresh_session, concepts):
 
 @pytest.fixture
 def shell(session):
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
-    return ip
+    return ipython_shell()
 
 
 def test_background_stop_button_stops_within_one_step(session, concepts):
