@@ -163,10 +163,6 @@ class Session:
         free_memory()
         self._changed()
 
-    @property
-    def is_tiny(self) -> bool:
-        return self.model_id == TINY_MODEL_ID
-
     # -- adapters ---------------------------------------------------------------------------
     def attach_adapter(self, name: str, lora: LoraArgs):
         """A fresh trainable LoRA adapter `name` on the resident model (replacing one of that name)."""
