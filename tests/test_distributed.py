@@ -107,3 +107,19 @@ def test_a_killed_worker_is_named_from_torchruns_summary(tmp_path):
         "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n")
     message = failure_message(tmp_path, 1)
     assert message.startswith("Training worker rank 1 killed by SIGKILL (usually the machine running out of memory)")
+
+
+def test_ranks_agree_on_the_least_free_memory_before_any_process_group(tmp_path):
+    # The GPU batch plan depends on free memory, and rank 0 shares GPU 0 with the kernel: every
+    # rank must plan with the same figure, or their samplers and collectives disagree.
+    import subprocess
+    import sys
+
+    script = tmp_path / "agree.py"
+    script.write_text("from ipylora.engine.distributed import agree_min, rank\n"
+                      "r = rank()\n"
+                      "print('AGREED', r, agree_min('free', 100 + 10 * r), agree_min('free-2', 5 - r), flush=True)\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=120)
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("AGREED"))
+    assert lines == ["AGREED 0 100 4", "AGREED 1 100 4"], out.stdout + out.stderr

@@ -3,8 +3,9 @@
 The kernel cannot fork itself into ranks (its CUDA state and bitsandbytes forbid it), so a
 `--gpus N` run is handed to `torchrun --nproc_per_node N -m ipylora.worker RUN_DIR`: the kernel
 claims the run folder and writes what the workers need into it (run.json with the config,
-data.parquet with the rows), and each worker trains through the same `run_training`, with the
-HF Trainer doing DDP itself. Rank 0 alone writes metrics.jsonl, run.json and the adapter.
+data.parquet with the rows, launch.json with the global config that a resume starts again from),
+and each worker trains through the same `run_training`, with the HF Trainer doing DDP itself.
+Rank 0 alone writes metrics.jsonl, run.json and the adapter.
 
 The folder is also the wire back: the kernel tails metrics.jsonl, turns each line back into its
 event and feeds the same reporter, so the live panel cannot tell the difference. A stop is a
@@ -12,6 +13,12 @@ file, RUN_DIR/STOP; rank 0 reads it at each step and the ranks agree through one
 every rank stops after the same step. A worker that dies leaves RUN_DIR/error-rank<R>.json (or,
 if it was killed, torchrun's summary in worker.log): the kernel reports the rank and the cause
 in one line, and kills whatever is left of the process tree.
+
+The workers outlive nothing: each watches the kernel's pid (IPYLORA_KERNEL_PID) and, once the
+kernel is gone (killed, crashed, restarted), stops through the same agreement after the step it
+is on, so the adapter and a resumable checkpoint of that step are saved and torchrun exits.
+`%lora_train --resume NAME` starts the workers again from that checkpoint (`ipylora.worker
+RUN_DIR --resume`) with the config in launch.json: the same global batch, rows and steps.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +40,9 @@ from ipylora.engine.runs import claim_run_dir, read_json, write_json
 
 STOP = "STOP"
 LOG = "worker.log"
+LAUNCH = "launch.json"  # the config as the kernel launched it (run.json's "train" is rank 0's share)
+KERNEL_PID = "IPYLORA_KERNEL_PID"
+KERNEL_STARTED = "IPYLORA_KERNEL_STARTED"
 EVENTS = {cls.__name__: cls for cls in (RunStart, StepEnd, EvalEnd, Sample, Notice, RunEnd)}
 
 
@@ -83,6 +94,71 @@ def agree_to_stop(flag, run_dir: Path) -> bool:
     return agreed
 
 
+def agree_min(key: str, value: int) -> int:
+    """The smallest `value` any rank passes under `key`, through torchrun's own store.
+
+    Needs no process group (the Trainer creates that later): every rank must call it with the
+    same keys in the same order. Outside torchrun's agent (no store to reach) it returns `value`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return value
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(minutes=10))
+    prefix = f"ipylora/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{key}"
+    store.set(f"{prefix}/{rank()}", str(int(value)))
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    store.wait(keys)
+    return min(int(store.get(k)) for k in keys)
+
+
+def kernel_alive(pid: int, started: float | None) -> bool:
+    """Whether the kernel that launched this run still runs (a reused pid is not the kernel)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def kernel_gone() -> bool:
+    """In a worker: whether the kernel named by IPYLORA_KERNEL_PID has exited (False if none is named)."""
+    if not os.environ.get(KERNEL_PID):
+        return False
+    started = float(os.environ[KERNEL_STARTED]) if os.environ.get(KERNEL_STARTED) else None
+    return not kernel_alive(int(os.environ[KERNEL_PID]), started)
+
+
+def watch_kernel(flag, interval: float = 1.0) -> threading.Thread | None:
+    """In a worker: set `flag` ("interrupted") once the kernel named by IPYLORA_KERNEL_PID is gone.
+
+    The ranks then agree to stop after the current step and save it, as for the Stop button;
+    nothing waits for a kernel that will never read the result. None when no kernel launched us
+    (a launch by hand).
+    """
+    if not os.environ.get(KERNEL_PID):
+        return None
+
+    def watch():
+        while not flag.is_set():
+            if kernel_gone():
+                flag.set("interrupted")
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=watch, name="ipylora-kernel-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def write_failure(run_dir: Path, step: int, exc: BaseException) -> None:
     """Leave the cause of this rank's crash for the kernel (one line)."""
     cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
@@ -91,10 +167,10 @@ def write_failure(run_dir: Path, step: int, exc: BaseException) -> None:
 
 
 # -- in the kernel -------------------------------------------------------------------------------
-def launch_command(run_dir: Path, gpus: int) -> list[str]:
-    """`torchrun --standalone --nproc_per_node N -m ipylora.worker RUN_DIR`, with this Python."""
+def launch_command(run_dir: Path, gpus: int, resume: bool = False) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m ipylora.worker RUN_DIR [--resume]`, with this Python."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-            "-m", "ipylora.worker", str(Path(run_dir).resolve())]
+            "-m", "ipylora.worker", str(Path(run_dir).resolve()), *(["--resume"] if resume else [])]
 
 
 def prepare_run(session, dataset: str, args) -> Path:
@@ -128,25 +204,58 @@ def write_inputs(session, dataset, args, run_dir: Path) -> None:
     data_args = replace(dataset.args, eval=None, shuffle=False, limit=None)
     if model_id == resolve_model_id(None)[0]:
         model_id = None
-    write_json(run_dir / "run.json", {
+    record = {
         "name": args.name, "status": "launching", "model": model_id, "model_source": source,
         "train": {**{k: v for k, v in asdict(args).items() if k != "lora"}, "model": model_id},
         "lora": asdict(args.lora), "data_args": asdict(data_args), "dataset": dataset.describe(),
         "started": time.time(),
-    })
+    }
+    # run.json is rewritten by rank 0 as the run goes; launch.json keeps what the workers start from.
+    write_json(run_dir / LAUNCH, record)
+    write_json(run_dir / "run.json", record)
 
 
-def run_distributed(session, dataset, args, reporter=None, flag=None) -> RunEnd:
-    """Train `dataset` on `args.gpus` worker processes; events reach `reporter` as they happen."""
+def launch_record(run_dir: Path) -> dict | None:
+    """What a --gpus run was launched with (None for a run trained in the kernel)."""
+    path = Path(run_dir) / LAUNCH
+    return read_json(path) if path.exists() else None
+
+
+def _prepare_resume(run_dir: Path, name: str) -> None:
+    """Check that run `name` can continue in its workers, and clear what its last attempt left."""
+    from ipylora.engine.errors import ConfigError
+    from ipylora.engine.train import CHECKPOINTS, last_checkpoint
+
+    if not (run_dir / LAUNCH).exists() or not (run_dir / "data.parquet").exists():
+        raise ConfigError(f"Run {name!r} has no launch.json/data.parquet in {run_dir}: it was not a --gpus run "
+                          "(resume it without --gpus).")
+    if last_checkpoint(run_dir) is None:
+        raise ConfigError(f"Run {name!r} has no checkpoint to resume from in {run_dir / CHECKPOINTS}: "
+                          "train it with --save-every N, or stop it (checkpoints are written on stop).")
+    for path in [run_dir / STOP, *run_dir.glob("error-rank*.json")]:  # an old STOP would end it at once
+        path.unlink(missing_ok=True)
+
+
+def run_distributed(session, dataset, args, reporter=None, flag=None, resume: bool = False) -> RunEnd:
+    """Train `dataset` on `args.gpus` worker processes; events reach `reporter` as they happen.
+
+    `resume`: continue run `args.name` from its last checkpoint, with the rows and config it was
+    launched with (its folder's data.parquet and launch.json; `dataset` is not used).
+    """
     import psutil
 
     from ipylora.engine.train import StopFlag, _SigintToFlag
 
     flag = flag or StopFlag()
-    name, run_dir = claim_run_dir(Path(args.output), args.name)
-    args = replace(args, name=name)
-    write_inputs(session, dataset, args, run_dir)
+    if resume:
+        name, run_dir = args.name, Path(args.output) / args.name
+        _prepare_resume(run_dir, name)
+    else:
+        name, run_dir = claim_run_dir(Path(args.output), args.name)
+        args = replace(args, name=name)
+        write_inputs(session, dataset, args, run_dir)
     tail = _Tail(run_dir / "metrics.jsonl")
+    tail.skip_existing()  # a resumed run appends: only its new events go to the panel
     ended: list[RunEnd] = []
 
     def deliver(event: Event) -> None:
@@ -156,9 +265,12 @@ def run_distributed(session, dataset, args, reporter=None, flag=None) -> RunEnd:
         if isinstance(event, RunEnd):
             ended.append(event)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(run_dir / LOG, "wb") as log:
-        process = subprocess.Popen(launch_command(run_dir, args.gpus), stdout=log, stderr=subprocess.STDOUT,
+    _release_gpu_cache()
+    # The workers watch this process: if the kernel dies, they save the step they are on and exit.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", KERNEL_PID: str(os.getpid()),
+           KERNEL_STARTED: repr(psutil.Process().create_time())}
+    with open(run_dir / LOG, "ab" if resume else "wb") as log:
+        process = subprocess.Popen(launch_command(run_dir, args.gpus, resume), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     family: dict[int, psutil.Process] = {}
     stop_sent = False
@@ -195,6 +307,9 @@ class _Tail:
 
     def __init__(self, path: Path):
         self.path, self.offset, self.partial = path, 0, b""
+
+    def skip_existing(self) -> None:
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
 
     def events(self) -> list[Event]:
         if not self.path.exists():
@@ -250,6 +365,16 @@ def _mark_failed(run_dir: Path, message: str) -> None:
     record = read_json(path) if path.exists() else {}
     if record.get("status") in (None, "launching", "running", "failed"):
         write_json(path, {**record, "status": "failed", "error": message, "finished": time.time()})
+
+
+def _release_gpu_cache() -> None:
+    """Give the kernel's cached-but-free GPU memory back: rank 0 shares GPU 0 with the kernel."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        from ipylora.engine.models import free_memory
+
+        free_memory()
 
 
 def _descendants(pid: int) -> list:

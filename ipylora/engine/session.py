@@ -275,13 +275,18 @@ class Session:
         return self.background_run
 
     def resume(self, name: str, output: str = "runs", reporter=None, background: bool = False, wait: bool = False):
-        """Continue run `name` from its last checkpoint with the config recorded in its run.json."""
+        """Continue run `name` from its last checkpoint with the config recorded in its run.json.
+
+        A --gpus run continues in its workers with the config it was launched with (launch.json):
+        the same global batch and rows, so the same trajectory as if it had never stopped.
+        """
+        from ipylora.engine.distributed import launch_record
         from ipylora.engine.runs import read_json
 
         path = Path(output) / check_name(name, "run") / "run.json"
         if not path.exists():
             raise UnknownNameError(f"No run {name!r} in {output}/ to resume: %lora_runs lists the runs.")
-        record = read_json(path)
+        record = launch_record(path.parent) or read_json(path)
         train = {**record["train"], "samples": tuple(record["train"].get("samples") or ())}
         args = TrainArgs(**{**train, "lora": LoraArgs(**record["lora"])})
         return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
@@ -320,13 +325,10 @@ class Session:
             self._changed()
 
     def _train_distributed(self, data, args: TrainArgs, reporter, resume: bool) -> RunEnd:
-        """Train in `args.gpus` torchrun workers, then load the adapter here for chat."""
+        """Train (or with `resume` continue) in `args.gpus` torchrun workers, then load the adapter here for chat."""
         from ipylora.engine.distributed import run_distributed
 
-        if resume:
-            raise ConfigError(f"Resuming a --gpus run ({args.name}) is not supported yet: start it again "
-                              "with %lora_train DATASET --gpus N.")
-        end = run_distributed(self, data, args, reporter, self._stop_flag)
+        end = run_distributed(self, data, args, reporter, self._stop_flag, resume)
         if end.adapter_dir:
             self._stop_flag = None  # the workers are gone: the resident model is free again
             self.ensure_model(args.model, args.quantization, args.trust_remote_code)
