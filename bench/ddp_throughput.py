@@ -10,7 +10,7 @@ Zipf-weighted word set so the loss has something to fall to.
 
 Each configuration runs in its own process, standing in for a kernel: `1gpu` trains in that
 process (`gpus=1`), `ddp2`/`fsdp2` launch torchrun workers (`gpus=2`). All use one global batch
-(`--batch`, else the batch the engine plans for one GPU, taken from the 1gpu run) and the same
+(`--batch`, else the batch the engine plans for one GPU on this data, made even) and the same
 steps; everything else is the engine's defaults (bf16 LoRA, padding-free, token budget).
 
 tokens/s: real tokens (the Trainer's non-padding count, summed over ranks) between the StepEnd of
@@ -90,9 +90,18 @@ def build(folder: Path, shape: str, rows: int, median: float, low: int, high: in
                       "output": " ".join(rng.choice(answer_words, answer, p=zipf))})
     frame = pd.DataFrame(table)
     frame.to_parquet(folder / "data.parquet")
-    tokens = [len(tokenizer(r["instruction"] + " " + r["output"])["input_ids"]) for r in table]
+    # The rows as the engine tokenizes them (template, EOS), and the batch it would plan for one
+    # GPU with memory to spare (the 16k-token step budget), made even so 2 GPUs split it exactly.
+    from ipylora.engine import DataArgs
+    from ipylora.engine.data import LoraDataset
+    from ipylora.engine.speed import MAX_STEP_TOKENS, MIN_STEPS_PER_EPOCH, rows_for_tokens
+
+    tokens = [len(ids) for ids in LoraDataset("alpaca", frame, DataArgs(prompt="{instruction}", response="{output}"))
+              .tokenize(tokenizer, high)["input_ids"]]
+    batch = min(rows_for_tokens(tokens, MAX_STEP_TOKENS), max(8, rows // MIN_STEPS_PER_EPOCH))
     return {"params": params, "rows": rows, "median_tokens": float(np.median(tokens)),
-            "mean_tokens": float(np.mean(tokens)), "build_s": round(time.time() - started, 1)}
+            "mean_tokens": float(np.mean(tokens)), "plan_batch": batch - batch % 2,
+            "build_s": round(time.time() - started, 1)}
 
 
 # -- one configuration (its own process: the "kernel") ---------------------------------------------
@@ -187,7 +196,8 @@ def main() -> int:
     parser.add_argument("--configs", default="1gpu,ddp2,fsdp2", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40; smoke 8)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of tokens/s (default 5; smoke 2)")
-    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the 1gpu run's plan)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global batch for every config (default: the engine's 1-GPU plan for this data, made even; smoke 8)")
     parser.add_argument("--rows", type=int, default=None, help="dataset rows (default 3000; smoke 200)")
     parser.add_argument("--budget", type=float, default=570, help="seconds for everything (model save included)")
     parser.add_argument("--out", default="bench-out/ddp", help="folder for results.json, table.md, log.txt")
@@ -239,10 +249,11 @@ def main() -> int:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
+    batch = args.batch or (8 if args.smoke else info["plan_batch"])
     print(f"{shape} model ({info['params'] / 1e9:.2f}B params), {info['rows']} rows, median {info['median_tokens']:.0f} "
-          f"tokens, built in {info['build_s']} s; {steps} steps, tokens/s after step {warmup}; {device}", flush=True)
+          f"tokens, built in {info['build_s']} s; global batch {batch}, {steps} steps, tokens/s after step {warmup}; {device}", flush=True)
     print(HEADER, flush=True)
-    results, batch, base = [], args.batch, None
+    results, base = [], None
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         if name not in CONFIGS:
             print(f"unknown config {name!r} (known: {', '.join(CONFIGS)})")
@@ -252,8 +263,6 @@ def main() -> int:
             results.append({"name": name, **CONFIGS[name], "error": "not run: out of time budget"})
             print(_row(results[-1], base), flush=True)
             continue
-        if batch is None and name != "1gpu":
-            batch = 8 if args.smoke else 48  # no 1gpu run to take the plan from
         spec = dict(name=name, **CONFIGS[name], model=str(work / "model"), data=str(work / "data.parquet"),
                     runs=str(work / "runs"), steps=steps, warmup=warmup, batch=batch, smoke=args.smoke)
         t0 = time.time()
@@ -265,7 +274,7 @@ def main() -> int:
             log.write(f"----- {worker_log}\n{worker_log.read_text(errors='replace')[-8000:]}\n")
         log.flush()
         if name == "1gpu" and "tokens_per_s" in result:
-            base, batch = result, batch or result["batch_size"]
+            base = result
         results.append(result)
         print(_row(result, base), flush=True)
         (out / "results.json").write_text(json.dumps({"device": device, "data": info, "steps": steps,
