@@ -21,7 +21,8 @@ recomputes every activation: an H200 sits under 4% busy. What pays, measured in
   (embeddings, LM head, norms) go back to the compute dtype: 2 GiB less on a 7B model.
 
 `fast_settings` is the one entry point: it patches the model in place and returns SFTConfig
-overrides. On CPU it returns {} and touches nothing.
+overrides. On CPU it returns {} and touches nothing. Its memory arithmetic (`plan_batch`) needs no
+model, so `%lora_train --dry-run` (estimate.py) runs the same plan from estimated figures.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MIN_STEP_TOKENS = 8192
 QUANTIZED_EXTRA_BYTES = 11 * GIB
 # Keep at least this many steps per epoch on small datasets (the loss curve needs points).
 MIN_STEPS_PER_EPOCH = 32
+# Reserved for TRL's fused LM head: a fp32 token x vocab tile (4096 x 32768) and its grad.
+LM_TILE_BYTES = 2 * 4096 * 32768 * 4
 
 
 @dataclass(frozen=True)
@@ -87,31 +90,19 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     set_attention(base, attention)
     use_liger = _apply_liger(base, notes) if liger is not False else False
 
-    lengths = [int(n) for n in tokenized_lengths] or [1]
     cuda = device == "cuda"
-    free = _free_bytes() if cuda else 8 * GIB
-    budget = memory_budget if memory_budget is not None else int(0.88 * free)
-    if quantization and memory_budget is None:
-        resident = torch.cuda.memory_allocated() if cuda else 0
-        budget = min(budget, max(QUANTIZED_EXTRA_BYTES, resident))
-    budget -= _fixed_training_bytes(model, slack=0.5 * GIB if quantization else 1.5 * GIB)
-    per_token = activation_bytes_per_token(base.config, dropout, checkpointing=False)
-    checkpointing = budget / per_token < MIN_STEP_TOKENS
-    if checkpointing:
-        per_token = activation_bytes_per_token(base.config, dropout, checkpointing=True)
-    step_tokens = int(max(256, min(MAX_STEP_TOKENS, budget / per_token)))
-    micro = rows_for_tokens(lengths, step_tokens)
-    if batch_size is None:
-        batch_size = min(micro, max(8, len(lengths) // MIN_STEPS_PER_EPOCH))
-    accumulation = max(1, math.ceil(batch_size / micro))
-    micro = math.ceil(batch_size / accumulation)
-    plan = Plan(attention, use_liger, checkpointing, step_tokens, batch_size, accumulation, budget, tuple(notes))
+    batch = plan_batch(base.config, tokenized_lengths, free_bytes=_free_bytes() if cuda else 8 * GIB,
+                       resident_bytes=torch.cuda.memory_allocated() if cuda else 0,
+                       trainable_bytes=trainable_state_bytes(model), quantization=quantization, dropout=dropout,
+                       batch_size=batch_size, memory_budget=memory_budget)
+    plan = Plan(attention, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
+                batch.budget_bytes, tuple(notes))
     overrides = {
         "padding_free": True,
-        "per_device_train_batch_size": micro,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_checkpointing": checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "per_device_train_batch_size": batch.micro_batch,
+        "gradient_accumulation_steps": batch.accumulation,
+        "gradient_checkpointing": batch.checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if batch.checkpointing else None,
         # The Trainer reads the loss back to the host at each logging step; TRL's own metrics sync
         # every step anyway, so this only trims the Trainer's share.
         "logging_steps": 1,
@@ -119,6 +110,46 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         "_plan": plan,
     }
     return overrides
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The memory arithmetic of a plan: what `fast_settings` uses and `estimate.py` reproduces."""
+
+    checkpointing: bool
+    step_tokens: int
+    batch_size: int
+    accumulation: int
+    micro_batch: int
+    budget_bytes: int
+    activation_bytes_per_token: float
+
+
+def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: int, trainable_bytes: int,
+               quantization: str | None, dropout: float, batch_size: int | None,
+               memory_budget: int | None = None) -> BatchPlan:
+    """Token budget, checkpointing and batch shape from memory figures, with no model needed.
+
+    `free_bytes`: GPU memory free once the model is resident (`_free_bytes`); `resident_bytes`:
+    what is allocated then (weights + adapter); `trainable_bytes`: `trainable_state_bytes` of the
+    adapter. A real run passes measured figures, a dry run estimated ones: one arithmetic for both.
+    """
+    lengths = [int(n) for n in tokenized_lengths] or [1]
+    budget = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
+    if quantization and memory_budget is None:
+        budget = min(budget, max(QUANTIZED_EXTRA_BYTES, resident_bytes))
+    budget -= fixed_training_bytes(trainable_bytes, quantization)
+    per_token = activation_bytes_per_token(config, dropout, checkpointing=False)
+    checkpointing = budget / per_token < MIN_STEP_TOKENS
+    if checkpointing:
+        per_token = activation_bytes_per_token(config, dropout, checkpointing=True)
+    step_tokens = int(max(256, min(MAX_STEP_TOKENS, budget / per_token)))
+    micro = rows_for_tokens(lengths, step_tokens)
+    if batch_size is None:
+        batch_size = min(micro, max(8, len(lengths) // MIN_STEPS_PER_EPOCH))
+    accumulation = max(1, math.ceil(batch_size / micro))
+    micro = math.ceil(batch_size / accumulation)
+    return BatchPlan(checkpointing, step_tokens, batch_size, accumulation, micro, budget, per_token)
 
 
 def rows_for_tokens(lengths: list[int], step_tokens: int) -> int:
@@ -157,11 +188,20 @@ def activation_bytes_per_token(config, dropout: float, checkpointing: bool) -> f
     return layers * layer_bytes + top
 
 
-def _fixed_training_bytes(model, slack: float) -> int:
+def trainable_state_bytes(model) -> int:
+    """Bytes of the trainable weights, their grads and Adam's two fp32 moments."""
+    return sum(param_state_bytes(p.numel(), p.element_size()) for p in model.parameters() if p.requires_grad)
+
+
+def param_state_bytes(numel: int, element_size: int = 4) -> int:
+    """A trainable tensor's weight, grad and Adam moments (PEFT keeps LoRA weights in fp32)."""
+    return numel * (element_size * 2 + 8)
+
+
+def fixed_training_bytes(trainable_bytes: int, quantization: str | None) -> int:
     """Optimizer state, LoRA grads, the LM head's tile and allocator slack."""
-    trainable = sum(p.numel() * (p.element_size() * 2 + 8) for p in model.parameters() if p.requires_grad)
-    lm_tile = 2 * 4096 * 32768 * 4  # TRL's fused LM head: a fp32 token x vocab tile, and its grad
-    return int(trainable + lm_tile + slack)
+    slack = 0.5 * GIB if quantization else 1.5 * GIB
+    return int(trainable_bytes + LM_TILE_BYTES + slack)
 
 
 def configure_allocator() -> None:

@@ -93,10 +93,18 @@ def plan_batches(model, session, lengths: list[int], args: TrainArgs) -> tuple[T
     fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
                                quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout)
     plan = fast.pop("_plan", None)
+    return planned_args(args, plan), fast, asdict(plan) if plan is not None else None
+
+
+def planned_args(args: TrainArgs, plan) -> TrainArgs:
+    """`args` with the batch sizes the run uses: the speed plan's on a GPU, else batch_size (8 if unset).
+
+    `plan` is a `speed.Plan` or `speed.BatchPlan` (a dry run has no model to patch, only the latter).
+    """
     if plan is None:
-        return replace(args, batch_size=args.batch_size or 8), fast, None
-    micro = min(args.micro_batch_size or plan.batch_size, fast["per_device_train_batch_size"])
-    return replace(args, batch_size=plan.batch_size, micro_batch_size=micro), fast, asdict(plan)
+        return replace(args, batch_size=args.batch_size or 8)
+    micro = min(args.micro_batch_size or plan.batch_size, math.ceil(plan.batch_size / plan.accumulation))
+    return replace(args, batch_size=plan.batch_size, micro_batch_size=micro)
 
 
 def micro_batch(args: TrainArgs) -> int:

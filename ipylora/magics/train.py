@@ -75,6 +75,8 @@ class TrainMagics(Magics):
     @argument("--stop", action="store_true", help="Stop the running training at the next step and save it.")
     @argument("--resume", default=None, metavar="NAME", help="Continue run NAME from its last checkpoint.")
     @argument("--form", action="store_true", help="Show a form that builds this line.")
+    @argument("--dry-run", action="store_true",
+              help="Print the plan, estimated peak memory, tokens/s and ETA; load nothing, train nothing.")
     @line_magic
     @user_errors
     def lora_train(self, line):
@@ -85,6 +87,7 @@ class TrainMagics(Magics):
             %lora_train concepts --background --sample "describe a cat"   # then %lora_train --stop
             %lora_train --resume sd-prompts
             %lora_train concepts --model Qwen/Qwen2-1.5B --gpus 2             # DDP over 2 GPUs
+            %lora_train concepts --model Qwen/Qwen2.5-7B-Instruct --4bit --dry-run   # memory, speed, ETA
         """
         opts = parse(self.lora_train, line)
         session = get_session()
@@ -98,6 +101,9 @@ class TrainMagics(Magics):
                 raise UsageError("No training is running.")
             print("Stopping at the next step boundary; the adapter will be saved.")
             return
+        if opts.dry_run:
+            self._dry_run(session, opts)
+            return
         reporter = self._reporter(opts.background)
         if opts.resume:
             result = session.resume(opts.resume, opts.output or get_settings().runs_dir, reporter,
@@ -110,6 +116,19 @@ class TrainMagics(Magics):
                                    background=opts.background, wait=opts.wait)
         if opts.background:
             print(f"Training {result.name} in the background: %lora_train --stop (or the Stop button) ends it.")
+
+    def _dry_run(self, session, opts) -> None:
+        from ipylora.engine.estimate import estimate
+
+        if opts.resume or not opts.dataset:
+            raise UsageError("--dry-run estimates a new run: %lora_train DATASET ... --dry-run.")
+        result = estimate(train_args(opts), session.dataset(opts.dataset), session=session)
+        print(f"Dry run of %lora_train {opts.dataset} (nothing loaded, nothing trained):")
+        width = max(len(label) for label, _ in result.table())
+        for label, value in result.table():
+            print(f"  {label:<{width}}  {value}")
+        for note in result.notes:
+            print(f"  note: {note}")
 
     def _reporter(self, background: bool):
         if in_kernel(self.shell):

@@ -1,0 +1,138 @@
+"""`%lora_train --dry-run`: the plan and estimates a run will have, with nothing loaded.
+
+The estimate must describe the run that follows: same batch, accumulation, steps and (on a GPU)
+checkpointing, weights and adapter sizes equal to the loaded model's. The RSS check is loose on
+purpose: on the 2-layer tiny model the tensors are a few MiB and the Trainer's own memory is most
+of the growth, so the components are checked exactly and the total only within a factor.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import CONCEPTS, PROMPT, ipython_shell
+
+DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{description}}"'
+
+
+@pytest.fixture
+def shell(fresh_session):
+    yield ipython_shell()
+
+
+def cell_output(ip, capsys, source: str) -> str:
+    capsys.readouterr()
+    ip.run_cell(source, store_history=False)
+    captured = capsys.readouterr()
+    return (captured.out + captured.err).strip()
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(shell, capsys, monkeypatch):
+    import transformers
+
+    from ipylora.engine import get_session, models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+    shell.run_line_magic("lora_dataset", DATASET_LINE)
+    text = cell_output(shell, capsys, "%lora_train concepts --dry-run")
+    assert "Traceback" not in text, text
+    for label in ("ipylora/tiny-llama on cpu", "trainable (LoRA)", "estimated peak", "8 rows = 8 per micro-batch",
+                  "checkpointing", "tokens/s", "301 (43 epochs)", "ETA"):
+        assert label in text, f"{label!r} not in\n{text}"
+    session = get_session()
+    assert session.model is None and session.load_count == 0
+    assert not Path("runs").exists()
+
+
+def test_dry_run_errors_are_one_line(shell, capsys):
+    shell.run_line_magic("lora_dataset", DATASET_LINE)
+    for line, needle in (("%lora_train concepts --model /no/such/model --dry-run", "/no/such/model"),
+                         ("%lora_train concepts --target-modules qq_proj --dry-run", "matches no layer"),
+                         ("%lora_train concepts --r 0 --dry-run", "--r 0"),
+                         ("%lora_train --dry-run", "DATASET")):
+        text = cell_output(shell, capsys, line)
+        assert text.startswith("UsageError: ") and "\n" not in text and needle in text, text
+
+
+def _peak_rss_growth(run):
+    process = psutil.Process()
+    base = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = run()
+    finally:
+        done.set()
+        sampler.join()
+    return result, peak - base
+
+
+def test_estimate_matches_the_run_that_follows(fresh_session, concepts):
+    from ipylora.engine import DataArgs, TrainArgs, speed
+    from ipylora.engine.estimate import estimate
+    from ipylora.engine.train import micro_batch
+
+    session = fresh_session
+    dataset = session.add_dataset("concepts", concepts, DataArgs(prompt=PROMPT, response="{description}"))
+    args = TrainArgs(batch_size=6, micro_batch_size=4, epochs=2)
+    est = estimate(args, dataset, session=session)
+    assert session.model is None
+    end, growth = _peak_rss_growth(lambda: session.train("concepts", args))
+    record = json.loads((Path("runs") / end.name / "run.json").read_text())
+    ran = TrainArgs(**{**record["train"], "samples": (), "lora": None})
+    # The plan: 6 rows as micro-batches of 3 (the largest divisor of 6 that is <= 4) x 2.
+    assert (est.batch_size, est.micro_batch, est.accumulation) == (ran.batch_size, micro_batch(ran), 2)
+    assert est.steps == record["total_steps"] == end.step == 20
+    assert est.checkpointing is False and "speed_plan" not in record
+    # What was counted on the meta device is what got loaded.
+    model = session.model
+    base = model.get_base_model()
+    frozen = [p for p in base.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert est.shape.lora == sum(p.numel() for p in trainable)
+    assert est.shape.params == sum(p.numel() for p in frozen)
+    assert est.weights_bytes == sum(p.numel() * p.element_size() for p in frozen)
+    assert est.optimizer_bytes == speed.trainable_state_bytes(model)
+    # The total, loosely: the Trainer's own memory dominates on this model (see the module docstring).
+    assert 0.4 < est.peak_bytes / growth < 2.5, (est.peak_bytes / 2**20, growth / 2**20)
+
+
+def test_gpu_plan_is_the_one_fast_settings_makes(fresh_session, concepts):
+    """What-if GPU planning (no GPU needed) against speed.fast_settings on the real adapter model."""
+    from ipylora.engine import DataArgs, TrainArgs, speed
+    from ipylora.engine.estimate import estimate
+    from ipylora.engine.models import Precision
+
+    session = fresh_session
+    dataset = session.add_dataset("concepts", concepts, DataArgs(prompt=PROMPT, response="{description}"))
+    session.train("concepts", TrainArgs(steps=1))
+    lengths = [len(ids) for ids in dataset.tokenize(session.tokenizer, 1024)["input_ids"]]
+    seen = set()
+    for free in (int(2.9 * speed.GIB), 3 * speed.GIB):  # just under / over the checkpointing threshold
+        est = estimate(TrainArgs(), dataset, device="cuda", gpu_free_bytes=free, session=session)
+        # The real run measures free memory after loading: the budget it then gets.
+        budget = int(0.88 * (free - est.weights_bytes - 4 * est.shape.lora))
+        fast = speed.fast_settings(session.model, session.tokenizer, lengths, Precision("float32", False, False),
+                                   "cpu", force=True, memory_budget=budget, dropout=0.0, liger=False)
+        plan = fast["_plan"]
+        assert (est.checkpointing, est.step_tokens, est.batch_size, est.accumulation, est.micro_batch) == \
+            (plan.checkpointing, plan.step_tokens, plan.batch_size, plan.accumulation,
+             fast["per_device_train_batch_size"])
+        seen.add(plan.checkpointing)
+    assert seen == {True, False}
