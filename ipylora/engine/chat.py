@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ipylora.engine.config import GenerateArgs
+from ipylora.engine.decode import lean_lora
 from ipylora.engine.errors import ConfigError
 
 # Template names (run.json "template_name") that mean "the tokenizer's own chat template".
@@ -107,6 +108,19 @@ def _sampling(args: GenerateArgs) -> dict:
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
+# Static caches are sized in steps of this many tokens, so that most turns reuse the compiled graph.
+STATIC_CACHE_STEP = 1024
+
+
+def _decoding(model, args: GenerateArgs, longest_prompt: int) -> dict:
+    """generate() kwargs for --compile on CUDA: a static cache, which makes transformers compile the
+    decoding step (reduce-overhead: CUDA graphs). Elsewhere, the default dynamic cache."""
+    if not args.compile or next(model.parameters()).device.type != "cuda":
+        return {}
+    need = longest_prompt + args.max_new_tokens
+    return dict(cache_implementation="static", max_cache_len=-(-need // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     import torch
@@ -153,13 +167,13 @@ def generate(model, tokenizer, prompt_text, args: GenerateArgs, adapter: str | N
     ids = prompt_text if isinstance(prompt_text, list) else tokenizer(prompt_text)["input_ids"]
     input_ids = torch.tensor([ids], device=device)
     started = time.perf_counter()
-    with adapter_context(model, adapter), _eval_mode(model):
+    with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         output = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             streamer=_callback_streamer(tokenizer, on_text) if on_text else None,
-            **_sampling(args),
+            **_sampling(args), **_decoding(model, args, len(ids)),
         )
     return _result(tokenizer, output[0, len(ids):].tolist(), started)
 
@@ -174,7 +188,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     results = []
-    with adapter_context(model, adapter), _eval_mode(model):
+    with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             width = max(len(ids) for ids in batch)
@@ -252,12 +266,13 @@ class Generation:
         try:
             device = next(model.parameters()).device
             input_ids = torch.tensor([ids], device=device)
-            with adapter_context(model, adapter), _eval_mode(model):
+            with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
                 output = model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                     max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([StopOnRequest()]), **_sampling(args),
+                    **_decoding(model, args, len(ids)),
                 )
             self.result = _result(tokenizer, output[0, len(ids):].tolist(), started, self._first_token_s)
             self.result["stopped_by_user"] = self._stop.is_set() and not self.result["stopped_at_eos"]

@@ -130,6 +130,9 @@ class GenerateArgs:
     """0 is greedy decoding; above 0 samples."""
     top_p: float = 1.0
     """Nucleus sampling threshold (with temperature > 0)."""
+    compile: bool = False
+    """CUDA only: static KV cache + torch.compile with CUDA graphs. The first answer pays a compile
+    (20-60 s for a 7B model, again after switching adapters), later tokens come several times faster."""
 
 
 # Measured on the tiny model: 300 steps at lr 1e-2 without clipping memorise 55/55 pairs; with

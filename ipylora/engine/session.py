@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ipylora.engine import chat as chat_module
+from ipylora.engine import decode
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
@@ -232,6 +233,7 @@ class Session:
         """Remove adapter `name` from the resident model (its saved copy on disk stays)."""
         self._check_idle()
         self.adapter(name)
+        decode.forget(self.model)  # the generation-time copies of adapter weights
         if len(self.model.peft_config) == 1:
             self.model = self.model.unload()
         else:

@@ -24,6 +24,8 @@ class ChatMagics(Magics):
     @argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples.")
     @argument("-p", "--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
     @argument("--raw", action="store_true", help="Send the text as is, without the training template.")
+    @argument("--compile", action="store_true",
+              help="CUDA: static cache + torch.compile (CUDA graphs); a one-time compile, then faster tokens.")
     @argument("-c", "--compare", default=None, help='Comma-separated adapters to answer side by side, e.g. "base,sd-prompts".')
     @argument("--prompts-from", default=None, help="With --compare: take the prompts from DATASET[:train|eval].")
     @argument("--limit", type=int, default=5, help="With --prompts-from: how many rows (default 5).")
@@ -47,7 +49,7 @@ class ChatMagics(Magics):
         opts, text = split_leading_options(self.lora_chat, line)
         session = get_session()
         args = GenerateArgs(adapter=opts.adapter, max_new_tokens=opts.max_new_tokens,
-                            temperature=opts.temperature, top_p=opts.top_p)
+                            temperature=opts.temperature, top_p=opts.top_p, compile=opts.compile)
         if opts.q4 and opts.q8:
             raise UsageError("Choose one of --4bit and --8bit.")
         if (opts.q4 or opts.q8 or opts.trust_remote_code) and not opts.model:

@@ -1,0 +1,105 @@
+"""The generation-time LoRA forward (ipylora.engine.decode) gives PEFT's results, and only where it may."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipylora.engine.decode import _CACHED, lean_lora
+
+
+def lora_model(**config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    # init_lora_weights=False: B is random too, so the adapter changes every output.
+    options = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, LoraConfig(**{**options, **config}))
+    return model.eval()
+
+
+def patched_layers(model) -> list:
+    return [m for m in model.modules() if "forward" in m.__dict__]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lora_model()
+
+
+IDS = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def test_same_logits_and_tokens_as_peft(model):
+    with torch.inference_mode():
+        reference = model(IDS).logits
+        expected = model.generate(IDS[:1], max_new_tokens=24, do_sample=False)
+        with lean_lora(model) as count:
+            assert count == 14  # 2 layers x 7 linear layers
+            logits = model(IDS).logits
+            tokens = model.generate(IDS[:1], max_new_tokens=24, do_sample=False)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert torch.equal(tokens, expected)
+    assert patched_layers(model) == []  # PEFT's forward is back after the block
+
+
+def test_patch_removed_when_the_block_raises(model):
+    with pytest.raises(RuntimeError), lean_lora(model):
+        raise RuntimeError("generation failed")
+    assert patched_layers(model) == []
+
+
+def test_left_to_peft_when_adapters_are_disabled_merged_or_variants(model):
+    with model.disable_adapter(), lean_lora(model) as count:
+        assert count == 0
+    dora = lora_model(use_dora=True)
+    with lean_lora(dora) as count:
+        assert count == 0
+    merged = lora_model()
+    merged.merge_adapter()
+    with lean_lora(merged) as count:
+        assert count == 0
+
+
+def test_cached_forward_reused_until_the_weights_change():
+    model = lora_model()
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    with torch.inference_mode():
+        with lean_lora(model):
+            first = layer.__dict__[_CACHED][1]
+        with lean_lora(model):
+            assert layer.__dict__[_CACHED][1] is first  # same function: a compiled graph stays valid
+        with torch.no_grad():  # training changes adapter weights in place
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(2.0)
+        reference = model(IDS).logits
+        with lean_lora(model):
+            assert layer.__dict__[_CACHED][1] is not first
+            logits = model(IDS).logits
+    assert torch.allclose(logits, reference, atol=1e-5)
+
+
+def test_compiled_single_token_form_matches_peft():
+    """Inside torch.compile one token's LoRA is written as two reductions; same numbers as PEFT."""
+    from transformers import StaticCache
+
+    model = lora_model()
+    inner = model.get_base_model()
+    step = torch.compile(inner.__call__)
+    results = []
+    with torch.inference_mode():
+        for compiled in (False, True):
+            cache = StaticCache(config=inner.config, max_cache_len=32)
+            inner(IDS[:1], cache=cache, cache_position=torch.arange(12))
+            token = IDS[:1, -1:]
+            if compiled:
+                with lean_lora(model):
+                    results.append(step(token, cache=cache, cache_position=torch.tensor([12])).logits)
+            else:
+                results.append(inner(token, cache=cache, cache_position=torch.tensor([12])).logits)
+    assert torch.allclose(results[0], results[1], atol=1e-4)
