@@ -112,7 +112,7 @@ def measure(session, config: str, model: Path, steps: int, warmup: int, runs: Pa
     cuda = torch.cuda.is_available()
     session.unload()
     free_memory()
-    args = TrainArgs(model=str(model), quantization=quantization, steps=steps, name=config, output=str(runs))
+    args = TrainArgs(model=str(model), quantization=quantization, steps=steps, name=config.replace(".", "_"), output=str(runs))
     started = time.time()
     est = estimate(args, session.dataset("alpaca"), session=session)
     estimate_s = time.time() - started

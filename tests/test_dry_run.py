@@ -1,17 +1,15 @@
 """`%lora_train --dry-run`: the plan and estimates a run will have, with nothing loaded.
 
 The estimate must describe the run that follows: same batch, accumulation, steps and (on a GPU)
-checkpointing, weights and adapter sizes equal to the loaded model's. The RSS check is loose on
-purpose: on the 2-layer tiny model the tensors are a few MiB and the Trainer's own memory is most
-of the growth, so the components are checked exactly and the total only within a factor.
+checkpointing, weights and adapter sizes equal to the loaded model's. The total is not compared
+with the process's RSS here: on the 2-layer tiny model the tensors are a few MiB, and how much RSS
+grows depends on what earlier tests left in the allocator (measured 50 to 170 MiB for the same
+run). The peak is checked against measured GPU peaks by bench/dry_run_check.py (bench/RESULTS.md).
 """
 
 import json
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from support import CONCEPTS, PROMPT, ipython_shell
@@ -62,27 +60,6 @@ def test_dry_run_errors_are_one_line(shell, capsys):
         assert text.startswith("UsageError: ") and "\n" not in text and needle in text, text
 
 
-def _peak_rss_growth(run):
-    process = psutil.Process()
-    base = peak = process.memory_info().rss
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = run()
-    finally:
-        done.set()
-        sampler.join()
-    return result, peak - base
-
-
 def test_estimate_matches_the_run_that_follows(fresh_session, concepts):
     from ipylora.engine import DataArgs, TrainArgs, speed
     from ipylora.engine.estimate import estimate
@@ -93,7 +70,7 @@ def test_estimate_matches_the_run_that_follows(fresh_session, concepts):
     args = TrainArgs(batch_size=6, micro_batch_size=4, epochs=2)
     est = estimate(args, dataset, session=session)
     assert session.model is None
-    end, growth = _peak_rss_growth(lambda: session.train("concepts", args))
+    end = session.train("concepts", args)
     record = json.loads((Path("runs") / end.name / "run.json").read_text())
     ran = TrainArgs(**{**record["train"], "samples": (), "lora": None})
     # The plan: 6 rows as micro-batches of 3 (the largest divisor of 6 that is <= 4) x 2.
@@ -109,8 +86,8 @@ def test_estimate_matches_the_run_that_follows(fresh_session, concepts):
     assert est.shape.params == sum(p.numel() for p in frozen)
     assert est.weights_bytes == sum(p.numel() * p.element_size() for p in frozen)
     assert est.optimizer_bytes == speed.trainable_state_bytes(model)
-    # The total, loosely: the Trainer's own memory dominates on this model (see the module docstring).
-    assert 0.4 < est.peak_bytes / growth < 2.5, (est.peak_bytes / 2**20, growth / 2**20)
+    assert est.peak_bytes == (est.weights_bytes + est.optimizer_bytes + est.activation_bytes
+                              + est.lm_head_bytes + est.allowance_bytes)
 
 
 def test_gpu_plan_is_the_one_fast_settings_makes(fresh_session, concepts):
