@@ -59,8 +59,7 @@ def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
     warmup = session.train("c", TrainArgs(name="warmup", steps=12), background=mode == "background")
     if mode == "background":
         warmup.join(60)  # the worker thread and its allocator arena exist from now on
-    gc.collect()
-    baseline = psutil.Process().memory_info().rss
+    baseline = None
     for index, k in enumerate(steps):
         how = "stop" if mode == "background" else ("raise", "sigint")[index % 2]
         reporter = _stop_at(k, how, session)
@@ -74,7 +73,12 @@ def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
         _load_adapter(session, Path(f"runs/cut{index}/adapter"))
         session.delete_adapter(f"cut{index}")
         gc.collect()
-        assert psutil.Process().memory_info().rss < baseline * 1.05
+        # Baseline after a first full cycle (stop, load, delete): taken after the warm-up training
+        # alone, one full-suite run ended 5.2% above it, while cycles grow RSS by ~10 KB each when
+        # run alone. One-time allocations stay out; a leak per run still shows over nine runs.
+        rss = psutil.Process().memory_info().rss
+        baseline = baseline or rss
+        assert rss < baseline * 1.05, (index, rss / baseline)
     assert session.train("c", TrainArgs(name="after", steps=3)).status == "finished"
     assert session.load_count == 1
 
