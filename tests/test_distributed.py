@@ -116,10 +116,26 @@ def test_ranks_agree_on_the_least_free_memory_before_any_process_group(tmp_path)
     import sys
 
     script = tmp_path / "agree.py"
-    script.write_text("from ipylora.engine.distributed import agree_min, rank\n"
+    # Each rank writes its own file: two ranks printing to one pipe can interleave mid-line.
+    script.write_text("import sys\n"
+                      "from pathlib import Path\n"
+                      "from ipylora.engine.distributed import agree_min, rank\n"
                       "r = rank()\n"
-                      "print('AGREED', r, agree_min('free', 100 + 10 * r), agree_min('free-2', 5 - r), flush=True)\n")
+                      "agreed = (agree_min('free', 100 + 10 * r), agree_min('free-2', 5 - r))\n"
+                      "Path(sys.argv[1], f'rank{r}').write_text(repr(agreed))\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=120)
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("AGREED"))
-    assert lines == ["AGREED 0 100 4", "AGREED 1 100 4"], out.stdout + out.stderr
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["(100, 4)", "(100, 4)"]
+
+
+def test_fsdp_on_cpu_says_it_runs_ddp_and_saves_the_gathered_adapter(session):
+    from ipylora.engine.events import Notice
+
+    events = []
+    end = session.train("c", TrainArgs(name="sharded", steps=2, gpus=2, strategy="fsdp"), reporter=events.append)
+    assert end.status == "finished"
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any("CPU ranks train with DDP" in text for text in notices), notices
+    # Saved from the state every rank gathered (the path FSDP needs), and loaded here.
+    assert Path("runs/sharded/adapter/adapter_model.safetensors").exists() and "sharded" in session.model.peft_config

@@ -265,6 +265,10 @@ def run_distributed(session, dataset, args, reporter=None, flag=None, resume: bo
         if isinstance(event, RunEnd):
             ended.append(event)
 
+    import torch
+
+    if args.strategy == "fsdp" and not torch.cuda.is_available():  # accelerate shards GPU ranks only
+        deliver(Notice("FSDP shards the model across GPUs; these CPU ranks train with DDP instead."))
     _release_gpu_cache()
     # The workers watch this process: if the kernel dies, they save the step they are on and exit.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", KERNEL_PID: str(os.getpid()),

@@ -78,7 +78,8 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
         remove_unused_columns=False,
     )
     if args.strategy == "fsdp" and args.gpus > 1:
-        settings["fsdp"] = "full_shard auto_wrap"  # untested here: needs GPUs (issue 8)
+        # accelerate applies FSDP to GPU ranks only: CPU (gloo) ranks run DDP. Not yet run on GPUs.
+        settings["fsdp"] = "full_shard auto_wrap"
     # GPU speed settings (padding-free batches, checkpointing only when needed...); the batch
     # shape stays the one computed above from args, so an OOM retry can shrink it.
     fast = {k: v for k, v in (fast or {}).items()
@@ -349,18 +350,20 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             status, message = "failed", f"{type(exc).__name__}: {exc}"
             raise
     finally:
+        if status == "early-stopped" and callback.best_state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, callback.best_state, adapter_name=name)
+            message = f"kept the best eval loss {callback.best_loss:.4f} from step {callback.best_step}; "
+        full_state = _gathered_state(trainer, status)
         del trainer
         model.eval()
         if status == "oom":
             from ipylora.engine.models import free_memory
 
             free_memory()
-        if status == "early-stopped" and callback.best_state is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, callback.best_state, adapter_name=name)
-            message = f"kept the best eval loss {callback.best_loss:.4f} from step {callback.best_step}; "
-        adapter = _save_adapter(model, name, run_dir) if last["step"] > 0 and status != "oom" and main else None
+        saving = last["step"] > 0 and status != "oom" and main
+        adapter = _save_adapter(model, name, run_dir, full_state) if saving else None
         elapsed = time.time() - started
         message += f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved"
         if status == "failed":
@@ -387,9 +390,26 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _save_adapter(model, name: str, run_dir: Path) -> Path:
+def _gathered_state(trainer, status: str) -> dict | None:
+    """Under torchrun, the model's full state dict, gathered by every rank (None in one process).
+
+    With FSDP each rank holds a shard of every weight and only a collective that all ranks join
+    can assemble them (accelerate's `get_state_dict`, which FSDP-unwraps or DDP-unwraps alike);
+    the ranks agreed on the step they stop after, so they all get here. Not after a failure:
+    the other ranks are gone.
+    """
+    from ipylora.engine import distributed
+
+    if trainer is None or distributed.world_size() <= 1 or status in ("failed", "oom"):
+        return None
+    if trainer.state.global_step == 0:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name])
+        model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict)
         # PEFT writes a non-"default" adapter into a subfolder named after it.
         saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
         final = run_dir / "adapter"
