@@ -139,3 +139,29 @@ def test_fsdp_on_cpu_says_it_runs_ddp_and_saves_the_gathered_adapter(session):
     assert any("CPU ranks train with DDP" in text for text in notices), notices
     # Saved from the state every rank gathered (the path FSDP needs), and loaded here.
     assert Path("runs/sharded/adapter/adapter_model.safetensors").exists() and "sharded" in session.model.peft_config
+
+
+def test_ranks_agree_on_why_they_stop(tmp_path):
+    # Rank 1's watchdog may see the kernel die a moment before rank 0 reads a Stop: all ranks, and
+    # so run.json, must say the same thing (a kill outranks a Stop request).
+    import subprocess
+    import sys
+
+    (tmp_path / "STOP").write_text("stopped")
+    script = tmp_path / "vote.py"
+    script.write_text("import sys\n"
+                      "from pathlib import Path\n"
+                      "import torch.distributed as dist\n"
+                      "from ipylora.engine.distributed import agree_to_stop, rank\n"
+                      "from ipylora.engine.train import StopFlag\n"
+                      "dist.init_process_group('gloo')\n"
+                      "flag = StopFlag()\n"
+                      "if rank() == 1:\n"
+                      "    flag.set('interrupted')\n"
+                      "agreed = agree_to_stop(flag, Path(sys.argv[1]))\n"
+                      "Path(sys.argv[1], f'rank{rank()}').write_text(f'{agreed} {flag.reason}')\n"
+                      "dist.destroy_process_group()\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["True interrupted", "True interrupted"]

@@ -74,24 +74,35 @@ def ddp_backend(device: str) -> str | None:
     return "gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
+# Why a run stops, in the order the ranks settle on when they disagree: a kernel that died
+# (rank 1's watchdog may see it a moment before rank 0's) outranks a Stop request.
+STOP_REASONS = ("stopped", "early-stopped", "interrupted")
+
+
 def agree_to_stop(flag, run_dir: Path) -> bool:
-    """Whether any rank wants to stop after this step; every rank gets the same answer.
+    """Whether any rank wants to stop after this step; every rank gets the same answer and reason.
 
     Rank 0 reads RUN_DIR/STOP (on multi-node runs only its machine is sure to see the folder).
     """
     import torch
     import torch.distributed as dist
 
-    wanted = flag.is_set() or (is_main() and (Path(run_dir) / STOP).exists())
-    vote = torch.tensor([1 if wanted else 0])
+    reason = flag.reason if flag.is_set() else None
+    if reason is None and is_main() and (Path(run_dir) / STOP).exists():
+        reason = (Path(run_dir) / STOP).read_text().strip() or "stopped"
+    vote = torch.tensor([0 if reason is None else 1 + _reason_rank(reason)])
     if dist.get_backend() == "nccl":
         vote = vote.cuda()
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    agreed = bool(vote.item())
-    if agreed and not flag.is_set():
-        path = Path(run_dir) / STOP
-        flag.set((path.read_text().strip() if path.exists() else "") or "stopped")
-    return agreed
+    agreed = int(vote.item())
+    if agreed:
+        flag.set(STOP_REASONS[agreed - 1])
+        flag.reason = STOP_REASONS[agreed - 1]  # the same status in run.json whichever rank saw it first
+    return bool(agreed)
+
+
+def _reason_rank(reason: str) -> int:
+    return STOP_REASONS.index(reason) if reason in STOP_REASONS else 0
 
 
 def agree_min(key: str, value: int) -> int:
