@@ -80,6 +80,7 @@ def test_stop_ends_generation_and_frees_the_model(session, concepts):
 def test_adapter_dropdown_lists_base_and_adapters(session):
     widget = _widget(session)
     assert list(widget.adapter.options) == ["base", "c"] and widget.adapter.value == "c"
+    assert widget.compile.disabled and not widget.compile.value  # CUDA graphs: no GPU here
     widget.close()
 
 

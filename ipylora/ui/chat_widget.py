@@ -44,6 +44,9 @@ class ChatWidget:
         self.top_p = widgets.BoundedFloatText(value=args.top_p, min=0.01, max=1, step=0.05, description="top-p")
         self.max_new_tokens = widgets.BoundedIntText(value=args.max_new_tokens, min=1, max=1_000_000,
                                                      description="max tokens")
+        # Static cache + torch.compile (CUDA graphs): faster tokens after a one-time compile.
+        self.compile = widgets.Checkbox(value=args.compile, description="compile (CUDA)", indent=False,
+                                        disabled=not _cuda_available())
         self.transcript = widgets.HTML()
         self.reply = widgets.HTML()
         self.input = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="100%", height="4em"))
@@ -55,7 +58,7 @@ class ChatWidget:
         self.stop_button.on_click(lambda _: self.stop())
         self.clear_button.on_click(lambda _: self.clear())
         self.root = widgets.VBox([
-            widgets.HBox([self.adapter, self.temperature, self.top_p, self.max_new_tokens]),
+            widgets.HBox([self.adapter, self.temperature, self.top_p, self.max_new_tokens, self.compile]),
             widgets.VBox([self.transcript, self.reply], layout=widgets.Layout(max_height="32em", overflow="auto")),
             self.input,
             widgets.HBox([self.send_button, self.stop_button, self.clear_button, self.status]),
@@ -77,7 +80,7 @@ class ChatWidget:
         if not text or self.busy:
             return None
         args = GenerateArgs(adapter=self.adapter.value, max_new_tokens=self.max_new_tokens.value,
-                            temperature=self.temperature.value, top_p=self.top_p.value)
+                            temperature=self.temperature.value, top_p=self.top_p.value, compile=self.compile.value)
         try:
             generation = self.session.start_chat(text, args, history=list(self.history))
         except IpyloraError as exc:
@@ -166,3 +169,9 @@ class ChatWidget:
             current = self.adapter.value
             self.adapter.options = options
             self.adapter.value = current if current in options else self._default_adapter(None)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
