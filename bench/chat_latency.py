@@ -35,6 +35,11 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import quantize_4bit  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -57,30 +62,10 @@ def build_model(precision: str):
     with torch.device(DEVICE):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     if precision == "4bit":
-        quantize_4bit(model)
+        quantize_4bit(model, torch.bfloat16)
     model.eval()
     model.generation_config.pad_token_id = 0
     return model
-
-
-def quantize_4bit(model) -> None:
-    """Swap every decoder linear layer for a bitsandbytes nf4 Linear4bit holding the same weights."""
-    import bitsandbytes as bnb
-    import torch
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=torch.bfloat16, compress_statistics=True,
-                                              quant_type="nf4", device="meta")
-                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                                     quant_type="nf4").to("cuda")
-                setattr(parent, name, quantized)
-                del child
-    torch.cuda.empty_cache()
 
 
 def add_adapter(model, name: str, r: int, targets: list[str]):

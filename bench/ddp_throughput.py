@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -36,14 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-}
+from bench.common import SHAPES as QWEN2_SHAPES  # noqa: E402
+from bench.common import lognormal_lengths, print_result, read_result, save_random_qwen2  # noqa: E402
+
+# As the other benchmarks, except the tiny vocab: 4096, not 2048.
+SHAPES = {"1.5b": QWEN2_SHAPES["1.5b"], "tiny": {**QWEN2_SHAPES["tiny"], "vocab_size": 4096}}
 CONFIGS = {"1gpu": dict(gpus=1, strategy="ddp"), "ddp2": dict(gpus=2, strategy="ddp"),
            "fsdp2": dict(gpus=2, strategy="fsdp")}
 # NVLink multicast stays off on shared hosts (the device notes); kept for every process we start.
@@ -56,23 +52,10 @@ def build(folder: Path, shape: str, rows: int, median: float, low: int, high: in
     import numpy as np
     import pandas as pd
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from ipylora.engine.tiny import tiny_model_path
 
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
-    config = Qwen2Config(**{**SHAPES[shape], "vocab_size": max(SHAPES[shape]["vocab_size"], len(tokenizer))},
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    params = sum(p.numel() for p in model.parameters())
-    del model
+    tokenizer, params = save_random_qwen2(folder / "model", SHAPES[shape], device=device, dtype=torch.bfloat16, cast=True)
     text = " ".join(pd.read_csv(ROOT / "examples" / "data" / "concepts.csv")["description"])
     words = sorted(set(text.replace(",", " ").replace(".", " ").split()))
     rng = np.random.default_rng(0)
@@ -81,7 +64,7 @@ def build(folder: Path, shape: str, rows: int, median: float, low: int, high: in
     answer_words = rng.choice(words, size=min(300, len(words)), replace=False)
     zipf = 1.0 / np.arange(1, len(answer_words) + 1)
     zipf /= zipf.sum()
-    lengths = np.clip(rng.lognormal(math.log(median), 0.6, rows), low, high)
+    lengths = lognormal_lengths(rng, rows, median, 0.6, low, high, whole=False)
     table = []
     for n in lengths:
         prompt_words = max(1, int(n * rng.uniform(0.2, 0.6) / per_word))
@@ -167,8 +150,8 @@ def _run_child(spec: dict, timeout: float) -> tuple[dict, str]:
                 pass
         text, _ = child.communicate()
         return {"error": f"timeout after {timeout:.0f}s"}, text or ""
-    line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
-    return (json.loads(line[7:]) if line else {"error": f"no result (rc {child.returncode})"}), text
+    result = read_result(text)
+    return (result if result is not None else {"error": f"no result (rc {child.returncode})"}), text
 
 
 def _max_rel_diff(a: list[float], b: list[float]) -> float | None:
@@ -211,12 +194,11 @@ def main() -> int:
         except Exception as exc:
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:400]}
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
         return 0
     if args.build:
         spec = json.loads(args.build)
-        print("RESULT " + json.dumps(build(Path(spec["folder"]), spec["shape"], spec["rows"], spec["median"],
-                                           spec["low"], spec["high"])), flush=True)
+        print_result(build(Path(spec["folder"]), spec["shape"], spec["rows"], spec["median"], spec["low"], spec["high"]))
         return 0
 
     started = time.time()
@@ -241,11 +223,10 @@ def main() -> int:
     built = subprocess.run([sys.executable, __file__, "--build", json.dumps(data_spec)], capture_output=True,
                            text=True, env={**os.environ, **SAFE_ENV})
     log.write(built.stdout + built.stderr)
-    line = next((x for x in built.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
+    info = read_result(built.stdout)
+    if info is None:
         print(f"model/data build failed:\n{built.stderr[-3000:]}")
         return 1
-    info = json.loads(line[7:])
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"

@@ -19,9 +19,7 @@ short keeps what it measured. Without CUDA (and without --smoke) it prints one l
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -31,17 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {  # the real Qwen2-7B and Qwen2-1.5B configs
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-               rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-}
+from bench.common import SHAPES, lognormal_lengths, save_random_qwen2  # noqa: E402
+
 CONFIGS = {"7b-4bit": ("7b", "4bit"), "7b-bf16": ("7b", None), "1.5b-bf16": ("1.5b", None),
            "tiny-4bit": ("tiny", "4bit"), "tiny-bf16": ("tiny", None)}
 
@@ -49,30 +38,12 @@ CONFIGS = {"7b-4bit": ("7b", "4bit"), "7b-bf16": ("7b", None), "1.5b-bf16": ("1.
 def build_model(shape: str, path: Path) -> float:
     """Save a random-init Qwen2 of `shape` in bf16 (fp32 on CPU) with the tiny tokenizer; seconds taken."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from ipylora.engine.tiny import tiny_model_path
 
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
-    config = Qwen2Config(**SHAPES[shape], initializer_range=0.02, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):  # initialising 7B weights on the CPU takes minutes
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    cuda = torch.cuda.is_available()
+    # Drawn in the final dtype on the device: initialising 7B weights on the CPU takes minutes.
+    save_random_qwen2(path, SHAPES[shape], device="cuda" if cuda else "cpu",
+                      dtype=torch.bfloat16 if cuda else torch.float32, cast=False)
     return time.time() - started
 
 
@@ -86,7 +57,7 @@ def alpaca_like(rows: int, seed: int = 0, median: float = 220, sigma: float = 0.
 
     tokenizer = load_tokenizer(str(tiny_model_path()))
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(math.log(median), sigma, rows).astype(int), 16, 1024)
+    lengths = lognormal_lengths(rng, rows, median, sigma)
     # Whole words from the tokenizer's own vocabulary re-tokenize to about one token each.
     words = [w for w in (tokenizer.decode([i]).strip() for i in range(3, len(tokenizer))) if w.isalpha()]
     sample = " ".join(rng.choice(words, 1000))

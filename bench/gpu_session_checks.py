@@ -21,24 +21,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import save_random_qwen2  # noqa: E402
+
 PROMPT = "generate a stable diffusion prompt for {concept}"
 
 
 def build_model(path: Path) -> None:
+    """A random-init Qwen2-0.5B-shaped model (the tiny tokenizer's vocab), drawn on the CPU, saved in bf16."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from ipylora.engine.tiny import tiny_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, max_position_embeddings=4096)
+    save_random_qwen2(path, shape, device="cpu", dtype=torch.bfloat16, cast=True)
 
 
 def memory_check(session, model: str, out: Path) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,18 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import SHAPES, lognormal_lengths, print_result, quantize_4bit, read_result  # noqa: E402
+
 PEAK_FLOPS = 790e12
-SHAPES = {
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-               rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-}
 SEED_LORA = dict(r=64, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"])
 MODEL_LORA = dict(r=16, alpha=32, dropout=0.05, targets="all-linear")  # ipylora's MODEL_LORA
 
@@ -55,7 +45,7 @@ def make_dataset(rows: int, vocab: int, seed: int = 0, median: float = 220, sigm
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(math.log(median), sigma, rows).astype(int), 16, 1024)
+    lengths = lognormal_lengths(rng, rows, median, sigma)
     answer_vocab = rng.choice(np.arange(100, vocab - 1), size=min(512, vocab // 4), replace=False)
     zipf = 1.0 / np.arange(1, len(answer_vocab) + 1)
     zipf /= zipf.sum()
@@ -96,34 +86,9 @@ def build_model(shape: str, quantization: str | None, device: str):
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
     if quantization == "4bit":
-        _quantize_4bit(model, dtype)
+        quantize_4bit(model, dtype)
         model.is_loaded_in_4bit = True
     return model
-
-
-def _quantize_4bit(model, dtype):
-    """nf4 + double quantization, as BitsAndBytesConfig would (decoder linears; LM head stays)."""
-    import bitsandbytes as bnb
-    import torch
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu") if child.weight.device.type == "cpu"
-                                             else child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-                q.weight = q.weight.to(child.weight.device) if child.weight.device.type != "cpu" else q.weight._quantize("cpu")
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, q)
-                del child
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def linear_params(shape: str) -> int:
@@ -375,7 +340,7 @@ def main() -> int:
         except Exception as exc:
             traceback.print_exc()
             result = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
         return 0
     import torch
 
@@ -397,8 +362,9 @@ def main() -> int:
                                   text=True, timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1",
                                                                  "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
             text = proc.stdout + proc.stderr
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            result = json.loads(line[7:]) if line else {**spec, "error": f"no result (rc {proc.returncode})"}
+            result = read_result(proc.stdout)
+            if result is None:
+                result = {**spec, "error": f"no result (rc {proc.returncode})"}
         except subprocess.TimeoutExpired as exc:
             text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             result = {**spec, "error": f"timeout after {args.timeout}s"}

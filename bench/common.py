@@ -1,0 +1,130 @@
+"""What the GPU benchmarks share: real Qwen2 shapes, random-init models, alpaca-like lengths, 4-bit swap.
+
+The scripts run as `python bench/X.py`; each puts the repo root on sys.path first, then imports
+`from bench.common import ...` (bench/ is a package so that no other `bench` on the path wins).
+Heavy imports (torch, transformers, bitsandbytes, numpy) stay inside the functions: a script that
+prints "skipped" without CUDA must not pay for them.
+
+Each helper reproduces, argument for argument, what the scripts did before it existed, so their
+numbers (random weights, dataset lengths) are unchanged; where the scripts differed, the
+difference is a parameter (`cast`, `whole`) rather than a new behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# The real Qwen2-7B and Qwen2-1.5B configs (vocab included), and a tiny one for CPU smoke runs.
+SHAPES = {
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+               rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=False),
+}
+RESULT_PREFIX = "RESULT "  # a child process's last word: this prefix, then its result as JSON
+
+
+def save_random_qwen2(path: Path, shape: dict, *, device: str, dtype, cast: bool):
+    """Save a random-init Qwen2 of `shape` with the embedded tiny tokenizer to `path`.
+
+    The vocabulary is at least the tokenizer's (a shape without `vocab_size` gets exactly the
+    tokenizer's). Weights are drawn after `torch.manual_seed(0)` on `device`: `cast=True` draws
+    them in fp32 and casts to `dtype`; `cast=False` draws them in `dtype` directly (how a 7B model
+    is initialised on the GPU in seconds rather than minutes). The two give different weights,
+    which is why the choice is the caller's. Returns (tokenizer, parameter count).
+    """
+    import gc
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    config = Qwen2Config(**{**shape, "vocab_size": max(shape.get("vocab_size", 0), len(tokenizer))},
+                         initializer_range=0.02, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    if cast:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(dtype)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Qwen2ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return tokenizer, params
+
+
+def lognormal_lengths(rng, rows: int, median: float = 220, sigma: float = 0.6, low: int = 16, high: int = 1024,
+                      whole: bool = True):
+    """Alpaca-like token counts: log-normal around `median`, clipped to low..high.
+
+    `whole` truncates to integers before clipping (an int array); without it the floats are clipped
+    as drawn. Same draws from `rng` either way.
+    """
+    import numpy as np
+
+    lengths = rng.lognormal(math.log(median), sigma, rows)
+    if whole:
+        lengths = lengths.astype(int)
+    return np.clip(lengths, low, high)
+
+
+def quantize_4bit(model, compute_dtype) -> None:
+    """Swap every decoder linear layer for a bitsandbytes Linear4bit holding the same weights.
+
+    nf4 + double quantization (as BitsAndBytesConfig would; the LM head stays), quantized on the
+    device the weights are on. Biases (Qwen2's q/k/v) are kept, frozen.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                q.weight = q.weight.to(child.weight.device) if child.weight.device.type != "cpu" else q.weight._quantize("cpu")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del child
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_result(result: dict) -> None:
+    """A child process's answer to its parent (see `read_result`)."""
+    import json
+
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def read_result(stdout: str) -> dict | None:
+    """The result a child printed with `print_result`, or None if it printed none."""
+    import json
+
+    line = next((x for x in stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
+    return json.loads(line[len(RESULT_PREFIX):]) if line else None
