@@ -103,3 +103,20 @@ def test_compiled_single_token_form_matches_peft():
             else:
                 results.append(inner(token, cache=cache, cache_position=torch.tensor([12])).logits)
     assert torch.allclose(results[0], results[1], atol=1e-4)
+
+
+def test_a_base_layer_with_another_output_dtype_gets_the_same_sum():
+    """An 8-bit base returns fp16 to a model computing in bf16: the LoRA sum is cast, not skipped."""
+    import torch.nn.functional as F
+
+    model = lora_model()
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    linear = layer.base_layer
+    linear.forward = lambda x: F.linear(x, linear.weight, linear.bias).to(torch.float64)
+    x = torch.randn(2, 3, linear.in_features)
+    with torch.inference_mode():
+        expected = layer(x)
+        with lean_lora(model):
+            got = layer(x)
+    assert got.dtype == expected.dtype == torch.float64
+    assert torch.allclose(got, expected, atol=1e-5)

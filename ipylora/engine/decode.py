@@ -66,17 +66,18 @@ def _lean_forward(module, name: str, dtype):
         torch._dynamo.mark_static_address(a)
         torch._dynamo.mark_static_address(b)
     a_t, b_t = a.t(), b.t()
-    peft_forward = module.__class__.forward
 
     def forward(x, *args, **kwargs):
         y = base(x, *args, **kwargs)
-        if x.dtype != dtype or y.dtype != dtype or not y.is_contiguous():
-            return peft_forward(module, x, *args, **kwargs)
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and COMPILED_FORM == "reduce":
-            t = (x.reshape(1, -1) * a).sum(-1)  # (r,)
-            return y + scale * (b * t).sum(-1)  # (out,), broadcast over y's leading 1s
-        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t, alpha=scale)
-        return y
+            t = (x.reshape(1, -1).to(dtype) * a).sum(-1)  # (r,)
+            return y + (scale * (b * t).sum(-1)).to(y.dtype)  # (out,), broadcast over y's leading 1s
+        if x.dtype == dtype and y.dtype == dtype and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t, alpha=scale)
+            return y
+        # Another input or output dtype (an 8-bit base returns fp16, say): the same sum, cast back.
+        delta = (x.reshape(-1, x.shape[-1]).to(dtype) @ a_t) @ b_t
+        return y + (scale * delta).to(y.dtype).view(y.shape)
 
     return forward
 
