@@ -53,6 +53,23 @@ def _stop_at(step, how, session):
     return reporter
 
 
+def _live_rss() -> int:
+    """RSS once freed memory is handed back to the OS (glibc keeps freed heap pages).
+
+    Measured after 160 earlier tests in one process: raw RSS swung between 801 and 858 MB from one
+    cycle to the next (two full-suite runs failed on +5.2% and +5.5%), while this figure stayed
+    within 0.01% over the ten cycles: the swings were freed memory, not a leak.
+    """
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return psutil.Process().memory_info().rss
+
+
 @pytest.mark.parametrize("mode", ["foreground", "background"])
 def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
     steps = random.Random(9).sample(range(1, 12), 10)
@@ -72,11 +89,9 @@ def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
         assert run["step"] == k
         _load_adapter(session, Path(f"runs/cut{index}/adapter"))
         session.delete_adapter(f"cut{index}")
-        gc.collect()
-        # Baseline after a first full cycle (stop, load, delete): taken after the warm-up training
-        # alone, one full-suite run ended 5.2% above it, while cycles grow RSS by ~10 KB each when
-        # run alone. One-time allocations stay out; a leak per run still shows over nine runs.
-        rss = psutil.Process().memory_info().rss
+        # Baseline after a first full cycle (stop, load, delete), so one-time allocations stay out;
+        # a leak per run still shows over nine runs.
+        rss = _live_rss()
         baseline = baseline or rss
         assert rss < baseline * 1.05, (index, rss / baseline)
     assert session.train("c", TrainArgs(name="after", steps=3)).status == "finished"
