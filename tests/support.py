@@ -22,3 +22,23 @@ def ipython_shell(monkeypatch=None, session=None):
     shell.history_manager.enabled = False
     shell.run_line_magic("load_ext", "ipylora")
     return shell
+
+
+def live_rss() -> int:
+    """RSS once freed memory is handed back to the OS (glibc keeps freed heap pages).
+
+    Measured in the interrupt test after 160 earlier tests in one process: raw RSS swung between
+    801 and 858 MB from one cycle to the next (two full-suite runs failed on +5.2% and +5.5%),
+    while this figure stayed within 0.01% over the ten cycles: freed memory, not a leak.
+    """
+    import ctypes
+    import gc
+
+    import psutil
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return psutil.Process().memory_info().rss

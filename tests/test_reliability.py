@@ -1,6 +1,5 @@
 """Nothing the user trained is lost: interrupts, kills, OOM, concurrent kernels, 4-bit traps, unsafe input."""
 
-import gc
 import hashlib
 import json
 import os
@@ -12,13 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ipylora.engine import ConfigError, DataArgs, GenerateArgs, ModelLoadError, TrainArgs
 from ipylora.engine.events import Notice, StepEnd
 from ipylora.engine.runs import adapter_dir, check_name
-from support import CONCEPTS, PROMPT
+from support import CONCEPTS, PROMPT, live_rss
 
 ROWS = 8
 
@@ -53,23 +51,6 @@ def _stop_at(step, how, session):
     return reporter
 
 
-def _live_rss() -> int:
-    """RSS once freed memory is handed back to the OS (glibc keeps freed heap pages).
-
-    Measured after 160 earlier tests in one process: raw RSS swung between 801 and 858 MB from one
-    cycle to the next (two full-suite runs failed on +5.2% and +5.5%), while this figure stayed
-    within 0.01% over the ten cycles: the swings were freed memory, not a leak.
-    """
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    return psutil.Process().memory_info().rss
-
-
 @pytest.mark.parametrize("mode", ["foreground", "background"])
 def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
     steps = random.Random(9).sample(range(1, 12), 10)
@@ -91,7 +72,7 @@ def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
         session.delete_adapter(f"cut{index}")
         # Baseline after a first full cycle (stop, load, delete), so one-time allocations stay out;
         # a leak per run still shows over nine runs.
-        rss = _live_rss()
+        rss = live_rss()
         baseline = baseline or rss
         assert rss < baseline * 1.05, (index, rss / baseline)
     assert session.train("c", TrainArgs(name="after", steps=3)).status == "finished"

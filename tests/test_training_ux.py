@@ -1,16 +1,14 @@
 """Training in the notebook: background runs with Stop, resume, forms, runs table, adapters, memory."""
 
-import gc
 import json
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ipylora.engine import DataArgs, SessionBusyError, TrainArgs
 from ipylora.engine.events import StepEnd
-from support import PROMPT, ipython_shell
+from support import PROMPT, ipython_shell, live_rss
 
 ROWS = 8
 
@@ -151,12 +149,10 @@ def test_config_and_pyproject_defaults(shell, session, tmp_path):
 
 
 def test_ten_runs_do_not_leak_memory(session):
-    process = psutil.Process()
     sizes = []
     for i in range(10):
         session.train("c", TrainArgs(name="leak", steps=3))
-        gc.collect()
-        sizes.append(process.memory_info().rss)
+        sizes.append(live_rss())
     assert session.load_count == 1
     assert sizes[-1] <= sizes[0] * 1.05, [s // 2**20 for s in sizes]
 
