@@ -109,24 +109,34 @@ def test_a_killed_worker_is_named_from_torchruns_summary(tmp_path):
     assert message.startswith("Training worker rank 1 killed by SIGKILL (usually the machine running out of memory)")
 
 
-def test_ranks_agree_on_the_least_free_memory_before_any_process_group(tmp_path):
-    # The GPU batch plan depends on free memory, and rank 0 shares GPU 0 with the kernel: every
-    # rank must plan with the same figure, or their samplers and collectives disagree.
+def _on_two_ranks(tmp_path: Path, body: str) -> list[str]:
+    """Run `body` on two torchrun ranks (CPU); each rank's `result` string, by rank.
+
+    Each rank writes its own file: two ranks printing to one pipe can interleave mid-line.
+    `body` sees `rank` and `folder` (tmp_path) and sets `result`.
+    """
     import subprocess
     import sys
+    import textwrap
 
-    script = tmp_path / "agree.py"
-    # Each rank writes its own file: two ranks printing to one pipe can interleave mid-line.
-    script.write_text("import sys\n"
-                      "from pathlib import Path\n"
-                      "from ipylora.engine.distributed import agree_min, rank\n"
-                      "r = rank()\n"
-                      "agreed = (agree_min('free', 100 + 10 * r), agree_min('free-2', 5 - r))\n"
-                      "Path(sys.argv[1], f'rank{r}').write_text(repr(agreed))\n")
+    script = tmp_path / "ranks.py"
+    script.write_text("import sys\nfrom pathlib import Path\nfrom ipylora.engine.distributed import rank as _rank\n"
+                      "rank, folder = _rank(), Path(sys.argv[1])\n" + textwrap.dedent(body)
+                      + "\nPath(folder, f'rank{rank}').write_text(str(result))\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["(100, 4)", "(100, 4)"]
+    return [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+
+
+def test_ranks_agree_on_the_least_free_memory_before_any_process_group(tmp_path):
+    # The GPU batch plan depends on free memory, and rank 0 shares GPU 0 with the kernel: every
+    # rank must plan with the same figure, or their samplers and collectives disagree.
+    results = _on_two_ranks(tmp_path, """
+        from ipylora.engine.distributed import agree_min
+        result = (agree_min('free', 100 + 10 * rank), agree_min('free-2', 5 - rank))
+    """)
+    assert results == ["(100, 4)", "(100, 4)"]
 
 
 def test_fsdp_on_cpu_says_it_runs_ddp_and_saves_the_gathered_adapter(session):
@@ -144,24 +154,16 @@ def test_fsdp_on_cpu_says_it_runs_ddp_and_saves_the_gathered_adapter(session):
 def test_ranks_agree_on_why_they_stop(tmp_path):
     # Rank 1's watchdog may see the kernel die a moment before rank 0 reads a Stop: all ranks, and
     # so run.json, must say the same thing (a kill outranks a Stop request).
-    import subprocess
-    import sys
-
     (tmp_path / "STOP").write_text("stopped")
-    script = tmp_path / "vote.py"
-    script.write_text("import sys\n"
-                      "from pathlib import Path\n"
-                      "import torch.distributed as dist\n"
-                      "from ipylora.engine.distributed import agree_to_stop, rank\n"
-                      "from ipylora.engine.train import StopFlag\n"
-                      "dist.init_process_group('gloo')\n"
-                      "flag = StopFlag()\n"
-                      "if rank() == 1:\n"
-                      "    flag.set('interrupted')\n"
-                      "agreed = agree_to_stop(flag, Path(sys.argv[1]))\n"
-                      "Path(sys.argv[1], f'rank{rank()}').write_text(f'{agreed} {flag.reason}')\n"
-                      "dist.destroy_process_group()\n")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["True interrupted", "True interrupted"]
+    results = _on_two_ranks(tmp_path, """
+        import torch.distributed as dist
+        from ipylora.engine.distributed import agree_to_stop
+        from ipylora.engine.train import StopFlag
+        dist.init_process_group('gloo')
+        flag = StopFlag()
+        if rank == 1:
+            flag.set('interrupted')
+        result = f'{agree_to_stop(flag, folder)} {flag.reason}'
+        dist.destroy_process_group()
+    """)
+    assert results == ["True interrupted", "True interrupted"]
