@@ -127,6 +127,8 @@ def _run_child(spec: dict, timeout: float) -> tuple[dict, str]:
     """Run one configuration in a fresh process; on timeout end it and every worker it started."""
     import psutil
 
+    from ipylora.engine.distributed import end_processes
+
     env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1"}
     if spec["smoke"]:  # torchrun gives each CPU worker 1 thread; the in-process run gets the same
         env["OMP_NUM_THREADS"] = "1"
@@ -137,17 +139,7 @@ def _run_child(spec: dict, timeout: float) -> tuple[dict, str]:
     except subprocess.TimeoutExpired:
         family = psutil.Process(child.pid).children(recursive=True)
         os.killpg(child.pid, signal.SIGKILL)  # the workers see their kernel gone and stop; then make sure
-        for proc in family:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=15)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        end_processes(family, timeout=15)
         text, _ = child.communicate()
         return {"error": f"timeout after {timeout:.0f}s"}, text or ""
     result = read_result(text)

@@ -401,28 +401,32 @@ def _descendants(pid: int) -> list:
         return []
 
 
-def _kill_tree(process: subprocess.Popen, family: dict) -> None:
-    """End torchrun and every worker it started (workers run in sessions of their own)."""
+def end_processes(processes, timeout: float) -> None:
+    """SIGTERM each psutil process, then SIGKILL whatever is still running after `timeout` s."""
     import psutil
 
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, survivors = psutil.wait_procs(processes, timeout=timeout)
+    for proc in survivors:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _kill_tree(process: subprocess.Popen, family: dict) -> None:
+    """End torchrun and every worker it started (workers run in sessions of their own)."""
     family = {**family, **{p.pid: p for p in _descendants(process.pid)}}
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    alive = [p for p in family.values() if p.is_running()]
-    for proc in alive:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, survivors = psutil.wait_procs(alive, timeout=10)
-    for proc in survivors:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    end_processes([p for p in family.values() if p.is_running()], timeout=10)
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
