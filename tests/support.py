@@ -42,3 +42,22 @@ def live_rss() -> int:
     except (OSError, AttributeError):  # not glibc
         pass
     return psutil.Process().memory_info().rss
+
+
+def run_cell_output(ip, capsys, source):
+    """Run like a notebook cell; return (stdout, stderr)."""
+    capsys.readouterr()
+    ip.run_cell(source, store_history=False)
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def assert_one_line_error(ip, capsys, source, *needles):
+    """The cell prints exactly one line, a UsageError naming each of `needles`, and no traceback."""
+    out, err = run_cell_output(ip, capsys, source)
+    text = (out + err).strip()
+    assert "Traceback" not in text, text
+    assert text.startswith("UsageError: ") and "\n" not in text, text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    return text

@@ -8,7 +8,7 @@ import pytest
 from ipylora.engine import DataArgs, GenerateArgs, SessionBusyError, TrainArgs
 from ipylora.engine.chat import PromptFormat, prompt_ids
 from ipylora.engine.session import Session
-from support import PROMPT, ipython_shell
+from support import PROMPT, assert_one_line_error, ipython_shell, run_cell_output
 
 ROWS = 8
 
@@ -114,26 +114,19 @@ def test_chat_template_is_used_for_adapters_trained_with_it(session, tiny_tokeni
     assert session.prompt_format("c").kind == "template"
 
 
-def _run(ip, capsys, line):
-    capsys.readouterr()
-    ip.run_cell(line, store_history=False)
-    captured = capsys.readouterr()
-    return captured.out, captured.err
-
-
 def test_compare_shows_base_and_adapter_side_by_side(shell, session, concepts, capsys):
     prompt = _prompt(concepts, 0)
     result = session.compare([prompt, _prompt(concepts, 1)], ["base", "c"], GenerateArgs(max_new_tokens=40))
     for i in range(2):
         assert result["answers"]["base"][i]["text"] != result["answers"]["c"][i]["text"]
     assert result["answers"]["c"][0]["text"] == session.chat(prompt, GenerateArgs(adapter="c", max_new_tokens=40))["text"]
-    out, err = _run(shell, capsys, f"%lora_chat --compare base,c --max-new-tokens 40 {prompt}")
+    out, err = run_cell_output(shell, capsys, f"%lora_chat --compare base,c --max-new-tokens 40 {prompt}")
     # (the base's random text holds control characters that the terminal rewrites, so check a clean prefix)
     assert not err and f"base: {result['answers']['base'][0]['text'][:5]}" in out
     assert f"c: {result['answers']['c'][0]['text']}" in out
-    out, err = _run(shell, capsys, "%lora_chat --compare base,c --prompts-from c --limit 3 --max-new-tokens 30")
+    out, err = run_cell_output(shell, capsys, "%lora_chat --compare base,c --prompts-from c --limit 3 --max-new-tokens 30")
     assert not err and out.count("## generate a stable diffusion prompt") == 3 and out.count("reference:") == 3
-    out, err = _run(shell, capsys, "%lora_chat --compare base,c --prompts-from c:eval")
+    out, err = run_cell_output(shell, capsys, "%lora_chat --compare base,c --prompts-from c:eval")
     assert "UsageError" in err + out and "no eval split" in err + out
 
 
@@ -141,9 +134,7 @@ def test_widget_without_a_notebook_and_bad_compare_are_one_line(shell, capsys):
     for line, needle in [("%lora_chat", "needs a notebook"), ("%lora_chat --compare base,ghost hi", "ghost"),
                          ("%lora_chat --trust-remote-code hi", "go with --model"),
                          ("%lora_chat --compare base,c --prompts-from c:test", "not one of")]:
-        out, err = _run(shell, capsys, line)
-        text = (out + err).strip()
-        assert text.startswith("UsageError:") and "\n" not in text and needle in text, text
+        assert_one_line_error(shell, capsys, line, needle)
 
 
 def _remote_code_model(tmp_path, tiny_path):
@@ -169,10 +160,10 @@ def test_base_model_chat_needs_explicit_trust_remote_code(fresh_session, tmp_pat
 
     folder = _remote_code_model(tmp_path, tiny_model_path())
     ip = ipython_shell()
-    out, err = _run(ip, capsys, f"%lora_chat --model {folder} --max-new-tokens 5 hello")
+    out, err = run_cell_output(ip, capsys, f"%lora_chat --model {folder} --max-new-tokens 5 hello")
     text = (out + err).strip()
     assert text.startswith("UsageError:") and "--trust-remote-code" in text and "\n" not in text, text
     assert fresh_session.model is None
-    out, err = _run(ip, capsys, f"%lora_chat --model {folder} --trust-remote-code --max-new-tokens 5 hello")
+    out, err = run_cell_output(ip, capsys, f"%lora_chat --model {folder} --trust-remote-code --max-new-tokens 5 hello")
     assert out.strip() and "Error" not in err
     assert type(fresh_session.model).__name__ == "CustomForCausalLM" and not fresh_session.adapters

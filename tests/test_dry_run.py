@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import CONCEPTS, PROMPT, ipython_shell
+from support import CONCEPTS, PROMPT, assert_one_line_error, ipython_shell, run_cell_output
 
 DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{description}}"'
 
@@ -20,13 +20,6 @@ DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{de
 @pytest.fixture
 def shell(fresh_session):
     yield ipython_shell()
-
-
-def cell_output(ip, capsys, source: str) -> str:
-    capsys.readouterr()
-    ip.run_cell(source, store_history=False)
-    captured = capsys.readouterr()
-    return (captured.out + captured.err).strip()
 
 
 def test_dry_run_prints_the_plan_and_loads_nothing(shell, capsys, monkeypatch):
@@ -40,7 +33,8 @@ def test_dry_run_prints_the_plan_and_loads_nothing(shell, capsys, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(models, "load_model", refuse)
     shell.run_line_magic("lora_dataset", DATASET_LINE)
-    text = cell_output(shell, capsys, "%lora_train concepts --dry-run")
+    out, err = run_cell_output(shell, capsys, "%lora_train concepts --dry-run")
+    text = (out + err).strip()
     assert "Traceback" not in text, text
     for label in ("ipylora/tiny-llama on cpu", "trainable (LoRA)", "estimated peak", "8 rows = 8 per micro-batch",
                   "checkpointing", "tokens/s", "301 (43 epochs)", "ETA"):
@@ -56,8 +50,7 @@ def test_dry_run_errors_are_one_line(shell, capsys):
                          ("%lora_train concepts --target-modules qq_proj --dry-run", "matches no layer"),
                          ("%lora_train concepts --r 0 --dry-run", "--r 0"),
                          ("%lora_train --dry-run", "DATASET")):
-        text = cell_output(shell, capsys, line)
-        assert text.startswith("UsageError: ") and "\n" not in text and needle in text, text
+        assert_one_line_error(shell, capsys, line, needle)
 
 
 def test_estimate_matches_the_run_that_follows(fresh_session, concepts):

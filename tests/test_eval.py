@@ -7,7 +7,7 @@ import pytest
 from ipylora.engine import DataArgs, TrainArgs
 from ipylora.engine.evaluate import EvalArgs, normalize, rouge_scorer, score, token_f1
 from ipylora.engine.session import Session
-from support import PROMPT, ipython_shell
+from support import PROMPT, assert_one_line_error, ipython_shell
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,7 @@ def test_eval_magic_shows_the_new_eval_beside_earlier_ones(shell, session, capsy
     ("%lora_eval sd", "--on"),
 ])
 def test_eval_mistakes_are_one_line(shell, capsys, line, needle):
-    capsys.readouterr()
-    shell.run_cell(line, store_history=False)
-    out, err = capsys.readouterr()
-    text = (out + err).strip()
-    assert text.startswith("UsageError:") and "\n" not in text and needle in text, text
+    assert_one_line_error(shell, capsys, line, needle)
 
 
 def test_scores():

@@ -10,7 +10,7 @@ import pytest
 from ipylora.engine import DataArgs, GenerateArgs, TrainArgs
 from ipylora.engine.chat import generate_batch, prompt_ids
 from ipylora.engine.session import Session
-from support import PROMPT, ipython_shell
+from support import PROMPT, assert_one_line_error, ipython_shell
 
 ROWS = 12
 
@@ -105,8 +105,4 @@ def test_exported_script_reproduces_the_run(shell, session, tmp_path, capsys):
     ("%lora_export small --script t.py --data missing.csv", "does not exist"),
 ])
 def test_export_mistakes_are_one_line(shell, capsys, line, needle):
-    capsys.readouterr()
-    shell.run_cell(line, store_history=False)
-    out, err = capsys.readouterr()
-    text = (out + err).strip()
-    assert text.startswith("UsageError:") and "\n" not in text and needle in text, text
+    assert_one_line_error(shell, capsys, line, needle)

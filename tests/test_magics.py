@@ -3,7 +3,7 @@
 import pytest
 from IPython.core.error import UsageError
 
-from support import CONCEPTS, PROMPT, ipython_shell
+from support import CONCEPTS, PROMPT, assert_one_line_error, ipython_shell, run_cell_output
 
 DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{description}}"'
 
@@ -11,24 +11,6 @@ DATASET_LINE = f'concepts --from {CONCEPTS} --prompt "{PROMPT}" --response "{{de
 @pytest.fixture
 def shell(fresh_session):
     yield ipython_shell()
-
-
-def run_cell_output(ip, capsys, source):
-    """Run like a notebook cell; return (stdout, stderr)."""
-    capsys.readouterr()
-    ip.run_cell(source, store_history=False)
-    captured = capsys.readouterr()
-    return captured.out, captured.err
-
-
-def assert_one_line_error(ip, capsys, source, *needles):
-    out, err = run_cell_output(ip, capsys, source)
-    text = (out + err).strip()
-    assert "Traceback" not in text, text
-    assert text.startswith("UsageError: ") and "\n" not in text, text
-    for needle in needles:
-        assert needle in text, f"{needle!r} not in {text!r}"
-    return text
 
 
 def test_dataset_train_chat_status(shell, capsys):
