@@ -7,22 +7,28 @@ generation of --new-tokens tokens after a --prompt-tokens prompt (KV cache, batc
 
     base            the model alone
     peft r16 all    ipylora's default adapter for real models (r 16 on every linear layer),
-                    unmerged, through PEFT's own LoRA forward (what chat did before)
+                    unmerged, through PEFT's own LoRA forward
     lean r16 all    the same adapter, unmerged, through `ipylora.engine.decode.lean_lora` (what
-                    chat does now: two kernels per adapted layer)
-    peft/lean r64 q,v   the seed recipe's adapter (r 64 on q_proj and v_proj), unmerged
+                    chat uses: one mm and one addmm per adapted layer)
     merged          the r16 adapter merged into the weights (merge_and_unload; for 4-bit, the nf4
                     base layout that a merged-and-requantized model has)
 
-each in eager mode (transformers' dynamic cache, as chat runs) and, with --compiled, with a static
-cache and transformers' automatic torch.compile (CUDA graphs), whose first call (compile) is timed.
-Token times are taken when each token reaches the host (a streamer), with no extra
-synchronisation, so they are what a chat user sees. Time to first token is prefill + the first
-step; decode tokens/s is over the remaining steps. The acceptance check: unmerged decode within
-15% of merged.
+each decoded three ways (--modes):
 
-    python bench/chat_latency.py --compiled           # both precisions, eager and compiled
-    python bench/chat_latency.py --precision bf16 --new-tokens 64 --repeats 2
+    generate        transformers' generate() with its dynamic cache (what chat did before)
+    graph           ipylora.engine.graphdecode: static cache, the decode step captured as a CUDA
+                    graph and replayed per token (what chat does on CUDA)
+    compiled        the same step after torch.compile (`%lora_chat --compile`); its first call
+                    (compile + capture) is timed
+
+Token times are taken when each token reaches the host (the one sync per token that streaming
+needs), so they are what a chat user sees. Time to first token is prefill + the first pick;
+decode tokens/s is over the remaining tokens. It also checks the captured step's logits against
+the plain forward. The acceptance check: unmerged decode within 15% of merged, same mode.
+
+    python bench/chat_latency.py                      # both precisions, all modes
+    python bench/chat_latency.py --precision bf16 --modes graph --new-tokens 64 --repeats 2
+    python bench/chat_latency.py --smoke              # CPU plumbing check (no capture on CPU)
 
 Without CUDA it prints why and exits 0.
 """
@@ -83,54 +89,95 @@ def add_adapter(model, name: str, r: int, targets: list[str]):
     return model
 
 
-def measure(model, prompt_tokens: int, new_tokens: int, repeats: int, lean: bool = False,
-            compiled: bool = False) -> dict:
-    """Median time to first token (s) and decode tokens/s over `repeats` greedy generations (after warm-up)."""
+def _clock():
+    """on_token callback and the list of times at which each token reached the host."""
+    times = []
+    return times, (lambda token: times.append(time.perf_counter()))
+
+
+def _sync():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int, lean: bool = False) -> dict:
+    """Median time to first token (s) and decode tokens/s over `repeats` greedy answers after one
+    warm-up (whose time, capture and compile included, is `first_call_s`).
+
+    mode "generate": transformers' generate() (dynamic cache): what chat did before graphdecode.
+    mode "graph": ipylora.engine.graphdecode, the captured decode step (chat's default on CUDA).
+    mode "compiled": the same after torch.compile (`%lora_chat --compile`).
+    """
     import torch
     from transformers.generation.streamers import BaseStreamer
 
+    from ipylora.engine import graphdecode
     from ipylora.engine.decode import lean_lora
-
-    class Clock(BaseStreamer):
-        """Records when each new token reaches the host; the first put is the prompt."""
-
-        def __init__(self):
-            self.times = []
-            self.prompt_seen = False
-
-        def put(self, value):
-            if self.prompt_seen:
-                self.times.append(time.perf_counter())
-            self.prompt_seen = True
-
-        def end(self):
-            pass
 
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 30000, (1, prompt_tokens), generator=generator).to(DEVICE)
-    extra = dict(cache_implementation="static", max_cache_len=prompt_tokens + new_tokens + 64) if compiled else {}
     ttft, decode, first_call = [], [], None
-    warmups = 2 if compiled else 1  # CUDA graphs are recorded on the second call
     with contextlib.ExitStack() as stack:
         if lean:
             stack.enter_context(lean_lora(model))
-        for i in range(repeats + warmups):
-            clock = Clock()
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
+        stack.enter_context(torch.inference_mode())
+        for i in range(repeats + 1):
+            times, on_token = _clock()
+            _sync()
             start = time.perf_counter()
-            with torch.inference_mode():
+            if mode == "generate":
+                class Clock(BaseStreamer):
+                    prompt_seen = False  # the first put is the prompt
+
+                    def put(self, value):
+                        if self.prompt_seen:
+                            on_token(value)
+                        self.prompt_seen = True
+
+                    def end(self):
+                        pass
+
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
-                                     top_k=None, eos_token_id=None, streamer=clock, **extra)
-            assert out.shape[1] == prompt_tokens + new_tokens
+                                     top_k=None, eos_token_id=None, streamer=Clock())
+                assert out.shape[1] == prompt_tokens + new_tokens
+            else:
+                out = graphdecode.decode(model, ids[0].tolist(), new_tokens, graphdecode.picker(model, 0.0, 1.0), None,
+                                         on_token=on_token, compiled=mode == "compiled")
+                assert len(out) == new_tokens
             if i == 0:
                 first_call = time.perf_counter() - start
-            if i < warmups:
                 continue
-            ttft.append(clock.times[0] - start)
-            decode.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+            ttft.append(times[0] - start)
+            decode.append((len(times) - 1) / (times[-1] - times[0]))
+    if mode != "generate":
+        graphdecode.release(model)
     return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(decode), "first_call_s": first_call}
+
+
+def check_graph(model, prompt_tokens: int, steps: int = 8, capture: bool = True) -> float:
+    """Largest |logit difference| / largest |logit| between the decode loop's step (lean adapter;
+    captured unless `capture` is false) and the plain forward over the same tokens, for the prompt's
+    last token and `steps` decode steps after it."""
+    import torch
+
+    from ipylora.engine import graphdecode
+    from ipylora.engine.decode import lean_lora
+
+    ids = torch.randint(100, 30000, (1, prompt_tokens + steps), generator=torch.Generator().manual_seed(2)).tolist()[0]
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids], device=DEVICE)).logits[0, prompt_tokens - 1:].float()
+        with lean_lora(model):
+            graph = graphdecode.step_graph(model, len(ids), compiled=False, capture=capture and DEVICE == "cuda")
+            graph.ready(graphdecode.state_key(model))
+            rows = [graph.prefill(ids[:prompt_tokens])]
+            for i in range(steps):
+                rows.append(graph.step(torch.tensor([ids[prompt_tokens + i]], device=DEVICE), prompt_tokens + i).clone())
+        got = torch.cat(rows).float()
+    graphdecode.release(model)
+    return float((got - reference).abs().max() / reference.abs().max())
 
 
 def bench(precision: str, args) -> list[dict]:
@@ -140,73 +187,49 @@ def bench(precision: str, args) -> list[dict]:
     torch.cuda.reset_peak_memory_stats()
     model = build_model(precision)
     rows = []
+    modes = args.modes.split(",")
 
-    def record(label, m, lean=False, compiled=False):
-        mode = "compiled" if compiled else "eager"
-        torch._dynamo.reset()
-        try:
-            result = measure(m, args.prompt_tokens, args.new_tokens, args.repeats, lean=lean, compiled=compiled)
-        except Exception as exc:  # a variant that does not compile is reported, not fatal
-            result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-        row = {"precision": precision, "mode": mode, "model": label, **result,
-               "gpu_gib": torch.cuda.max_memory_allocated() / 2**30}
-        rows.append(row)
-        if args.json:  # written as it goes, so a run cut short keeps what it measured
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if "error" in row:
-            print(f"{precision:>5} {mode:<8} {label:<13} FAILED {row['error']}", flush=True)
-            return
-        print(f"{precision:>5} {mode:<8} {label:<13} TTFT {row['ttft_s'] * 1000:7.1f} ms   decode "
-              f"{row['decode_tok_s']:7.1f} tok/s   first call {row['first_call_s']:6.1f} s   peak {row['gpu_gib']:5.1f} GiB",
-              flush=True)
+    def record(label, m, lean=False):
+        for mode in modes:
+            if label.split()[0] not in getattr(args, f"{mode}_models").split(","):
+                continue
+            torch._dynamo.reset()
+            try:
+                result = measure(m, mode, args.prompt_tokens, args.new_tokens, args.repeats, lean=lean)
+            except Exception as exc:  # a variant that fails is reported, not fatal
+                result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            row = {"precision": precision, "mode": mode, "model": label, **result,
+                   "gpu_gib": torch.cuda.max_memory_allocated() / 2**30}
+            rows.append(row)
+            if args.json:  # written as it goes, so a run cut short keeps what it measured
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            if "error" in row:
+                print(f"{precision:>5} {mode:<8} {label:<13} FAILED {row['error']}", flush=True)
+                continue
+            print(f"{precision:>5} {mode:<8} {label:<13} TTFT {row['ttft_s'] * 1000:7.1f} ms   decode "
+                  f"{row['decode_tok_s']:7.1f} tok/s   first call {row['first_call_s']:6.1f} s   "
+                  f"peak {row['gpu_gib']:5.1f} GiB", flush=True)
 
-    from ipylora.engine import decode
-
-    def compiled_lean(label, lora_model):
-        for form in args.forms.split(","):
-            decode.COMPILED_FORM = form
-            record(f"{label} {form}", lora_model, lean=True, compiled=True)
-            decode.forget(lora_model)  # new functions: the next form is traced afresh
-        decode.COMPILED_FORM = "reduce"
-
-    wanted = set(args.compiled_models.split(",")) if args.compiled else set()
-    if "base" in wanted:
-        record("base", model, compiled=True)
-    eager = set(args.eager_models.split(","))
-    if "base" in eager:
-        record("base", model)
-    model = add_adapter(model, "seed", 64, ["q_proj", "v_proj"])
-    if "seed" in eager:
-        record("peft r64 q,v", model)
-        record("lean r64 q,v", model, lean=True)
+    record("base", model)
     model = add_adapter(model, "default", 16, ALL_LINEAR)
-    if "peft" in eager:
-        record("peft r16 all", model)
-    if "lean" in eager:
-        record("lean r16 all", model, lean=True)
-    if "peft" in wanted:
-        record("peft r16 all", model, compiled=True)
-    if "lean" in wanted:
-        compiled_lean("lean r16 all", model)
-    model.delete_adapter("seed")
+    print(f"{precision:>5} captured step vs plain forward, lean r16 all: max |dlogit| / max |logit| = "
+          f"{check_graph(model, args.prompt_tokens):.2e}", flush=True)
+    record("peft r16 all", model)
+    record("lean r16 all", model, lean=True)
     if precision == "4bit":
         # A merged 4-bit model (dequantize, add B·A, re-quantize) has exactly the base's nf4 layout and
         # kernels, so its speed is measured on the unloaded base: the numbers differ, not the work.
         merged = model.unload()
     else:
         merged = model.merge_and_unload()
-    if "merged" in eager:
-        record("merged", merged)
-    if "merged" in wanted:
-        record("merged", merged, compiled=True)
-    modes = [False, True] if args.compiled else [False]
-    for compiled in modes:
-        mode = "compiled" if compiled else "eager"
+    record("merged", merged)
+    for mode in modes:
         speed = {r["model"]: r.get("decode_tok_s") for r in rows if r["mode"] == mode}
+        reference = speed.get("merged") or (speed.get("base") if precision == "4bit" else None)
         for label in [r["model"] for r in rows if r["mode"] == mode and "r16" in r["model"]]:
-            if speed.get(label) and speed.get("merged"):
-                ratio = speed[label] / speed["merged"]
+            if speed.get(label) and reference:
+                ratio = speed[label] / reference
                 print(f"{precision:>5} {mode:<8} {label} / merged decode: {ratio:.3f} "
                       f"({'within' if ratio >= 0.85 else 'NOT within'} 15%)", flush=True)
     del model, merged
@@ -223,14 +246,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="Decoder layers (default: the 7B shape's 32).")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: a 2-layer model, bf16 only.")
-    parser.add_argument("--compiled", action="store_true",
-                        help="Also measure static cache + torch.compile (CUDA graphs) decoding.")
-    parser.add_argument("--eager-models", default="base,seed,peft,lean,merged",
-                        help="Which of base,seed,peft,lean,merged to measure in eager mode.")
-    parser.add_argument("--compiled-models", default="peft,lean,merged",
-                        help="With --compiled: which of base,peft,lean,merged to compile.")
-    parser.add_argument("--forms", default="reduce",
-                        help="With --compiled: lean forms to compile (reduce,mm; see ipylora/engine/decode.py).")
+    parser.add_argument("--modes", default="generate,graph,compiled",
+                        help="generate (transformers' loop), graph (captured step), compiled (graph + torch.compile).")
+    parser.add_argument("--generate-models", default="base,peft,lean,merged", help="Models measured with generate().")
+    parser.add_argument("--graph-models", default="base,peft,lean,merged", help="Models measured with the graph loop.")
+    parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
     parser.add_argument("--json", default=None, help="Also append each row to this JSON-lines file.")
     args = parser.parse_args()
     try:

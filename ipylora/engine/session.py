@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ipylora.engine import chat as chat_module
-from ipylora.engine import decode
+from ipylora.engine import decode, graphdecode
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
@@ -234,6 +234,7 @@ class Session:
         self._check_idle()
         self.adapter(name)
         decode.forget(self.model)  # the generation-time copies of adapter weights
+        graphdecode.release(self.model)  # and the decode step captured with them
         if len(self.model.peft_config) == 1:
             self.model = self.model.unload()
         else:
@@ -305,6 +306,7 @@ class Session:
             if args.gpus > 1:
                 return self._train_distributed(data, args, reporter, resume)
             self.ensure_model(args.model, args.quantization, args.trust_remote_code)
+            graphdecode.release(self.model)  # chat's static cache and graph: training wants the memory
             end = run_training(self, data, args, reporter, self._stop_flag, resume)
             # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
             # same, and start the run again in its folder; give up at micro-batch 1.

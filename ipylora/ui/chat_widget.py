@@ -44,7 +44,7 @@ class ChatWidget:
         self.top_p = widgets.BoundedFloatText(value=args.top_p, min=0.01, max=1, step=0.05, description="top-p")
         self.max_new_tokens = widgets.BoundedIntText(value=args.max_new_tokens, min=1, max=1_000_000,
                                                      description="max tokens")
-        # Static cache + torch.compile (CUDA graphs): faster tokens after a one-time compile.
+        # torch.compile of the captured decode step: faster tokens after a one-time compile.
         self.compile = widgets.Checkbox(value=args.compile, description="compile (CUDA)", indent=False,
                                         disabled=not _cuda_available())
         self.transcript = widgets.HTML()

@@ -1,0 +1,254 @@
+"""Batch-1 decoding with the decode step captured once as a CUDA graph and replayed per token.
+
+transformers' generate() does the model's Python and kernel launches again for every token: on an
+H200 a 7B model decodes at 31-42 tok/s in eager mode while its GPU work is ~7 ms a token, and the
+compiled path (static cache + torch.compile, reduce-overhead) still spends ~0.9 ms a token in
+dynamo's guard checks plus the cudagraph-tree bookkeeping and generate's own loop (118 tok/s for a
+GPU step of 4.9 ms; profile in bench/RESULTS.md).
+
+Here the prompt is prefilled eagerly into a transformers `StaticCache`; then one decode step,
+model(token, position) -> next-token logits, is captured into a CUDA graph, optionally after
+torch.compile, and replayed for each new token. The host's work per token is one graph launch,
+the pick of the next token (greedy, or transformers' own logits warpers and a multinomial draw)
+and a copy of it into the graph's input.
+
+A captured step runs the model as it was at capture: the same weights (by address), the same
+adapter layers in the same state and the same cache size. `StepGraph.key` records that state;
+a generation whose state differs (another adapter, adapters disabled, weights changed by
+training) captures again. One `StepGraph` is kept per model; `release(model)` frees it (cache and
+graph memory) before training or when adapters change.
+
+Off CUDA, and for models transformers does not mark as compilable with a static cache, chat uses
+transformers' generate() instead (`usable`); the same step runs uncaptured when `capture=False`,
+which is how the CPU tests check the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+# Attribute of the model holding its StepGraph.
+_SLOT = "_ipylora_step_graph"
+# Static caches are sized in steps of this many tokens, so that most turns reuse the graph.
+CACHE_STEP = 1024
+# Generation-config settings whose logits processors this loop does not have, with their neutral
+# values; a model whose config sets one (rare) is decoded by generate() instead.
+_NOT_HANDLED = {"no_repeat_ngram_size": (0,), "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (),
+                "forced_bos_token_id": (), "forced_eos_token_id": (), "sequence_bias": (), "min_p": (),
+                "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "encoder_repetition_penalty": (1.0,),
+                "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "watermarking_config": (),
+                "renormalize_logits": (False,), "min_new_tokens": (0,), "min_length": (0,), "num_beams": (1,)}
+
+
+def usable(model) -> bool:
+    """Whether chat on `model` decodes through a captured step (CUDA, a static-cache model)."""
+    base = _transformers_model(model)
+    return getattr(base, "_can_compile_fullgraph", False) and next(base.parameters()).device.type == "cuda"
+
+
+def _transformers_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _generation_config(model):
+    """The model's generation config with transformers' global defaults filled in, as generate() sees it."""
+    import copy
+
+    config = copy.deepcopy(_transformers_model(model).generation_config)
+    defaults = getattr(config, "_get_default_generation_params", None)  # transformers >= 5 keeps them apart
+    if callable(defaults):
+        config.update(**defaults(), defaults_only=True)
+    return config
+
+
+def picker(model, temperature: float, top_p: float) -> Callable | None:
+    """next_token(ids_so_far, logits) as generate() would pick it (the model's generation config with
+    these overrides), or None when that config needs a processor this loop does not apply."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                         TemperatureLogitsWarper, TopKLogitsWarper,
+                                                         TopPLogitsWarper)
+
+    config = _generation_config(model)
+    if any(getattr(config, name, None) not in (None, *neutral) for name, neutral in _NOT_HANDLED.items()):
+        return None
+    processors = LogitsProcessorList()
+    penalty = getattr(config, "repetition_penalty", 1.0) or 1.0
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+    sample = temperature > 0
+    if sample:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if config.top_k:
+            processors.append(TopKLogitsWarper(config.top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+
+    def next_token(ids, logits):
+        scores = logits.float()
+        if processors:
+            scores = processors(ids, scores)
+        if sample:
+            return torch.multinomial(scores.softmax(-1), 1).view(-1)
+        return scores.argmax(-1)
+
+    next_token.needs_ids = penalty != 1.0
+    return next_token
+
+
+class StepGraph:
+    """A static KV cache for one sequence of up to `max_len` tokens and the model's decode step on it,
+    captured as a CUDA graph (`capture`), after torch.compile (`compiled`)."""
+
+    def __init__(self, model, max_len: int, compiled: bool = False, capture: bool = True):
+        import torch
+        from transformers import StaticCache
+
+        self.model = _transformers_model(model)
+        self.max_len, self.compiled, self.capture = max_len, compiled, capture
+        self.options = (compiled, capture)  # as asked; capture turns off if it fails
+        self.device = next(self.model.parameters()).device
+        self.cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.position = torch.zeros((1,), dtype=torch.long, device=self.device)
+        parameters = inspect.signature(self.model.forward).parameters
+        # transformers 5.x renames past_key_values to cache; both are accepted while it deprecates.
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._keep_last = "logits_to_keep" in parameters
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", ())):
+            # Sliding-window layers track their length in a Python int, which a graph cannot replay.
+            self.capture = self.compiled = compiled = False
+        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False) if compiled else self._forward
+        self._graph = None
+        self._logits = None
+        self.key = None
+
+    def _forward(self):
+        output = self.model(input_ids=self.token, position_ids=self.position.view(1, 1), cache_position=self.position,
+                            use_cache=True, **{self._cache_arg: self.cache})
+        return output.logits[:, -1]
+
+    def ready(self, key) -> None:
+        """Capture the decode step for model state `key`, unless it already is (or capture is off)."""
+        if self.capture and (self._graph is None or self.key != key):
+            try:
+                self._record(key)
+            except Exception as exc:  # an op that cannot be captured or compiled: decode without
+                self._fall_back(exc)
+
+    def prefill(self, ids: list[int]):
+        """Fill the cache with the prompt `ids`; the logits after its last token."""
+        import torch
+
+        # transformers' static cache writes where its own length counter says (a tensor the graph
+        # advances), not at cache_position: it starts from zero for every answer.
+        self.cache.reset()
+        tokens = torch.tensor([ids], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        output = self.model(input_ids=tokens, position_ids=positions.view(1, -1), cache_position=positions,
+                            use_cache=True, **{self._cache_arg: self.cache}, **extra)
+        return output.logits[:, -1]
+
+    def step(self, token, position: int):
+        """Logits after feeding `token` (a 1-element tensor on the device) at `position`, the next one."""
+        self.token.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        if self._graph is None:
+            return self._step()
+        self._graph.replay()
+        return self._logits
+
+    def _record(self, key) -> None:
+        """Capture the decode step. It runs a few times first (compiling, if asked, and letting cuBLAS
+        and the allocator settle) on a side stream; the cache they filled is reset by the prefill."""
+        import torch
+
+        self._graph = self._logits = None
+        self.cache.reset()
+        self.token.zero_()
+        self.position.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the notebook's main thread may touch CUDA while a chat thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            logits = self._step()
+        self._graph, self._logits, self.key = graph, logits, key
+
+    def _fall_back(self, exc: Exception) -> None:
+        import warnings
+
+        what = "torch.compile" if self.compiled else "CUDA graph capture"
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"{what} failed for this model ({reason}): decoding without it, more slowly.",
+                      RuntimeWarning, stacklevel=2)
+        self._graph = self._logits = None
+        self.capture = False
+        self._step = self._forward
+
+
+def state_key(model) -> tuple:
+    """What a captured step depends on besides the weights' storage: each LoRA layer's forward
+    (the lean one is rebuilt when its adapter or weights change), its active adapters and whether
+    they are merged or disabled."""
+    key = []
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            key.append((id(module), module.__dict__.get("forward"), getattr(module, "merged", False),
+                        getattr(module, "disable_adapters", False), tuple(getattr(module, "active_adapters", ()))))
+    return tuple(key)
+
+
+def step_graph(model, need: int, compiled: bool, capture: bool = True) -> StepGraph:
+    """The model's StepGraph, new when none fits `need` tokens or the compile choice changed."""
+    base = _transformers_model(model)
+    current = base.__dict__.get(_SLOT)
+    if current and current.max_len >= need and current.options == (compiled, capture):
+        return current
+    release(model)
+    max_len = -(-need // CACHE_STEP) * CACHE_STEP
+    base.__dict__[_SLOT] = StepGraph(base, max_len, compiled=compiled, capture=capture)
+    return base.__dict__[_SLOT]
+
+
+def release(model) -> None:
+    """Free the model's captured step and its cache (training needs the memory; weights changed)."""
+    import torch
+
+    current = _transformers_model(model).__dict__.pop(_SLOT, None)
+    if current is not None:
+        current._graph = current._logits = current.cache = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def decode(model, ids: list[int], max_new_tokens: int, next_token, eos: int | None,
+           on_token: Callable[[int], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
+           compiled: bool = False, capture: bool = True) -> list[int]:
+    """New token ids after prompt `ids` (greedy or sampled by `next_token`), up to `max_new_tokens`,
+    ending after `eos` or when `should_stop()` turns true; `on_token` sees each as it comes.
+    Call it in inference mode, with the adapter state (and lean_lora) the answer should use."""
+    import torch
+
+    graph = step_graph(model, len(ids) + max_new_tokens, compiled, capture)
+    graph.ready(state_key(model))
+    so_far = torch.tensor([ids], device=graph.device) if next_token.needs_ids else None
+    logits = graph.prefill(ids)
+    new: list[int] = []
+    while True:
+        token = next_token(so_far, logits)
+        value = int(token)  # the one host sync per token: the streamer and the EOS check need it
+        new.append(value)
+        if on_token is not None:
+            on_token(value)
+        if value == eos or len(new) >= max_new_tokens or should_stop():
+            return new
+        if so_far is not None:
+            so_far = torch.cat([so_far, token.view(1, 1)], dim=1)
+        logits = graph.step(token, len(ids) + len(new) - 1)
