@@ -131,6 +131,97 @@ def test_chat_through_the_loop_falls_back_when_capture_fails(model, monkeypatch,
     graphdecode.release(model)
 
 
+class FakeCuda:
+    """Stand-ins for torch.cuda's streams and graphs on CPU, to drive the capture logic end to end.
+    A "capture" runs the step (a real one only records it; the prefill's cache reset makes that
+    harmless) and remembers its output; `replay` runs the step again in the LoRA form it was
+    captured in and writes that output, as a real replay writes its output buffer."""
+
+    def __init__(self, monkeypatch):
+        from contextlib import contextmanager, nullcontext
+
+        from ipylora.engine import decode
+
+        self.captures = []  # per capture: whether LoRA ran as the compiled kernels
+        self.open = None
+        fake = self
+
+        class Stream:
+            def __init__(self, *args):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                with decode.capturing(self.kernels):
+                    self.output.copy_(self.step())
+
+        @contextmanager
+        def graph(g, capture_error_mode=None):
+            g.kernels = decode._capture.kernels
+            fake.captures.append(g.kernels)
+            fake.open = g
+            yield
+
+        for name, value in dict(Stream=Stream, current_stream=lambda *a: Stream(), stream=lambda s: nullcontext(),
+                                CUDAGraph=Graph, graph=graph).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        record = graphdecode.StepGraph._record
+
+        def recording(step_graph, key, kernels):
+            inner = step_graph._step
+
+            def step():
+                output = inner()
+                if fake.open is not None:  # the call inside the capture
+                    fake.open.step, fake.open.output, fake.open = inner, output, None
+                return output
+
+            step_graph._step = step
+            try:
+                record(step_graph, key, kernels)
+            finally:
+                step_graph._step = inner
+
+        monkeypatch.setattr(graphdecode.StepGraph, "_record", recording)
+
+
+def test_capture_logic_on_cpu_with_stand_ins(monkeypatch):
+    """Capture, replay in the captured LoRA form (compiled kernels, shared A products), re-capture on
+    another adapter state, and the fall-backs: kernels fail -> plain products; capture fails -> none."""
+    from ipylora.engine import decode
+
+    model = lora_model()
+    with torch.inference_mode(), lean_lora(model):
+        expected = loop_tokens(model)
+    graphdecode.release(model)
+    fake = FakeCuda(monkeypatch)
+    with torch.inference_mode():
+        with lean_lora(model):
+            assert loop_tokens(model, capture=True) == expected
+            assert loop_tokens(model, capture=True) == expected
+        assert fake.captures == [True]  # captured once, with the compiled LoRA kernels
+        with model.disable_adapter(), lean_lora(model):
+            base = loop_tokens(model, capture=True)
+        assert fake.captures == [True, True] and base != expected
+        graphdecode.release(model)
+
+        broken = lambda *args: (_ for _ in ()).throw(RuntimeError("no triton"))  # noqa: E731
+        monkeypatch.setattr(decode, "_capture_kernels", lambda: (broken, broken))
+        with lean_lora(model), warnings.catch_warnings():
+            warnings.simplefilter("error")  # the plain-product capture needs no warning
+            assert loop_tokens(model, capture=True) == expected
+        assert fake.captures[2:] == [False]
+        graphdecode.release(model)
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("no graphs")))
+        with lean_lora(model), pytest.warns(RuntimeWarning, match="CUDA graph capture failed .*no graphs"):
+            assert loop_tokens(model, capture=True) == expected
+    graphdecode.release(model)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_captured_replay_equals_the_uncaptured_loop():
     model = lora_model().cuda()

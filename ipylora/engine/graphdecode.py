@@ -28,6 +28,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from ipylora.engine.decode import capturing
+
 # Attribute of the model holding its StepGraph.
 _SLOT = "_ipylora_step_graph"
 # Static caches are sized in steps of this many tokens, so that most turns reuse the graph.
@@ -122,6 +124,7 @@ class StepGraph:
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False) if compiled else self._forward
         self._graph = None
         self._logits = None
+        self._lora_kernels = True
         self.key = None
 
     def _forward(self):
@@ -130,12 +133,20 @@ class StepGraph:
         return output.logits[:, -1]
 
     def ready(self, key) -> None:
-        """Capture the decode step for model state `key`, unless it already is (or capture is off)."""
-        if self.capture and (self._graph is None or self.key != key):
+        """Capture the decode step for model state `key`, unless it already is (or capture is off).
+        LoRA layers are captured as small compiled kernels; if those fail (no Triton, say), as plain
+        matrix products; if capture itself fails, decoding goes on uncaptured, with a warning."""
+        if not self.capture or (self._graph is not None and self.key == key):
+            return
+        failure = None
+        for kernels in (True, False) if self._lora_kernels else (False,):
             try:
-                self._record(key)
-            except Exception as exc:  # an op that cannot be captured or compiled: decode without
-                self._fall_back(exc)
+                self._record(key, kernels)
+                return
+            except Exception as exc:  # an op that cannot be captured or compiled
+                failure = exc
+                self._lora_kernels = False
+        self._fall_back(failure)
 
     def prefill(self, ids: list[int]):
         """Fill the cache with the prompt `ids`; the logits after its last token."""
@@ -160,7 +171,7 @@ class StepGraph:
         self._graph.replay()
         return self._logits
 
-    def _record(self, key) -> None:
+    def _record(self, key, kernels: bool) -> None:
         """Capture the decode step. It runs a few times first (compiling, if asked, and letting cuBLAS
         and the allocator settle) on a side stream; the cache they filled is reset by the prefill."""
         import torch
@@ -171,14 +182,15 @@ class StepGraph:
         self.position.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the notebook's main thread may touch CUDA while a chat thread captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            logits = self._step()
+        with capturing(kernels):  # LoRA layers take their graph-friendly form (decode.py)
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            # thread_local: the notebook's main thread may touch CUDA while a chat thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                logits = self._step()
         self._graph, self._logits, self.key = graph, logits, key
 
     def _fall_back(self, exc: Exception) -> None:
