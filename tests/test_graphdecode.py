@@ -190,7 +190,8 @@ class FakeCuda:
 
 def test_capture_logic_on_cpu_with_stand_ins(monkeypatch):
     """Capture, replay in the captured LoRA form (compiled kernels, shared A products), re-capture on
-    another adapter state, and the fall-backs: kernels fail -> plain products; capture fails -> none."""
+    another adapter state, and the fall-backs: kernels fail -> plain products; torch.compile fails ->
+    the uncompiled step; capture fails -> none."""
     from ipylora.engine import decode
 
     model = lora_model()
@@ -214,6 +215,12 @@ def test_capture_logic_on_cpu_with_stand_ins(monkeypatch):
             warnings.simplefilter("error")  # the plain-product capture needs no warning
             assert loop_tokens(model, capture=True) == expected
         assert fake.captures[2:] == [False]
+        graphdecode.release(model)
+
+        monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+        with lean_lora(model), pytest.warns(RuntimeWarning, match="torch.compile failed .*uncompiled step"):
+            assert loop_tokens(model, capture=True, compiled=True) == expected
+        assert fake.captures[3:] == [False]  # captured all the same, uncompiled
         graphdecode.release(model)
 
         monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("no graphs")))

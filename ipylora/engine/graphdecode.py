@@ -44,9 +44,12 @@ _NOT_HANDLED = {"no_repeat_ngram_size": (0,), "bad_words_ids": (), "suppress_tok
 
 
 def usable(model) -> bool:
-    """Whether chat on `model` decodes through a captured step (CUDA, a static-cache model)."""
+    """Whether chat on `model` decodes through a captured step: a static-cache model on one CUDA GPU."""
     base = _transformers_model(model)
-    return getattr(base, "_can_compile_fullgraph", False) and next(base.parameters()).device.type == "cuda"
+    if not getattr(base, "_can_compile_fullgraph", False) or next(base.parameters()).device.type != "cuda":
+        return False
+    placed = set((getattr(base, "hf_device_map", None) or {}).values())
+    return len(placed) <= 1  # a model spread over devices (device_map="auto") is not captured
 
 
 def _transformers_model(model):
@@ -146,7 +149,17 @@ class StepGraph:
             except Exception as exc:  # an op that cannot be captured or compiled
                 failure = exc
                 self._lora_kernels = False
-        self._fall_back(failure)
+        if self.compiled:  # capture the step uncompiled before giving up on capture
+            self._warn("torch.compile", failure, "decoding with the uncompiled step")
+            self.compiled, self._step = False, self._forward
+            try:
+                self._record(key, False)
+                return
+            except Exception as exc:
+                failure = exc
+        self._warn("CUDA graph capture", failure, "decoding without it, more slowly")
+        self._graph = self._logits = None
+        self.capture = False
 
     def prefill(self, ids: list[int]):
         """Fill the cache with the prompt `ids`; the logits after its last token."""
@@ -193,16 +206,12 @@ class StepGraph:
                 logits = self._step()
         self._graph, self._logits, self.key = graph, logits, key
 
-    def _fall_back(self, exc: Exception) -> None:
+    @staticmethod
+    def _warn(what: str, exc: Exception, then: str) -> None:
         import warnings
 
-        what = "torch.compile" if self.compiled else "CUDA graph capture"
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"{what} failed for this model ({reason}): decoding without it, more slowly.",
-                      RuntimeWarning, stacklevel=2)
-        self._graph = self._logits = None
-        self.capture = False
-        self._step = self._forward
+        warnings.warn(f"{what} failed for this model ({reason}): {then}.", RuntimeWarning, stacklevel=3)
 
 
 def state_key(model) -> tuple:
