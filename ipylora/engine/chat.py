@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ipylora.engine.config import GenerateArgs
 from ipylora.engine import graphdecode
+from ipylora.engine.config import GenerateArgs
 from ipylora.engine.decode import lean_lora
 from ipylora.engine.errors import ConfigError
 

@@ -39,7 +39,8 @@ import weakref
 # Attribute of each LoRA layer holding (key, forward); the key changes with the adapter, its
 # weights (their in-place version counter) or the dtype.
 _CACHED = "_ipylora_lean"
-# Attribute of each LoRA layer holding (group, rows): its share of a stacked A product.
+# Attribute of each LoRA layer holding (group, rows, members' forwards): its share of a stacked A
+# product, valid while the members' forwards are the ones it was built from.
 _GROUP = "_ipylora_group"
 # How one decode token's LoRA is written inside a compiled graph: "reduce" (fusable) or "mm".
 COMPILED_FORM = "reduce"
