@@ -130,6 +130,11 @@ def test_compare_shows_base_and_adapter_side_by_side(shell, session, concepts, c
     assert "UsageError" in err + out and "no eval split" in err + out
 
 
+def test_compile_off_cuda_says_it_was_not_used(shell, concepts, capsys):
+    out, err = run_cell_output(shell, capsys, f"%lora_chat --compile --max-new-tokens 8 {_prompt(concepts, 0)}")
+    assert out.strip() and err.count("--compile needs a CUDA GPU") == 1
+
+
 def test_widget_without_a_notebook_and_bad_compare_are_one_line(shell, capsys):
     for line, needle in [("%lora_chat", "needs a notebook"), ("%lora_chat --compare base,ghost hi", "ghost"),
                          ("%lora_chat --trust-remote-code hi", "go with --model"),

@@ -9,7 +9,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from ipylora.engine import GenerateArgs, get_session
+from ipylora.engine import GenerateArgs, get_session, graphdecode
 from ipylora.magics.args import split_leading_options
 from ipylora.magics.common import in_kernel, user_errors
 
@@ -65,6 +65,9 @@ class ChatMagics(Magics):
         print(flush=True)
         if not result["stopped_at_eos"]:
             print(f"[no EOS: stopped at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr, flush=True)
+        if args.compile and not graphdecode.usable(session.model):
+            print("[--compile needs a CUDA GPU (and a model transformers can decode with a static cache): "
+                  "this answer was decoded without it]", file=sys.stderr, flush=True)
 
     def _compare(self, session, opts, text, args):
         from ipylora.engine.evaluate import dataset_examples, parse_dataset_spec
