@@ -42,8 +42,6 @@ _CACHED = "_ipylora_lean"
 # Attribute of each LoRA layer holding (group, rows, members' forwards): its share of a stacked A
 # product, valid while the members' forwards are the ones it was built from.
 _GROUP = "_ipylora_group"
-# How one decode token's LoRA is written inside a compiled graph: "reduce" (fusable) or "mm".
-COMPILED_FORM = "reduce"
 _capture = threading.local()
 _groups: weakref.WeakSet = weakref.WeakSet()
 
@@ -130,7 +128,7 @@ def _lean_forward(module, name: str, dtype):
         if not torch.compiler.is_compiling() and getattr(_capture, "kernels", False) and x.numel() == x.shape[-1]:
             group, rows, _ = module.__dict__[_GROUP]
             return _capture_kernels()[1](y, group.project(x)[rows], scaled_b)
-        if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and COMPILED_FORM == "reduce":
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
             t = (x.reshape(1, -1).to(dtype) * a).sum(-1)  # (r,)
             return y + (scale * (b * t).sum(-1)).to(y.dtype)  # (out,), broadcast over y's leading 1s
         if x.dtype == dtype and y.dtype == dtype and y.is_contiguous():
