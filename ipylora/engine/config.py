@@ -45,6 +45,9 @@ class DataArgs:
     """Seed for --shuffle and the eval split."""
     source: str | None = None
     """Where the data came from (recorded in run.json)."""
+    response_after: str | None = None
+    """Text format only: train just what follows the first occurrence of this marker in each row
+    (e.g. "[/INST]"); the text up to and including it is the prompt. None: the whole text is trained."""
 
 
 @dataclass(frozen=True)

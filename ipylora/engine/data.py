@@ -91,6 +91,31 @@ class LoraDataset:
             self._conversations = conversations
         return self._conversations
 
+    def system_prompts(self) -> list[str]:
+        """The system prompt of every row ("" for a row without one); several system turns are joined."""
+        return ["\n\n".join(m["content"] for m in conv if m["role"] == "system") for conv in self.conversations()]
+
+    def system_summary(self) -> dict:
+        """What run.json records about system prompts: the shared one, or the most common and how many differ.
+
+        `system` is what chat uses by default: the prompt every row shared, else the most common
+        one among rows that have one (None when no row has one); `system_distinct` counts the
+        different prompts ("" counts as one when some rows have none).
+        """
+        from collections import Counter
+
+        counts = Counter(self.system_prompts())
+        with_text = [(text, n) for text, n in counts.most_common() if text]
+        return {"system": with_text[0][0] if with_text else None, "system_distinct": len(counts),
+                "system_shared": len(counts) == 1 and bool(with_text)}
+
+    def prompt_messages(self, row: int) -> list[dict]:
+        """Row `row`'s conversation up to (not including) its last assistant turn: the prompt side as
+        messages (system, earlier turns, the last user turn), which a template formats as training did."""
+        conv = self.conversations()[row]
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=len(conv))
+        return [dict(m) for m in conv[:last]]
+
     def segments(self, rows=None, template: Template | None = None) -> list[list[tuple[str, bool]]]:
         """[(text, trained), ...] per row."""
         template = template or self.template
@@ -129,6 +154,8 @@ class LoraDataset:
             "template": self.template.source,
             "template_name": self.template.name,
             "train_on_prompt": self.args.train_on_prompt,
+            "response_after": self.args.response_after,
+            **self.system_summary(),
             "shuffle": self.args.shuffle,
             "seed": self.args.seed,
             "limit": self.args.limit,

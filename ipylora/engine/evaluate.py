@@ -69,6 +69,9 @@ class Example:
     """The trained continuation (response plus the template's suffix)."""
     reference: str
     """The expected answer (response without the suffix)."""
+    messages: tuple = ()
+    """The prompt side as messages (system, earlier turns, last user turn): what a chat or compare
+    with another adapter formats with that adapter's own template."""
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str]:
@@ -97,23 +100,16 @@ def dataset_examples(dataset, split: str = "all", limit: int | None = None) -> l
     part = split_part(dataset, split)
     rows = list(range(len(part)))[:limit]
     pairs = part.pairs()
-    prompts = _raw_prompts(part, rows)
     suffix = getattr(part.template, "suffix", "")
     examples = []
-    for row, prompt in zip(rows, prompts):
+    for row in rows:
         prompt_side, response_side = pairs[row]
         reference = response_side[:-len(suffix)] if suffix and response_side.endswith(suffix) else response_side
-        examples.append(Example(row, prompt, prompt_side, response_side, reference))
+        messages = part.prompt_messages(row)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        examples.append(Example(row, users[-1] if users else "", prompt_side, response_side, reference,
+                                tuple(messages)))
     return examples
-
-
-def _raw_prompts(dataset, rows: list[int]) -> list[str]:
-    fmt = getattr(dataset, "prompt_format", "") or ""
-    names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
-    if not names:
-        return [fmt] * len(rows)
-    records = dataset.frame.iloc[rows][list(dict.fromkeys(names))].astype(str).to_dict("records")
-    return [fmt.format_map(record) for record in records]
 
 
 # -- scores -----------------------------------------------------------------------------------
