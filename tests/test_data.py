@@ -52,8 +52,10 @@ def test_train_on_prompt_and_truncation(tiny_tokenizer):
     pairs = [("question? ", "answer")]
     full = tokenize_pairs(pairs, tiny_tokenizer, 1024, train_on_prompt=True)
     assert IGNORE_INDEX not in full["labels"][0]
-    cut = tokenize_pairs(pairs, tiny_tokenizer, 3)
-    assert len(cut["input_ids"][0]) == len(cut["labels"][0]) == 3
+    answer = len(tokenize_pairs([("", "answer")], tiny_tokenizer, 1024)["input_ids"][0])  # BOS + answer + EOS
+    cut = tokenize_pairs(pairs, tiny_tokenizer, answer)
+    assert len(cut["input_ids"][0]) == len(cut["labels"][0]) == answer
+    assert cut["labels"][0][1:] == cut["input_ids"][0][1:]  # only the answer and EOS are left after BOS
 
 
 def test_default_mapping_two_columns_and_text():

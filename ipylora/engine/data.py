@@ -46,14 +46,27 @@ class LoraDataset:
         self.mapping = formats.resolve(self.frame, self.args.format, self.args.columns,
                                        self.args.prompt, self.args.response)
         self.text_mode = self.mapping.text_mode
+        self.marker = self.args.response_after
+        if self.marker is not None and not self.text_mode:
+            raise DatasetError(f"--response-after splits rows of format text, but this data is "
+                               f"{self.mapping.format.name}: drop --response-after (its answers are already marked).")
+        if self.marker == "":
+            raise DatasetError("--response-after needs the text that ends each prompt, e.g. --response-after \"[/INST]\".")
         self._spec: Template = PLAIN if self.text_mode else get_template(self.args.template)
+        if self.marker:
+            self._spec = _marker_template(self._texts(), self.marker)
         self.template: Template = self._spec
         self._conversations: list | None = None
+        self._tokens: tuple | None = None
+        self.truncation: Truncation | None = None
         self.eval: LoraDataset | None = None
         if held_out is not None:
             eval_args = replace(self.args, eval=None, eval_from=None, shuffle=False, limit=None)
             try:
                 self.eval = LoraDataset(f"{self.name}:eval", held_out, eval_args)
+                if self.marker and _shares_wrapping(self.eval._texts(), self.marker, self._spec):
+                    # The eval rows are read with the train rows' wrapping (chat uses that one).
+                    self.eval._spec = self.eval.template = self._spec
                 self.eval.conversations()
             except DatasetError as exc:
                 raise DatasetError(f"Eval data: {exc}") from None
@@ -82,7 +95,10 @@ class LoraDataset:
     def conversations(self) -> list[list[dict]]:
         """Every row as messages (role, content); errors name the row."""
         if self._conversations is None:
-            conversations = self.mapping.conversations(self.frame)
+            if self.marker:
+                conversations = _marker_conversations(self._texts(), self.marker, self._spec)
+            else:
+                conversations = self.mapping.conversations(self.frame)
             responses = [m["content"] for conv in conversations for m in conv if m["role"] == "assistant"]
             if responses and not any(r.strip() for r in responses):
                 where = self.mapping.fields.get("completion") or self.mapping.fields.get("output") or "the response"
@@ -90,6 +106,10 @@ class LoraDataset:
                                    "that holds text, e.g. --columns response=COLUMN or --response \"{COLUMN}\".")
             self._conversations = conversations
         return self._conversations
+
+    def _texts(self) -> list[str]:
+        """The text column of a text-format dataset, one string per row."""
+        return [m["content"] for conv in self.mapping.conversations(self.frame) for m in conv]
 
     def system_prompts(self) -> list[str]:
         """The system prompt of every row ("" for a row without one); several system turns are joined."""
@@ -134,10 +154,39 @@ class LoraDataset:
         self.conversations()
         return _Pairs(self, PLAIN if self.template.needs_tokenizer else self.template)
 
-    def tokenize(self, tokenizer, max_length: int, rows=None) -> dict[str, list]:
-        """`input_ids` and `labels` per row, truncated to `max_length` tokens."""
+    def tokenize(self, tokenizer, max_length: int, rows=None) -> Tokens:
+        """`input_ids` and `labels` per row, fitted into `max_length` tokens (`Tokens.truncation` says
+        how: a row too long keeps its answer and EOS; one whose answer alone is too long is left out,
+        so the lists can be shorter than the rows)."""
         self.template = self._spec.resolve(tokenizer)
-        return tokenize_segments(self.segments(rows), tokenizer, max_length, self.args.train_on_prompt)
+        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length):
+            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+            return tokens
+        tokens = tokenize_segments(self.segments(rows), tokenizer, max_length, self.args.train_on_prompt)
+        if rows is None:
+            self.truncation = tokens.truncation  # what the last run's tokens lost (run.json records it)
+        return tokens
+
+    def check_trainable(self, tokenizer, max_length: int) -> dict[str, Truncation]:
+        """Tokenize every split for a run and refuse one that would train on nothing.
+
+        The train tokens are kept for the run's next `tokenize()` (so they are computed once);
+        returns the truncation report per split.
+        """
+        reports = {}
+        for split, part in self.splits().items():
+            tokens = part.tokenize(tokenizer, max_length)
+            report = tokens.truncation
+            if not tokens["input_ids"]:
+                where = "" if split == "train" else f" of the {split} split"
+                raise DatasetError(
+                    f"No row{where} of {self.name!r} fits --max-length {max_length} with its answer: every answer "
+                    f"+ EOS alone is longer (the shortest takes {report.shortest_response} tokens), so nothing would "
+                    f"be trained. Raise --max-length to at least {report.shortest_response + 1}, or shorten the answers.")
+            reports[split] = report
+            if split == "train":
+                part._tokens = ((id(tokenizer), max_length), tokens)
+        return reports
 
     def describe(self) -> dict:
         """What the run records about its data (run.json); chat rebuilds its prompt from `template`."""
@@ -184,9 +233,55 @@ class _Pairs(Sequence):
         return list(self) == list(other)
 
 
+class Tokens(dict):
+    """`input_ids` and `labels` per kept row, plus `truncation`: what fitting rows into max_length did."""
+
+    truncation: Truncation
+
+
+@dataclass
+class Truncation:
+    """How many rows `--max-length` changed, and how. Row numbers are 0-based positions in the input."""
+
+    rows: int = 0
+    max_length: int = 0
+    cut_prompt: int = 0
+    """Rows that kept their last response and EOS and lost prompt tokens from the start."""
+    cut_end: int = 0
+    """Rows trained whole (text without a marker, --train-on-prompt) cut at the end (they lose EOS)."""
+    dropped: list[int] = field(default_factory=list)
+    """Rows whose last response + EOS alone is longer than max_length: left out of training."""
+    longest_response: int = 0
+    """Tokens in the longest dropped answer + EOS (what --max-length would need to keep them all)."""
+    shortest_response: int = 0
+    """Tokens in the shortest dropped answer + EOS."""
+    trained_tokens: int = 0
+    """Tokens carrying loss in the kept rows."""
+
+    @property
+    def cut(self) -> int:
+        return self.cut_prompt + self.cut_end
+
+    def summary(self) -> str:
+        """One line for the preview and the run ("" when nothing was cut)."""
+        parts = []
+        if self.cut_prompt:
+            parts.append(f"{self.cut_prompt} row(s) keep their answer and EOS and lose prompt tokens from the start")
+        if self.cut_end:
+            parts.append(f"{self.cut_end} fully trained row(s) are cut at the end (they lose their EOS)")
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} row(s) are left out: their answer alone is longer "
+                         f"(up to {self.longest_response} tokens with EOS)")
+        if not parts:
+            return ""
+        return (f"--max-length {self.max_length}: " + "; ".join(parts)
+                + f" (of {self.rows} rows). Raise --max-length to keep more.")
+
+
 def tokenize_segments(rows: list[list[tuple[str, bool]]], tokenizer, max_length: int,
-                      train_on_prompt: bool = False) -> dict[str, list]:
-    """Tokenize every span (batched), join them, append EOS after each trained span, build labels."""
+                      train_on_prompt: bool = False) -> Tokens:
+    """Tokenize every span (batched), join them, append EOS after each trained span, build labels,
+    then fit each row into `max_length` (see `fit_row`)."""
     # The cyclic GC rescans the millions of fresh lists built here without ever finding a cycle:
     # pausing it measured 188 -> 148 CPU-us per alpaca row (bench/prepare_data.py).
     paused = gc.isenabled()
@@ -198,7 +293,7 @@ def tokenize_segments(rows: list[list[tuple[str, bool]]], tokenizer, max_length:
             gc.enable()
 
 
-def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) -> dict[str, list]:
+def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) -> Tokens:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DatasetError("The tokenizer has no EOS token, so the model could never learn to stop: set one.")
@@ -207,10 +302,13 @@ def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) 
     # Two batched calls: the first span gets the tokenizer's BOS, the others nothing.
     first_ids = tokenizer(firsts, add_special_tokens=True)["input_ids"] if rows else []
     rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
-    input_ids, labels = [], []
+    bos = tokenizer.bos_token_id
+    report = Truncation(rows=len(rows), max_length=max_length)
+    out = Tokens(input_ids=[], labels=[])
     k = 0
-    for segs, ids in zip(rows, first_ids):
+    for row, (segs, ids) in enumerate(zip(rows, first_ids)):
         ids = list(ids)
+        head = int(bos is not None and bool(ids) and ids[0] == bos)
         labs = list(ids) if train_on_prompt or segs[0][1] else [IGNORE_INDEX] * len(ids)
         for _, trained in segs[1:]:
             piece = rest_ids[k]
@@ -223,14 +321,101 @@ def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) 
                     labs.append(eos)
             else:
                 labs += piece if train_on_prompt else [IGNORE_INDEX] * len(piece)
-        input_ids.append(ids[:max_length])
-        labels.append(labs[:max_length])
-    return {"input_ids": input_ids, "labels": labels}
+        fitted = fit_row(ids, labs, max_length, head, report, row)
+        if fitted is not None:
+            out["input_ids"].append(fitted[0])
+            out["labels"].append(fitted[1])
+            report.trained_tokens += sum(label != IGNORE_INDEX for label in fitted[1])
+    out.truncation = report
+    return out
+
+
+def fit_row(ids: list[int], labels: list[int], max_length: int, head: int, report: Truncation, row: int):
+    """A row within `max_length` tokens that still ends with its answer and EOS, or None (dropped).
+
+    Cutting the end (the usual truncation) removes exactly what a prompt/answer row is trained on:
+    with a long system prompt every answer can be cut away and the run "trains" on nothing. So the
+    last trained span (the answer + EOS) is kept whole and the prompt loses tokens from its start
+    (the BOS stays); a row trained whole (no prompt) is cut at the end as before; a row whose
+    answer alone does not fit is left out, and counted.
+    """
+    if len(ids) <= max_length:
+        return ids, labels
+    start = len(labels)  # where the last trained span (the answer + EOS) begins
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if start <= head:  # trained whole (text without a marker, --train-on-prompt): no prompt to cut
+        report.cut_end += 1
+        return ids[:max_length], labels[:max_length]
+    tail = len(ids) - start
+    if head + tail <= max_length:
+        report.cut_prompt += 1
+        keep = max_length - head
+        return ids[:head] + ids[-keep:], labels[:head] + labels[-keep:]
+    report.dropped.append(row)
+    report.longest_response = max(report.longest_response, tail)
+    report.shortest_response = min(report.shortest_response or tail, tail)
+    return None
 
 
 def tokenize_pairs(pairs, tokenizer, max_length: int, train_on_prompt: bool = False) -> dict[str, list]:
     """(prompt side, response side) pairs -> tokens; the response and EOS carry loss."""
     return tokenize_segments([[(p, False), (r, True)] for p, r in pairs], tokenizer, max_length, train_on_prompt)
+
+
+def _marker_template(texts: list[str], marker: str) -> Template:
+    """The prompt wrapping of text rows split at `marker`: what every row's prompt starts with (cut
+    back to a word boundary), then the user's text, then the marker. `%lora_chat TEXT` on an adapter
+    trained on `<s>[INST] ... [/INST] ...` rows then sends `<s>[INST] TEXT [/INST]`."""
+    import os
+    import re
+
+    from ipylora.engine.templates import FormatTemplate
+
+    missing = [i + 1 for i, text in enumerate(texts) if marker not in text]
+    if missing:
+        raise DatasetError(f"--response-after {marker!r}: {len(missing)} of {len(texts)} row(s) do not contain it "
+                           f"(e.g. row {missing[0]}): fix those rows, drop them, or use the marker every row has.")
+    prompts = [text[:text.index(marker)] for text in texts]
+    prefix = os.path.commonprefix(prompts) if len(prompts) > 1 else ""
+    # Back to the end of the last punctuation (and the space after it): "<s>[INST] What is" -> "<s>[INST] ",
+    # so a first word many prompts happen to share stays the user's.
+    mark = max((m.end() for m in re.finditer(r"[^\w\s]\s*", prefix)), default=0)
+    prefix = prefix[:mark]
+    # The space every prompt ends with before the marker belongs to the wrapping, not to the user.
+    ends = [p[len(prefix):] for p in prompts]
+    space = os.path.commonprefix([e[::-1] for e in ends])[::-1] if len(ends) > 1 else ""
+    space = space[len(space.rstrip()):]
+    marker = space + marker
+    if "{" in prefix + marker or "}" in prefix + marker:  # not expressible as a {prompt} template
+        prefix, marker = "", ""
+    return FormatTemplate("text", prefix + "{prompt}" + marker + "{response}")
+
+
+def _marker_conversations(texts: list[str], marker: str, template: Template) -> list[list[dict]]:
+    """Each text row as (user: the text between the template's prefix and the marker, assistant: the rest).
+    The template's prefix + user + marker is the row's own text up to and including the marker."""
+    prefix, wrap_marker = _marker_wrapping(template)
+    out = []
+    for text in texts:
+        at = text.index(marker)
+        prompt_side, answer = text[:at + len(marker)], text[at + len(marker):]
+        user = prompt_side[len(prefix):len(prompt_side) - len(wrap_marker)] if prompt_side.endswith(wrap_marker) \
+            else prompt_side[len(prefix):]
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+    return out
+
+
+def _marker_wrapping(template: Template) -> tuple[str, str]:
+    """(prefix, marker) of a template made by `_marker_template`."""
+    before, after = template.source.split("{prompt}")
+    return before, after.split("{response}")[0]
+
+
+def _shares_wrapping(texts: list[str], marker: str, template: Template) -> bool:
+    prefix, wrap_marker = _marker_wrapping(template)
+    return all(text.startswith(prefix) and text[:text.index(marker) + len(marker)].endswith(wrap_marker)
+               and text.index(marker) >= len(prefix) for text in texts)
 
 
 def _indices(rows, n: int) -> list[int]:

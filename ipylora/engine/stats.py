@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ipylora.engine.data import IGNORE_INDEX, LoraDataset
+from ipylora.engine.data import IGNORE_INDEX, LoraDataset, Truncation, fit_row
 
 BAD_TEXT = re.compile("[\ufffd\ud800-\udfff]")
 
@@ -29,14 +29,20 @@ class DatasetStats:
     max_length: int
     samples: list[list[tuple[str, bool]]]
     """Rendered samples as runs of (decoded text, carries loss)."""
-    truncated_samples: list[bool]
+    truncated_samples: list[str]
+    """Per sample: "" (fits), "start" (prompt tokens cut from the start), "end" (cut at the end) or
+    "dropped" (the answer alone is too long: left out of training)."""
     lengths: list[int]
     """Token lengths of the measured rows."""
     measured: int
     """How many rows were tokenized (all, or a seeded sample)."""
     over: int
     """Rows over max_length (extrapolated when measured < rows)."""
+    truncation: Truncation = field(default_factory=Truncation)
+    """What fitting the measured rows into max_length does (counts of the measured rows)."""
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Things to know that are not problems (how a text dataset is trained)."""
 
     @property
     def estimated(self) -> bool:
@@ -58,16 +64,43 @@ def dataset_stats(dataset: LoraDataset, tokenizer, tokenizer_name: str, max_leng
     lengths = [len(tokens["input_ids"][position[r]]) for r in measured]
     over_measured = sum(length > max_length for length in lengths)
     over = over_measured if len(measured) == n else round(over_measured * n / len(measured))
+    head = tokenizer.bos_token_id
+    truncation = Truncation(rows=len(measured), max_length=max_length)
+    for r in measured:
+        ids, labels = tokens["input_ids"][position[r]], tokens["labels"][position[r]]
+        fit_row(ids, labels, max_length, int(bool(ids) and ids[0] == head), truncation, r)
     runs, cut = [], []
     for row in shown:
         ids, labels = tokens["input_ids"][position[row]], tokens["labels"][position[row]]
-        runs.append(_runs(tokenizer, ids[:max_length], labels[:max_length]))
-        cut.append(len(ids) > max_length)
+        one = Truncation()
+        fitted = fit_row(ids, labels, max_length, int(bool(ids) and ids[0] == head), one, row)
+        runs.append(_runs(tokenizer, *(fitted or (ids, labels))))
+        cut.append("start" if one.cut_prompt else "end" if one.cut_end else "dropped" if one.dropped else "")
     stats = DatasetStats(rows=n, eval_rows=len(dataset.eval) if dataset.eval is not None else 0,
                          tokenizer=tokenizer_name, max_length=max_length, samples=runs, truncated_samples=cut,
-                         lengths=lengths, measured=len(measured), over=over)
+                         lengths=lengths, measured=len(measured), over=over, truncation=truncation)
     stats.warnings = _warnings(dataset, stats)
+    stats.notes = _notes(dataset)
     return stats
+
+
+# Where the answer starts in common text layouts (for the --response-after hint).
+MARKERS = ("[/INST]", "<|im_start|>assistant\n", "### Assistant:", "### Response:", "<|assistant|>",
+           "<start_of_turn>model\n", "Assistant:")
+
+
+def _notes(dataset: LoraDataset) -> list[str]:
+    if not dataset.text_mode:
+        return []
+    if dataset.marker:
+        return [f"text rows are split at {dataset.marker!r}: what follows it is trained (green), the rest is the "
+                f"prompt; chat wraps your text as {dataset.template.prompt_text('TEXT')!r}."]
+    texts = dataset._texts()[:200]
+    found = next((m for m in MARKERS if all(m in text for text in texts)), None)
+    hint = (f" Every row contains {found!r}: --response-after {found!r} trains only what follows it."
+            if found else " To train only the answers, pass --response-after MARKER (the text that ends each prompt).")
+    return ["format text: the whole text of every row is trained, prompt included, and chat/eval cannot tell "
+            "prompt from answer." + hint]
 
 
 def _warnings(dataset: LoraDataset, stats: DatasetStats) -> list[str]:
@@ -90,9 +123,19 @@ def _warnings(dataset: LoraDataset, stats: DatasetStats) -> list[str]:
         out.append(f"{int(duplicated.sum())} duplicate row(s) (e.g. row {first}): they weigh those examples more; "
                    "drop them with df.drop_duplicates().")
     if stats.over:
+        t = stats.truncation
+        scale = (lambda k: round(k * stats.rows / stats.measured)) if stats.estimated else (lambda k: k)
         approx = "≈" if stats.estimated else ""
+        how = []
+        if t.cut_prompt:
+            how.append(f"{approx}{scale(t.cut_prompt)} keep their answer + EOS and lose prompt tokens from the start")
+        if t.cut_end:
+            how.append(f"{approx}{scale(t.cut_end)} (trained whole) are cut at the end and lose their EOS")
+        if t.dropped:
+            how.append(f"{approx}{scale(len(t.dropped))} are left out: the answer alone needs up to "
+                       f"{t.longest_response} tokens")
         out.append(f"{approx}{stats.over} row(s) ({stats.over_share:.1%}) are longer than --max-length "
-                   f"{stats.max_length} tokens and will be truncated: raise --max-length or shorten them.")
+                   f"{stats.max_length} tokens: " + "; ".join(how) + ". Raise --max-length or shorten them.")
     if BAD_TEXT.search("".join(texts)):  # one scan over all text; rows are located only when needed
         bad = [i + 1 for i, text in enumerate(texts) if BAD_TEXT.search(text)]
         out.append(f"{len(bad)} row(s) contain text that was not valid UTF-8 (U+FFFD or lone surrogates, e.g. "

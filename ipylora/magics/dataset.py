@@ -34,6 +34,8 @@ class DatasetMagics(Magics):
               help="human-assistant (default), alpaca, chatml, plain, model (the base model's chat template), "
                    "a string with {prompt} and {response}, or a .jinja file.")
     @argument("--train-on-prompt", action="store_true", help="Also put loss on the prompt tokens.")
+    @argument("--response-after", default=None, metavar="MARKER",
+              help='Text format: train only what follows MARKER in each row (e.g. "[/INST]"); the rest is the prompt.')
     @argument("--eval", type=float, default=None, help="Hold out this share (0.1) or number of rows (50) for evaluation.")
     @argument("--eval-from", default=None, help="Evaluation rows from another source (same forms as --from), or a split name.")
     @argument("--shuffle", action="store_true", help="Shuffle the rows (seeded) before --limit and --eval.")
@@ -54,6 +56,7 @@ class DatasetMagics(Magics):
 
             %lora_dataset alpaca --from alpaca.parquet --template alpaca --eval 0.05 --shuffle
             %lora_dataset chats --from chats.jsonl --template chatml       # messages / conversations columns
+            %lora_dataset llama --from text.jsonl --response-after "[/INST]" # text rows: train the answers only
             %lora_dataset concepts --from df --columns prompt=concept,response=description
             %lora_dataset concepts --show 5                                 # preview again
             %lora_dataset data/train.parquet --head                         # peek at a file
@@ -97,7 +100,8 @@ class DatasetMagics(Magics):
                              template=_unescape(opts.template),
                              train_on_prompt=opts.train_on_prompt, format=data_format, columns=opts.columns,
                              eval=opts.eval, eval_from=opts.eval_from, shuffle=opts.shuffle, limit=opts.limit,
-                             seed=opts.seed, source=opts.source or "cell")
+                             seed=opts.seed, source=opts.source or "cell",
+                             response_after=_unescape(opts.response_after))
         dataset = session.add_dataset(opts.name, data, data_args)
         return self._preview(dataset, opts)
 

@@ -40,21 +40,26 @@ def render_preview(dataset, stats: DatasetStats) -> Rendered:
     sample_html, sample_text = [], []
     for i, (runs, cut) in enumerate(zip(stats.samples, stats.truncated_samples)):
         body = "".join(f'<span style="{LOSS if trained else GREY}">{html.escape(text)}</span>' for text, trained in runs)
-        more = f'<span style="color:#b00">… cut at {stats.max_length} tokens</span>' if cut else ""
+        note = {"start": f"prompt cut from the start to fit {stats.max_length} tokens",
+                "end": f"cut at {stats.max_length} tokens", "dropped": "left out: the answer alone is longer than "
+                f"{stats.max_length} tokens"}.get(cut, "")
+        more = f'<span style="color:#b00">… {note}</span>' if note else ""
         sample_html.append(f'<pre style="white-space:pre-wrap;margin:4px 0;padding:6px;border:1px solid #ddd">'
-                           f"{body}{more}</pre>")
-        sample_text.append(f"--- sample {i + 1} ([...] = trained)\n"
-                           + "".join(f"[{t}]" if trained else t for t, trained in runs) + (" …cut" if cut else ""))
+                           f"{more if cut == 'start' else ''}{body}{more if cut != 'start' else ''}</pre>")
+        runs_text = "".join(f"[{t}]" if trained else t for t, trained in runs)
+        sample_text.append(f"--- sample {i + 1} ([...] = trained)" + (f" ({note})" if note else "") + "\n" + runs_text)
     legend = (f'<span style="{GREY}">grey: prompt, no loss</span> · '
               f'<span style="{LOSS}">green: trained on (responses + EOS)</span>')
     warnings_html = "".join(f'<div style="color:#9a5b00">⚠ {html.escape(w)}</div>' for w in stats.warnings)
+    notes_html = "".join(f'<div style="color:#1f4e8c">ⓘ {html.escape(n)}</div>' for n in stats.notes)
     html_text = (
-        f"<div><b>{html.escape(head)}</b><br><small>{html.escape(how)}</small>"
-        f"{_table(dataset.frame)}{legend}{''.join(sample_html)}"
+        f"<div><b>{html.escape(head)}</b><br><small>{html.escape(how)}</small>{notes_html}"
+        f"{_table(rows_frame(dataset), total=len(dataset))}{legend}{''.join(sample_html)}"
         f"{_histogram(lengths, stats.max_length)}<div><small>{html.escape(length_line)}</small></div>"
         f"{warnings_html}</div>"
     )
-    text = "\n".join([head, how, *sample_text, length_line, *(f"warning: {w}" for w in stats.warnings)])
+    text = "\n".join([head, how, *(f"note: {n}" for n in stats.notes), *sample_text, length_line,
+                      *(f"warning: {w}" for w in stats.warnings)])
     return Rendered(html_text, text)
 
 
@@ -66,11 +71,36 @@ def head_table(frame, total: int | None, where: str) -> Rendered:
                     head + "\n" + frame.to_string(max_colwidth=CELL_CHARS))
 
 
-def _table(frame, rows: int = TABLE_ROWS) -> str:
+def rows_frame(dataset, rows: int = TABLE_ROWS):
+    """The first rows as the preview's table shows them: a chat format (messages, sharegpt) as its
+    system prompt, last user turn and answer rather than the repr of a list of dicts."""
+    import pandas as pd
+
+    if dataset.mapping.format.name not in ("messages", "sharegpt"):
+        return dataset.frame.head(rows)
+    shown = []
+    for row in range(min(rows, len(dataset))):
+        conv = dataset.conversations()[row]
+        prompt = dataset.prompt_messages(row)
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        answer = next(m["content"] for m in conv[len(prompt):] if m["role"] == "assistant")
+        shown.append({"system": "\n\n".join(m["content"] for m in prompt if m["role"] == "system"),
+                      "user (last turn)": users[-1] if users else "", "assistant": answer,
+                      "turns": sum(m["role"] == "assistant" for m in conv)})
+    frame = pd.DataFrame(shown)
+    if not frame["system"].str.len().any():
+        frame = frame.drop(columns="system")
+    if (frame["turns"] == 1).all():
+        frame = frame.drop(columns="turns")
+    return frame
+
+
+def _table(frame, rows: int = TABLE_ROWS, total: int | None = None) -> str:
     shown = frame.head(rows).copy()
     for column in shown.columns:
         shown[column] = shown[column].map(lambda v: _short(v))
-    more = f"<small>… {len(frame) - rows:,} more rows</small>" if len(frame) > rows else ""
+    total = len(frame) if total is None else total
+    more = f"<small>… {total - rows:,} more rows</small>" if total > rows else ""
     return f'<div style="overflow-x:auto;margin:6px 0">{shown.to_html(index=True, escape=True)}{more}</div>'
 
 
@@ -80,23 +110,30 @@ def _short(value) -> str:
 
 
 def _histogram(lengths: list[int], max_length: int, bins: int = 30, width: int = 420, height: int = 90) -> str:
-    """An inline SVG histogram of token lengths with a red line at --max-length."""
+    """An inline SVG histogram of token lengths (rows per bin on the left axis) with a red line at --max-length."""
     top = max(max(lengths), max_length) * 1.05
     step = top / bins
     counts = [0] * bins
     for length in lengths:
         counts[min(int(length / step), bins - 1)] += 1
     peak = max(counts) or 1
-    bar_w = width / bins
+    left = 8 + 6 * len(str(peak))  # room for the count labels
+    plot_w = width - left
+    bar_w = plot_w / bins
     bars = "".join(
-        f'<rect x="{i * bar_w:.1f}" y="{height - c / peak * height:.1f}" width="{bar_w - 1:.1f}" '
-        f'height="{c / peak * height:.1f}" fill="{"#d9822b" if (i + 1) * step > max_length else "#4c78a8"}"/>'
+        f'<rect x="{left + i * bar_w:.1f}" y="{height - c / peak * height:.1f}" width="{bar_w - 1:.1f}" '
+        f'height="{c / peak * height:.1f}" fill="{"#d9822b" if (i + 1) * step > max_length else "#4c78a8"}">'
+        f'<title>{int(i * step)}-{int((i + 1) * step)} tokens: {c} row(s)</title></rect>'
         for i, c in enumerate(counts) if c
     )
-    x = max_length / top * width
+    x = left + max_length / top * plot_w
+    axis = (f'<line x1="{left - 2}" x2="{left - 2}" y1="0" y2="{height}" stroke="#888"/>'
+            f'<text x="{left - 5}" y="9" font-size="10" text-anchor="end">{peak}</text>'
+            f'<text x="{left - 5}" y="{height}" font-size="10" text-anchor="end">0</text>'
+            f'<text x="{left - 5}" y="{height / 2 + 3:.0f}" font-size="9" text-anchor="end" fill="#666">rows</text>')
     return (f'<svg width="{width}" height="{height + 14}" style="margin-top:6px" role="img" '
-            f'aria-label="token length histogram">{bars}'
+            f'aria-label="token length histogram: rows per token length">{axis}{bars}'
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height}" stroke="#c00" stroke-dasharray="3,2"/>'
             f'<text x="{min(x + 3, width - 90):.1f}" y="10" font-size="10" fill="#c00">max-length {max_length}</text>'
-            f'<text x="0" y="{height + 12}" font-size="10">0</text>'
+            f'<text x="{left}" y="{height + 12}" font-size="10">0</text>'
             f'<text x="{width - 40}" y="{height + 12}" font-size="10">{int(top)} tok</text></svg>')
