@@ -4,6 +4,10 @@ Each reader is a small object registered under the `ipylora.readers` entry-point
 pyproject.toml); a third-party package registers its own the same way. pandas, pyarrow, PyYAML
 and `datasets` do the parsing; this module only turns their errors into messages that say which
 line is wrong and how to fix it.
+
+Files are taken as editors save them: a UTF-8 byte-order mark (what Windows editors write) is
+dropped before parsing, so it never becomes part of the first column's name, and `json_layout`
+tells a JSON document from JSON lines by content, whatever the file's extension says.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Callable
 import pandas as pd
 
 from ipylora.engine.errors import DatasetError
+
+BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,41 @@ def _text(path: Path) -> str:
         raise DatasetError(f"{path.name} is a binary file, not text: pass a csv/tsv/json/jsonl/yaml text file "
                            "or a parquet/arrow file with the matching extension.")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise DatasetError(f"{path.name} is not UTF-8 text (line {line}, byte {exc.start}): re-save it as UTF-8, "
                            "e.g. pd.read_csv(path, encoding='latin-1').to_csv(path, index=False).") from None
 
 
+def json_layout(path: Path) -> str | None:
+    """"json" or "jsonl" by what the file holds (its first two lines), None when that is unclear.
+
+    A JSON array starts with `[`; JSON lines are a line that is a whole object followed by another
+    line starting with `{`. A pretty-printed object's first line (`{`) is not whole on its own.
+    """
+    lines = []
+    with path.open("rb") as handle:
+        for raw in handle:
+            line = raw.decode("utf-8", errors="replace").removeprefix(BOM).strip()
+            if line:
+                lines.append(line)
+            if len(lines) == 2 or (lines and lines[0].startswith("[")):
+                break
+    if not lines:
+        return None
+    if lines[0].startswith("["):
+        return "json"
+    if len(lines) == 2 and lines[1].startswith("{"):
+        try:
+            return "jsonl" if isinstance(json.loads(lines[0]), dict) else None
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
 def read_csv_text(text: str, where: str, sep: str = ",") -> pd.DataFrame:
+    text = text.removeprefix(BOM)
     try:
         frame = pd.read_csv(io.StringIO(text.strip("\n")), sep=sep)
     except pd.errors.EmptyDataError:
@@ -73,6 +106,7 @@ def read_csv_text(text: str, where: str, sep: str = ",") -> pd.DataFrame:
 
 
 def read_json_text(text: str, where: str) -> pd.DataFrame:
+    text = text.removeprefix(BOM)
     if not text.strip():
         raise DatasetError(f"{where} is empty: put a JSON list of objects in it.")
     try:
@@ -85,6 +119,10 @@ def read_json_text(text: str, where: str) -> pd.DataFrame:
 
 
 def read_jsonl_text(text: str, where: str) -> pd.DataFrame:
+    text = text.removeprefix(BOM)
+    if text.lstrip().startswith("["):
+        raise DatasetError(f"{where} holds a JSON array, not JSON lines (one object per line): "
+                           "read it with --reader json.")
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -107,6 +145,7 @@ def read_jsonl_text(text: str, where: str) -> pd.DataFrame:
 def read_yaml_text(text: str, where: str) -> pd.DataFrame:
     import yaml
 
+    text = text.removeprefix(BOM)
     if not text.strip():
         raise DatasetError(f"{where} is empty: put a YAML list of mappings in it.")
     try:

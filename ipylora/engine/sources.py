@@ -3,6 +3,10 @@
 Everything ends as a pandas DataFrame, or a dict of DataFrames by split (a `DatasetDict`). The
 parsing itself is done by the readers in the `ipylora.readers` entry-point group (readers.py);
 this module picks one and turns "not found" into a message that suggests what was meant.
+
+A `.jsonl` file that holds a JSON array (or a `.json` file of JSON lines) is read by what it holds,
+and the frame says so in `frame.attrs["notes"]` (`notes(data)`): the engine never prints, so a
+front end shows those lines.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pandas as pd
 
 from ipylora.engine import plugins
 from ipylora.engine.errors import DatasetError
+from ipylora.engine.readers import BOM, json_layout
 
 HUB_PREFIX = "hf:"
 
@@ -37,8 +42,15 @@ def text_reader_names() -> list[str]:
     return [r.name for r in readers() if r.read_text is not None]
 
 
+def notes(data) -> list[str]:
+    """One-line notes about how `data` (a DataFrame or a dict of them by split) was read."""
+    frames = data.values() if isinstance(data, dict) else [data]
+    return [note for frame in frames for note in getattr(frame, "attrs", {}).get("notes", [])]
+
+
 def read_text(body: str, fmt: str | None = None) -> pd.DataFrame:
     """Parse a cell body: CSV, TSV, a JSON list, JSON lines or YAML (detected unless `fmt`)."""
+    body = body.removeprefix(BOM)  # pasted from a file saved with one
     if not body.strip():
         raise DatasetError("The cell has no data: put CSV, JSON, JSON lines or YAML under the magic line.")
     name = fmt or _sniff(body)
@@ -62,7 +74,9 @@ def read_path(path_text: str, reader: str | None = None):
             raise DatasetError(f"{Path(odd).name} has columns {', '.join(map(str, frames[files.index(odd)].columns))}, "
                                f"unlike {Path(files[0]).name} ({', '.join(map(str, columns[0]))}): "
                                "narrow the pattern or rename the columns.")
-        return pd.concat(frames, ignore_index=True)
+        combined = pd.concat(frames, ignore_index=True)
+        combined.attrs["notes"] = [note for frame in frames for note in notes(frame)]
+        return combined
     path = Path(path_text).expanduser()
     if not path.exists():
         raise DatasetError(_missing_file_message(path))
@@ -76,7 +90,13 @@ def read_path(path_text: str, reader: str | None = None):
     chosen = reader_named(reader) if reader else _reader_for(path)
     if path.stat().st_size == 0:
         raise DatasetError(f"{path.name} is empty: add a header line and at least one data row.")
-    return read_object(chosen.read_path(path), path.name)
+    note = None
+    if reader is None:
+        chosen, note = _by_content(path, chosen)
+    data = read_object(chosen.read_path(path), path.name)
+    if note:
+        data.attrs["notes"] = [*data.attrs.get("notes", []), note]
+    return data
 
 
 def read_object(obj, where: str | None = None):
@@ -161,7 +181,7 @@ def peek(spec: str, n: int = 5, namespace: dict | None = None) -> tuple[pd.DataF
     """(first n rows, total rows if cheap to know) without reading the whole file when possible."""
     path = Path(spec).expanduser()
     if path.is_file():
-        reader = _reader_for(path)
+        reader, _ = _by_content(path, _reader_for(path))
         if reader.head is not None:
             try:
                 return reader.head(path, n)
@@ -205,6 +225,22 @@ def _sniff(body: str) -> str:
     if "\t" in first and "," not in first:
         return "tsv"
     return "csv"
+
+
+def _by_content(path: Path, reader):
+    """(reader, note): JSON and JSON lines are told apart by content, not by the extension."""
+    if reader.name not in ("json", "jsonl"):
+        return reader, None
+    layout = json_layout(path)
+    if layout is None or layout == reader.name:
+        return reader, None
+    if layout == "json":
+        note = (f"{path.name} holds a JSON array, not JSON lines, so it was read as JSON "
+                f"(rename it {path.stem}.json or pass --reader json to skip this note).")
+    else:
+        note = (f"{path.name} holds JSON lines (one object per line), not one JSON document, so it was read as "
+                f"JSON lines (rename it {path.stem}.jsonl or pass --reader jsonl to skip this note).")
+    return reader_named(layout), note
 
 
 def _folder_reader(path: Path):
