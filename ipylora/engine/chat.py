@@ -1,11 +1,12 @@
 """Generation on the resident model, with or without an adapter: whole, streamed, or batched.
 
-The prompt is built exactly as training built it: the template's prefix with the user's text in
-the {prompt} slot, tokenized with the tokenizer's special tokens (BOS), then the model continues.
-A multi-turn conversation repeats the training layout turn after turn (prefix, answer, suffix,
-EOS), tokenized piece by piece the way training tokenized prompt and response, so the tokens
-of every turn are the ones the adapter saw. An adapter trained with the model's own chat template
-(template "model") gets `apply_chat_template` instead.
+The prompt is built exactly as training built it. A chat turn becomes messages (the system prompt
+the adapter was trained with, the earlier user/answer turns, the new user text), the adapter's
+template turns them into spans (`Template.prompt_segments`), and the spans are tokenized by the
+training tokenizer path (`data.tokenize_segments`: the first span with the tokenizer's special
+tokens, EOS after each answer), so the tokens of every turn, system prompt included, are the ones
+the adapter saw. An adapter trained with the model's own chat template (template "model") gets
+`apply_chat_template` over the same messages instead.
 
 On CUDA one answer is decoded with the model's decode step captured as a CUDA graph (graphdecode:
 3-4x the tokens/s of generate() on a 7B model); elsewhere, and for batches, transformers' generate().
@@ -46,31 +47,79 @@ class PromptFormat:
         return {"chat": "the model's chat template", "raw": "raw text"}[self.kind]
 
 
-def prompt_ids(tokenizer, fmt: PromptFormat, text: str, history: list[tuple[str, str]] = ()) -> list[int]:
-    """Token ids for `text` after the earlier (user, answer) turns in `history`."""
+@dataclass(frozen=True)
+class SystemPrompt:
+    """The system prompt a chat sends by default, and a note when training rows did not all share it."""
+
+    text: str | None
+    """The system message ("" or None: none)."""
+    note: str = ""
+    """Which one it is, when the training rows did not all share it ("" when they did); the front
+    end adds how to choose another (--system, the widget's box)."""
+
+
+def trained_system(summary: dict, prompts: list[str] | None = None) -> SystemPrompt:
+    """The default system prompt from run.json's dataset record (`LoraDataset.system_summary()`).
+
+    `prompts` (every training row's system prompt, "" for none) adds the counts to the note when
+    the rows varied; without them (the dataset is gone from the session) the note says less.
+    """
+    system = summary.get("system")
+    if not system or summary.get("system_shared", True):
+        return SystemPrompt(system or None)
+    shown = repr(system if len(system) <= 60 else system[:60] + "…")
+    if not prompts or prompts.count(system) == 0:
+        return SystemPrompt(system, f"system prompt: the most common in training ({summary.get('system_distinct')} "
+                                    f"different, counting none): {shown}")
+    used, rows, without = prompts.count(system), len(prompts), prompts.count("")
+    others = len(set(prompts) - {"", system})
+    which = f"the most common of {others + 1} in training" if others else "the one the training rows had"
+    counts = f"{used} of {rows} rows" + (f"; {without} had none" if without else "")
+    return SystemPrompt(system, f"system prompt: {which} ({counts}): {shown}")
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with its system turns replaced by `system` ("" or None: no system turn)."""
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": system}, *rest] if system else rest
+
+
+def chat_messages(text: str, history: list[tuple[str, str]] = (), system: str | None = None) -> list[dict]:
+    """[system?, (user, assistant) per earlier turn..., user] as role/content messages."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, answer in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": text}]
+
+
+def prompt_ids(tokenizer, fmt: PromptFormat, text: str, history: list[tuple[str, str]] = (),
+               system: str | None = None) -> list[int]:
+    """Token ids for `text` after the earlier (user, answer) turns in `history`, under `system`."""
+    return conversation_ids(tokenizer, fmt, chat_messages(text, history, system))
+
+
+def conversation_ids(tokenizer, fmt: PromptFormat, messages: list[dict]) -> list[int]:
+    """Token ids for a conversation that ends with a user turn, up to where the answer starts."""
     if fmt.kind == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("This tokenizer has no chat template: chat with a text template (train with "
                               "--template human-assistant) or pass --raw.")
-        messages = [m for user, answer in history
-                    for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
-        messages.append({"role": "user", "content": text})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
     if fmt.kind == "raw":
-        turns = [(user, answer) for user, answer in history]
-        texts = [piece for user, answer in turns for piece in (user, answer)]
-        return tokenizer("".join(texts) + text, add_special_tokens=True)["input_ids"]
-    template = fmt.template
-    ids: list[int] = []
-    for user, answer in history:
-        ids += tokenizer(template.prompt_text(user), add_special_tokens=not ids)["input_ids"]
-        ids += tokenizer(answer + template.suffix, add_special_tokens=False)["input_ids"]
-        ids.append(tokenizer.eos_token_id)
-    ids += tokenizer(template.prompt_text(text), add_special_tokens=not ids)["input_ids"]
-    return ids
+        return tokenizer("".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+    return template_prompt_ids(tokenizer, fmt.template, messages)
+
+
+def template_prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
+    """The prompt side of `messages` in `template`, tokenized span by span as training tokenized it."""
+    from ipylora.engine.data import tokenize_segments
+
+    segments = template.prompt_segments(list(messages))
+    # No length limit: training's --max-length cut is for rows with an answer; a prompt is sent whole.
+    return list(tokenize_segments([segments], tokenizer, max_length=1 << 62)["input_ids"][0])
 
 
 @contextlib.contextmanager

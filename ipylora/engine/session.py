@@ -376,29 +376,56 @@ class Session:
 
     # -- chat -------------------------------------------------------------------------------
     def chat(self, text: str, args: GenerateArgs = GenerateArgs(), on_text=None, raw: bool = False,
-             history: list[tuple[str, str]] = ()) -> dict:
+             history: list[tuple[str, str]] = (), system: str | None = None) -> dict:
         """Answer `text`, after the (user, answer) turns in `history`, with the active adapter (or
-        `args.adapter`; "base" for none), in the prompt format it was trained with."""
+        `args.adapter`; "base" for none), in the prompt format it was trained with. `system`: the
+        system prompt; None sends the one the adapter was trained with (`system_prompt`), "" none."""
         with self._holding_model():
-            adapter = self._chat_adapter(args.adapter)
-            ids = chat_module.prompt_ids(self.tokenizer, self.prompt_format(adapter, raw), text, history)
+            adapter, ids = self._chat_ids(text, args, raw, history, system)
             return chat_module.generate(self.model, self.tokenizer, ids, args, adapter, on_text)
 
     def start_chat(self, text: str, args: GenerateArgs = GenerateArgs(), history: list[tuple[str, str]] = (),
-                   raw: bool = False) -> chat_module.Generation:
+                   raw: bool = False, system: str | None = None) -> chat_module.Generation:
         """Like `chat`, but generating in a worker thread: iterate the result for text pieces, `stop()` it.
 
         The model stays reserved (training and other chats refuse) until the generation ends.
         """
         self._reserve_model()
         try:
-            adapter = self._chat_adapter(args.adapter)
-            ids = chat_module.prompt_ids(self.tokenizer, self.prompt_format(adapter, raw), text, history)
+            adapter, ids = self._chat_ids(text, args, raw, history, system)
             return chat_module.Generation(self.model, self.tokenizer, ids, args, adapter,
                                           on_done=lambda result: self._busy.release())
         except BaseException:
             self._busy.release()
             raise
+
+    def _chat_ids(self, text: str, args: GenerateArgs, raw: bool, history, system: str | None) -> tuple[str, list[int]]:
+        """(adapter, prompt token ids) for one chat turn."""
+        if raw and system:
+            raise ConfigError("--raw sends the text as is, without the template a system prompt goes into: "
+                              "drop --system, or drop --raw.")
+        adapter = self._chat_adapter(args.adapter)
+        if system is None:
+            system = None if raw else self.system_prompt(adapter).text
+        fmt = self.prompt_format(adapter, raw)
+        return adapter, chat_module.prompt_ids(self.tokenizer, fmt, text, history, system)
+
+    def system_prompt(self, adapter: str | None = None) -> chat_module.SystemPrompt:
+        """The system prompt chat sends `adapter` (None: the active one; "base": none) by default: the one
+        its training rows shared (run.json), or the most common with a note saying so. The base uses
+        the latest dataset's, as it uses that dataset's template."""
+        adapter = self._chat_adapter(adapter)
+        if adapter == "base":
+            if not self.datasets:
+                return chat_module.SystemPrompt(None)
+            dataset = list(self.datasets.values())[-1]
+            return chat_module.trained_system(dataset.system_summary(), dataset.system_prompts())
+        summary, name = _trained_system(self.adapter(adapter))
+        known = self.datasets.get(name)
+        prompts = known.system_prompts() if known is not None else None
+        if prompts is not None and known.system_summary() != {k: summary.get(k) for k in known.system_summary()}:
+            prompts = None  # the dataset of that name changed since: its counts are not the adapter's
+        return chat_module.trained_system(summary, prompts)
 
     def prompt_format(self, adapter: str, raw: bool = False) -> chat_module.PromptFormat:
         """How prompts for `adapter` ("base": none) are built: its training template (run.json), the
@@ -493,20 +520,32 @@ class Session:
         return SessionBusyError(f"Training is running{where}: run %lora_train --stop or wait for it to finish.")
 
     # -- compare, evaluate, export ------------------------------------------------------------
-    def compare(self, prompts: list[str], adapters: list[str], args: GenerateArgs = GenerateArgs()) -> dict:
-        """Each adapter's ("base": none) answer to each prompt, all on the one resident model."""
+    def compare(self, prompts: list, adapters: list[str], args: GenerateArgs = GenerateArgs(),
+                system: str | None = None) -> dict:
+        """Each adapter's ("base": none) answer to each prompt, all on the one resident model.
+
+        A prompt is a user text, sent under each adapter's trained system prompt (`system_prompt`),
+        or a conversation's prompt side as messages (`Example.messages`: system, earlier turns, the
+        last user turn), formatted in each adapter's own template. `system` replaces the system
+        prompt of both ("" removes it). The result's "prompts" are the last user turns.
+        """
         if not prompts:
             raise ConfigError("Nothing to compare: give a prompt, or --prompts-from DATASET.")
         adapters = list(dict.fromkeys(adapters))
-        answers = {}
+        answers, notes = {}, []
         with self._holding_model():
             for name in adapters:
                 self._chat_adapter(name)
             for name in adapters:
                 fmt = self.prompt_format(name)
-                ids = [chat_module.prompt_ids(self.tokenizer, fmt, prompt) for prompt in prompts]
+                default = self.system_prompt(name) if system is None else chat_module.SystemPrompt(system)
+                if default.note and any(isinstance(p, str) for p in prompts):
+                    notes.append(f"{name}: {default.note}")
+                conversations = [_compare_messages(p, default.text, system) for p in prompts]
+                ids = [chat_module.conversation_ids(self.tokenizer, fmt, messages) for messages in conversations]
                 answers[name] = chat_module.generate_batch(self.model, self.tokenizer, ids, args, name)
-        return {"prompts": list(prompts), "adapters": adapters, "answers": answers}
+        return {"prompts": [_last_user(p) for p in prompts], "context": [_context(p) for p in prompts],
+                "adapters": adapters, "answers": answers, "notes": notes}
 
     def evaluate(self, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
         """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
@@ -585,6 +624,41 @@ def _trained_template(adapter: Adapter) -> tuple[str, str, str]:
     path = Path(adapter.run_dir) / "run.json"
     data = read_json(path).get("dataset", {}) if path.exists() else {}
     return data.get("template_name", "custom"), data.get("template", adapter.template), data.get("name", adapter.dataset)
+
+
+def _trained_system(adapter: Adapter) -> tuple[dict, str]:
+    """(run.json's dataset record, dataset name) of the adapter: its system prompt summary."""
+    from ipylora.engine.runs import read_json
+
+    path = Path(adapter.run_dir) / "run.json"
+    data = read_json(path).get("dataset", {}) if path.exists() else {}
+    return data, data.get("name", adapter.dataset)
+
+
+def _compare_messages(prompt, default_system: str | None, system: str | None) -> list[dict]:
+    """A compare prompt as messages: a text under the default system prompt, or a row's prompt side
+    (its own system turn unless `system` replaces it)."""
+    if isinstance(prompt, str):
+        return chat_module.chat_messages(prompt, system=default_system)
+    return list(prompt) if system is None else chat_module.with_system(list(prompt), system)
+
+
+def _last_user(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _context(prompt) -> str:
+    """What a row's prompt side holds besides its last user turn ("" for a text prompt)."""
+    if isinstance(prompt, str):
+        return ""
+    parts = ["system prompt"] if any(m["role"] == "system" for m in prompt) else []
+    earlier = sum(m["role"] == "assistant" for m in prompt)
+    if earlier:
+        parts.append(f"{earlier} earlier turn{'s' if earlier > 1 else ''}")
+    return " + ".join(parts)
 
 
 def _model_source(record: dict) -> str:

@@ -148,17 +148,20 @@ class _Samples:
         self.session, self.prompts = session, list(args.samples)
         self.every = args.sample_every or max(1, steps // 5)
         self.template = dataset.template
+        # The system prompt the rows shared (or the most common): samples see what chat will send.
+        self.system = dataset.system_summary()["system"]
         self.generate_args = GenerateArgs(max_new_tokens=args.sample_max_new_tokens)
 
     def due(self, step: int, total: int) -> bool:
         return bool(self.prompts) and (step % self.every == 0 or step == total)
 
     def __call__(self, model, step: int):
-        from ipylora.engine.chat import generate
+        from ipylora.engine.chat import chat_messages, generate, template_prompt_ids
 
+        tokenizer = self.session.tokenizer
         for prompt in self.prompts:
-            answer = generate(model, self.session.tokenizer, self.template.prompt_text(prompt),
-                              self.generate_args, adapter=None)
+            ids = template_prompt_ids(tokenizer, self.template, chat_messages(prompt, system=self.system))
+            answer = generate(model, tokenizer, ids, self.generate_args, adapter=None)
             yield Sample(step=step, prompt=prompt, text=answer["text"])
 
 

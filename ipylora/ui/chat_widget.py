@@ -3,7 +3,8 @@
 Send starts a generation in the engine's worker thread (`Session.start_chat`); a second thread of
 the widget reads its text pieces and updates the reply in place (throttled), so the kernel stays
 free: Stop is a button click the kernel handles while the answer streams. Every turn is sent with
-the earlier turns of this conversation, formatted as the chosen adapter was trained.
+the earlier turns of this conversation, formatted as the chosen adapter was trained, after the
+system box's text: prefilled with the system prompt the adapter was trained with (emptied: none).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class ChatWidget:
         # torch.compile of the captured decode step: faster tokens after a one-time compile.
         self.compile = widgets.Checkbox(value=args.compile, description="compile (CUDA)", indent=False,
                                         disabled=not _cuda_available())
+        # The system prompt sent before the conversation; it follows the adapter menu until edited.
+        self.system = widgets.Textarea(description="system", placeholder="(no system prompt)",
+                                       layout=widgets.Layout(width="100%", height="3em"))
+        self.system_note = widgets.HTML()
+        self._default_system = None
+        self._prefill_system()
+        self.adapter.observe(lambda _: self._prefill_system(), names="value")
         self.transcript = widgets.HTML()
         self.reply = widgets.HTML()
         self.input = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="100%", height="4em"))
@@ -59,6 +67,7 @@ class ChatWidget:
         self.clear_button.on_click(lambda _: self.clear())
         self.root = widgets.VBox([
             widgets.HBox([self.adapter, self.temperature, self.top_p, self.max_new_tokens, self.compile]),
+            self.system, self.system_note,
             widgets.VBox([self.transcript, self.reply], layout=widgets.Layout(max_height="32em", overflow="auto")),
             self.input,
             widgets.HBox([self.send_button, self.stop_button, self.clear_button, self.status]),
@@ -82,7 +91,7 @@ class ChatWidget:
         args = GenerateArgs(adapter=self.adapter.value, max_new_tokens=self.max_new_tokens.value,
                             temperature=self.temperature.value, top_p=self.top_p.value, compile=self.compile.value)
         try:
-            generation = self.session.start_chat(text, args, history=list(self.history))
+            generation = self.session.start_chat(text, args, history=list(self.history), system=self.system.value)
         except IpyloraError as exc:
             self._set_status(str(exc), error=True)
             return None
@@ -154,6 +163,20 @@ class ChatWidget:
     def _set_status(self, text: str, error: bool = False) -> None:
         color = "#b00020" if error else "#666"
         self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+    # -- system prompt -----------------------------------------------------------------------
+    def _prefill_system(self) -> None:
+        """Put the chosen adapter's trained system prompt in the box, unless the user edited the box."""
+        try:
+            choice = self.session.system_prompt(self.adapter.value)
+        except IpyloraError as exc:
+            self.system_note.value = f"<span style='color:#b00020'>{html.escape(str(exc))}</span>"
+            return
+        if self._default_system is None or self.system.value == self._default_system:
+            self.system.value = choice.text or ""
+        self._default_system = choice.text or ""
+        note = f"{choice.note} — edit the box to choose another (empty: none)" if choice.note else ""
+        self.system_note.value = f"<span style='color:#888;font-size:85%'>{html.escape(note)}</span>"
 
     # -- adapters ----------------------------------------------------------------------------
     def _adapter_options(self) -> list[str]:

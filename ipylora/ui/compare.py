@@ -19,13 +19,19 @@ def _answer_note(answer: dict) -> str:
 
 
 def compare_table(result: dict, references: list[str] | None = None) -> Rendered:
-    """One row per prompt, one column per adapter ("base" = no adapter), plus the reference if known."""
+    """One row per prompt, one column per adapter ("base" = no adapter), plus the reference if known.
+
+    A dataset row's prompt is its last user turn; what came before it (a system prompt, earlier
+    turns: `result["context"]`), which every adapter was sent too, is named under it.
+    """
     names = result["adapters"]
     heads = ["prompt", *(["reference"] if references else []), *names]
+    contexts = result.get("context") or [""] * len(result["prompts"])
     html_rows, text_rows = [], []
     for i, prompt in enumerate(result["prompts"]):
-        cells = [f"<td style='{CELL}'>{html.escape(prompt)}</td>"]
-        lines = [f"## {prompt}"]
+        before = f"<br><span style='{MUTED}'>after the {html.escape(contexts[i])}</span>" if contexts[i] else ""
+        cells = [f"<td style='{CELL}'>{html.escape(prompt)}{before}</td>"]
+        lines = [f"## {prompt}" + (f"  (after the {contexts[i]})" if contexts[i] else "")]
         if references:
             cells.append(f"<td style='{CELL};color:#0b5d1e'>{html.escape(references[i])}</td>")
             lines.append(f"  reference: {references[i]}")
