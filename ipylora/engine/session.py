@@ -19,6 +19,7 @@ from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, r
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
 from ipylora.engine.events import Event, Notice, RunEnd, StepEnd
+from ipylora.engine.notes import before_training, train_tokens
 from ipylora.engine.runs import check_name
 from ipylora.engine.templates import get_template
 from ipylora.engine.tiny import TINY_MODEL_ID
@@ -264,7 +265,8 @@ class Session:
         args = replace(args, name=args.name or dataset)
         check_name(args.name, "run")
         model_id, _ = self._target_model(args.model)
-        args = resolve(args, tiny=model_id == TINY_MODEL_ID)
+        args = resolve(args, tiny=model_id == TINY_MODEL_ID, from_user=not resume,
+                       tokens=lambda: train_tokens(self, data, args.max_length))
         if not background:
             return self._train_now(data, args, reporter, wait, resume)
         if not wait and self._busy.locked():
@@ -305,6 +307,7 @@ class Session:
                               "tokens_per_s": 0.0, "eta_s": None}
             if args.gpus > 1:
                 return self._train_distributed(data, args, reporter, resume)
+            before_training(self, data, args, reporter, resume)
             self.ensure_model(args.model, args.quantization, args.trust_remote_code)
             graphdecode.release(self.model)  # chat's static cache and graph: training wants the memory
             end = run_training(self, data, args, reporter, self._stop_flag, resume)

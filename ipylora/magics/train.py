@@ -49,8 +49,9 @@ class TrainMagics(Magics):
     @argument("--lr", type=float, default=None, help="Peak learning rate.")
     @argument("--scheduler", default=None, help="constant, linear, cosine or constant_with_warmup.")
     @argument("--warmup-ratio", type=float, default=None, help="Share of steps for learning-rate warmup.")
-    @argument("--epochs", type=float, default=None, help="Passes over the data.")
-    @argument("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+    @argument("--epochs", type=float, default=None,
+              help="Passes over the data (tiny model: 43 for the demo's size, fewer for larger data).")
+    @argument("--steps", type=int, default=None, help="Optimizer steps, instead of --epochs.")
     @argument("--batch-size", type=int, default=None, help="Sequences per step.")
     @argument("--micro-batch-size", type=int, default=None,
               help="Sequences per forward pass; the rest of --batch-size is accumulated (halved on out-of-memory).")
@@ -119,10 +120,12 @@ class TrainMagics(Magics):
 
     def _dry_run(self, session, opts) -> None:
         from ipylora.engine.estimate import estimate
+        from ipylora.engine.notes import run_args
 
         if opts.resume or not opts.dataset:
             raise UsageError("--dry-run estimates a new run: %lora_train DATASET ... --dry-run.")
-        result = estimate(train_args(opts), session.dataset(opts.dataset), session=session)
+        data = session.dataset(opts.dataset)
+        result = estimate(run_args(session, data, train_args(opts)), data, session=session)
         print(f"Dry run of %lora_train {opts.dataset} (nothing loaded, nothing trained):")
         width = max(len(label) for label, _ in result.table())
         for label, value in result.table():
