@@ -197,3 +197,14 @@ def test_system_misuse_is_one_line(shell, capsys):
                          ("%lora_chat --system 'Be brief.'", "TEXT"),
                          ("%lora_chat --compare base,sys --raw hi", "--raw")]:
         assert_one_line_error(shell, capsys, line, needle)
+
+
+def test_a_chat_template_without_a_system_role_says_so(tiny_tokenizer):
+    from ipylora.engine import ConfigError
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(ConfigError, match="System role not supported.*--system none"):
+        prompt_ids(tok, PromptFormat("chat"), "hi", system="Be brief.")
+    assert tok.decode(prompt_ids(tok, PromptFormat("chat"), "hi")).strip() == "hi"

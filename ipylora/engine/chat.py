@@ -104,7 +104,14 @@ def conversation_ids(tokenizer, fmt: PromptFormat, messages: list[dict]) -> list
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("This tokenizer has no chat template: chat with a text template (train with "
                               "--template human-assistant) or pass --raw.")
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # jinja errors raised by the model's own template (e.g. "no system role")
+            if any(m["role"] == "system" for m in messages):
+                raise ConfigError(f"The model's chat template refused this conversation ({exc}): chat with "
+                                  "--system none, or train with --template chatml.") from None
+            raise ConfigError(f"The model's chat template refused this conversation ({exc}): use --raw, "
+                              "or train with --template chatml.") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
