@@ -1,8 +1,13 @@
 """Measuring an adapter (or the base model) on a dataset: how well it fits, and what it answers.
 
-One teacher-forced pass gives the eval loss (mean cross-entropy over the tokens training puts
-loss on: the response and EOS) and its perplexity. Then the model answers every prompt greedily,
-and each answer is scored against the row's response:
+One teacher-forced pass gives the eval loss and its perplexity. The loss is one measure
+everywhere: the mean cross-entropy per trained token over exactly the tokens training uses
+(`dataset.tokenize` of the split at the run's `max_length`: every assistant turn and its EOS,
+prompt tokens cut from the start where a row is too long). `token_loss` computes it, both for the
+eval loss the live panel shows during training and for `%lora_eval`, so the two agree.
+
+Then the model answers every prompt greedily (the templated prompt side: system prompt, earlier
+turns and the last user turn, as trained), and each answer is scored against the row's response:
 
 - exact match and token F1 after SQuAD's normalisation (lower case, punctuation and articles
   dropped, whitespace collapsed), so "A cat." matches "a cat";
@@ -11,7 +16,7 @@ and each answer is scored against the row's response:
 - whether the answer ended with EOS before `max_new_tokens` (a model that never stops is the
   classic pad == eos failure), and the answer length in tokens.
 
-The prompts go through the dataset's own template, tokenized as training tokenized them.
+Text rows without `--response-after` have no prompt to answer, so they get the loss only.
 """
 
 from __future__ import annotations
@@ -41,13 +46,13 @@ class EvalArgs:
     """Evaluate only the first N rows of the split."""
     worst: int = 5
     """How many of the lowest-scoring rows to keep and show."""
-    max_length: int = 1024
-    """Longest sequence for the eval loss, in tokens (as in training)."""
+    max_length: int | None = None
+    """Longest sequence for the eval loss, in tokens; None: the run's own max_length (run.json), else 1024."""
 
     def check(self) -> None:
         problems = [f"{flag} {value} must be at least {low}" for flag, value, low in (
             ("--max-new-tokens", self.max_new_tokens, 1), ("--batch-size", self.batch_size, 1),
-            ("--worst", self.worst, 0), ("--max-length", self.max_length, 8),
+            ("--worst", self.worst, 0), ("--max-length", self.max_length or 8, 8),
         ) if value < low]
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit {self.limit} must be at least 1")
@@ -97,7 +102,11 @@ def split_part(dataset, split: str):
 
 def dataset_examples(dataset, split: str = "all", limit: int | None = None) -> list[Example]:
     """The rows of `split` (the first `limit`), with raw prompt, templated text and reference."""
-    part = split_part(dataset, split)
+    return part_examples(split_part(dataset, split), limit)
+
+
+def part_examples(part, limit: int | None = None) -> list[Example]:
+    """The first `limit` rows of one split: the last user turn, the templated prompt side, the reference."""
     rows = list(range(len(part)))[:limit]
     pairs = part.pairs()
     suffix = getattr(part.template, "suffix", "")
@@ -110,6 +119,14 @@ def dataset_examples(dataset, split: str = "all", limit: int | None = None) -> l
         examples.append(Example(row, users[-1] if users else "", prompt_side, response_side, reference,
                                 tuple(messages)))
     return examples
+
+
+def answers_note(part) -> str | None:
+    """Why rows of `part` cannot be answered and scored (None when they can)."""
+    if getattr(part, "text_mode", False) and not part.args.response_after:
+        return ("text rows have no prompt/answer split: pass --response-after MARKER to %%lora_dataset "
+                "to score answers")
+    return None
 
 
 # -- scores -----------------------------------------------------------------------------------
@@ -168,40 +185,65 @@ def score(prediction: str, reference: str, scorer) -> dict:
 
 
 # -- the evaluation ---------------------------------------------------------------------------
-def eval_loss(model, tokenizer, examples: list[Example], batch_size: int, max_length: int) -> tuple[float, int]:
-    """(mean loss per trained token, number of trained tokens) under teacher forcing."""
+def part_tokens(part, tokenizer, max_length: int, limit: int | None = None) -> dict:
+    """The tokens training uses for the first `limit` rows of `part` (all rows: exactly the run's)."""
+    rows = range(limit) if limit is not None and limit < len(part) else None
+    return part.tokenize(tokenizer, max_length, rows=rows)
+
+
+def token_loss(model, tokens: dict, batch_size: int) -> tuple[float, int]:
+    """(mean cross-entropy per trained token, number of trained tokens) of `tokens` under teacher forcing.
+
+    `tokens` is `dataset.tokenize()`'s input_ids/labels. Every trained token weighs the same,
+    whatever its row's length or batch, so the figure does not depend on `batch_size` (the
+    Trainer's own eval_loss, a mean of per-batch means, did). Under torchrun every rank calls this
+    on the same rows with the same weights, so all ranks get the same loss without a collective
+    beyond FSDP's own.
+    """
     import torch
 
-    from ipylora.engine.data import IGNORE_INDEX, tokenize_pairs
+    from ipylora.engine.data import IGNORE_INDEX
 
-    tokens = tokenize_pairs([(e.prompt_side, e.response_side) for e in examples], tokenizer, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids_rows, label_rows = tokens["input_ids"], tokens["labels"]
+    order = sorted(range(len(ids_rows)), key=lambda i: len(ids_rows[i]))  # similar lengths pad less
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        ids = tokens["input_ids"][start:start + batch_size]
-        labels = tokens["labels"][start:start + batch_size]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-        target = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in labels], device=device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        target = target[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-        count += int((target != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(ids_rows[i]) for i in batch)
+            # Right padding behind a causal mask leaves the real positions' logits unchanged.
+            input_ids = torch.tensor([list(ids_rows[i]) + [0] * (width - len(ids_rows[i])) for i in batch], device=device)
+            mask = torch.tensor([[1] * len(ids_rows[i]) + [0] * (width - len(ids_rows[i])) for i in batch], device=device)
+            target = torch.tensor([list(label_rows[i]) + [IGNORE_INDEX] * (width - len(label_rows[i])) for i in batch],
+                                  device=device)[:, 1:]
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+            keep = target != IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum").item()
+            count += int(keep.sum())
     return (total / count if count else float("nan")), count
 
 
-def evaluate(model, tokenizer, examples: list[Example], adapter: str | None, args: EvalArgs = EvalArgs()) -> dict:
-    """Eval loss, perplexity and generation metrics of `adapter` ("base": none) on `examples`."""
+def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalArgs()) -> dict:
+    """Eval loss, perplexity and generation metrics of `adapter` ("base": none) on the split `part`.
+
+    `args.max_length` must be set (the caller picks the run's); rows whose answer alone does not
+    fit are left out of the loss, as training leaves them out.
+    """
     from ipylora.engine.chat import _eval_mode, adapter_context, generate_batch
 
     args.check()
     started = time.time()
+    tokens = part_tokens(part, tokenizer, args.max_length, args.limit)  # also resolves a `model` template
     with adapter_context(model, adapter), _eval_mode(model):
-        loss, loss_tokens = eval_loss(model, tokenizer, examples, args.batch_size, args.max_length)
+        loss, loss_tokens = token_loss(model, tokens, args.batch_size)
+    metrics = {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+    n = min(len(part), args.limit or len(part))
+    note = answers_note(part)
+    if note is not None:
+        return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": [], "answers": [], "note": note,
+                "settings": asdict(args), "seconds": time.time() - started}
+    examples = part_examples(part, args.limit)
     prompts = [tokenizer(e.prompt_side)["input_ids"] for e in examples]
     answers = generate_batch(model, tokenizer, prompts, GenerateArgs(max_new_tokens=args.max_new_tokens),
                              adapter, batch_size=args.batch_size)
@@ -211,18 +253,15 @@ def evaluate(model, tokenizer, examples: list[Example], adapter: str | None, arg
         rows.append({"row": example.row, "prompt": example.prompt, "reference": example.reference,
                      "answer": answer["text"], "stopped_at_eos": answer["stopped_at_eos"],
                      "answer_tokens": answer["tokens"], **score(answer["text"], example.reference, scorer)})
-    n = len(rows)
-    metrics = {
-        "eval_loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+    metrics.update({
         "exact_match": sum(r["exact_match"] for r in rows) / n,
         "f1": sum(r["f1"] for r in rows) / n,
         "rouge_l": sum(r["rouge_l"] for r in rows) / n,
         "eos_stop": sum(r["stopped_at_eos"] for r in rows) / n,
         "answer_tokens": sum(r["answer_tokens"] for r in rows) / n,
-    }
+    })
     worst = sorted(rows, key=lambda r: (r["rouge_l"], r["f1"], r["row"]))[:args.worst]
-    return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": worst, "answers": rows,
+    return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": worst, "answers": rows, "note": None,
             "settings": asdict(args), "seconds": time.time() - started}
 
 

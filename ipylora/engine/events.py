@@ -48,9 +48,12 @@ class StepEnd(Event):
 
 @dataclass(frozen=True)
 class EvalEnd(Event):
+    """Eval loss: mean cross-entropy per trained token of the eval split (`evaluate.token_loss`)."""
+
     step: int
     loss: float
     best: float
+    best_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Notice(Event):
     """Something the engine did on the user's behalf and should say (e.g. an OOM retry)."""
 
     message: str
+    keep: bool = False
+    """A warning the live panel keeps on screen until the run ends (e.g. overfitting)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class RunEnd(Event):
     adapter_dir: str | None
     elapsed: float
     message: str = ""
+    eval_loss: float | None = None
+    """The last eval loss, or the best one when early stopping kept the best adapter."""
 
 
 class Reporter(Protocol):
@@ -93,7 +100,8 @@ def console_reporter(every: int = 10, write: Callable[[str], None] = print) -> R
             write(f"[ipylora] step {event.step}/{event.total_steps} loss {event.loss:.4f} "
                   f"{event.tokens_per_s:,.0f} tok/s")
         elif isinstance(event, EvalEnd):
-            write(f"[ipylora] step {event.step} eval loss {event.loss:.4f} (best {event.best:.4f})")
+            best = f" at step {event.best_step}" if event.best_step is not None else ""
+            write(f"[ipylora] step {event.step} eval loss {event.loss:.4f} (best {event.best:.4f}{best})")
         elif isinstance(event, Sample):
             write(f"[ipylora] step {event.step} sample {event.prompt!r} -> {event.text!r}")
         elif isinstance(event, Notice):

@@ -552,22 +552,31 @@ class Session:
 
     def evaluate(self, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
         """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
-        appended to runs/NAME/eval.json. Returns this eval and the earlier ones."""
+        appended to runs/NAME/eval.json. Returns this eval and the earlier ones.
+
+        The loss is over the tokens training uses at the run's max_length (run.json), unless
+        `args.max_length` says otherwise, so it is the eval loss the run's panel showed.
+        """
         import time
 
         from ipylora.engine import evaluate as evaluate_module
+        from ipylora.engine.runs import read_json
 
         args = args or evaluate_module.EvalArgs()
         args.check()
-        examples = evaluate_module.dataset_examples(self.dataset(dataset), split, args.limit)
+        part = evaluate_module.split_part(self.dataset(dataset), split)
         if name != "base" and name not in self.adapters and (Path(output) / name / "run.json").exists():
             self.load_adapter(name, output=output)
+        run_dir = self.adapter(name).run_dir if name != "base" else Path(output) / "base"
+        if args.max_length is None:
+            record_path = Path(run_dir) / "run.json"
+            trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
+            args = replace(args, max_length=trained.get("max_length") or TrainArgs.max_length)
         with self._holding_model():
             self._chat_adapter(name)
-            result = evaluate_module.evaluate(self.model, self.tokenizer, examples, name, args)
-        run_dir = self.adapters[name].run_dir if name != "base" else Path(output) / "base"
+            result = evaluate_module.evaluate(self.model, self.tokenizer, part, name, args)
         record = {"name": name, "model": self.model_id, "dataset": dataset, "split": split, "time": time.time(),
-                  **{k: result[k] for k in ("rows", "metrics", "worst", "settings", "seconds")}}
+                  **{k: result[k] for k in ("rows", "metrics", "worst", "note", "settings", "seconds")}}
         history = evaluate_module.save_eval(Path(run_dir), record)
         return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}
 

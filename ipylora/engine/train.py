@@ -22,7 +22,7 @@ from pathlib import Path
 from ipylora.engine.config import GenerateArgs, TrainArgs
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError
-from ipylora.engine.events import EvalEnd, Event, RunEnd, RunStart, Sample, StepEnd
+from ipylora.engine.events import EvalEnd, Event, Notice, RunEnd, RunStart, Sample, StepEnd
 from ipylora.engine.runs import MetricsLog, check_name, claim_run_dir, read_json, replace_dir, write_json
 
 CHECKPOINTS = "checkpoints"
@@ -165,8 +165,61 @@ class _Samples:
             yield Sample(step=step, prompt=prompt, text=answer["text"])
 
 
+OVERFIT_RISES = 3
+"""Evals in a row whose eval loss rose (while train loss fell) before the run says it overfits."""
+
+
+def overfitting(evals: list[tuple[int, float, float]], rises: int = OVERFIT_RISES) -> bool:
+    """Whether eval loss rose at each of the last `rises` evals while train loss fell over them.
+
+    `evals` holds (step, eval loss, mean train loss logged since the eval before), oldest first.
+    """
+    if len(evals) <= rises:
+        return False
+    recent = evals[-(rises + 1):]
+    rising = all(later[1] > earlier[1] for earlier, later in zip(recent, recent[1:]))
+    return rising and recent[-1][2] < recent[0][2]
+
+
+def overfit_note(best_step: int, best_loss: float, last_loss: float, early_stop: int | None) -> str:
+    if early_stop:
+        advice = f"--early-stop {early_stop} stops after {early_stop} evals without a better one and keeps that adapter"
+    else:
+        advice = f"train with --early-stop {OVERFIT_RISES} to stop there and keep that adapter"
+    return (f"overfitting: eval loss rose {OVERFIT_RISES} evals in a row (now {last_loss:.4f}) while train loss fell; "
+            f"the best eval loss was {best_loss:.4f} at step {best_step}: {advice}")
+
+
+def _trainer(eval_tokens: dict | None, **kwargs):
+    """An SFTTrainer whose eval loss is `evaluate.token_loss` over the eval split's training tokens.
+
+    The Trainer's own eval_loss is a mean of per-batch means (a short row weighs as much as a
+    long one), so it would not be the figure `%lora_eval` reports. Under torchrun every rank
+    scores all eval rows (`self.model` is the FSDP-wrapped model, whose forward needs every rank;
+    DDP's is the plain module), so every rank gets the same loss and the same early-stop decision.
+    """
+    from trl import SFTTrainer
+
+    from ipylora.engine.evaluate import token_loss
+
+    class Trainer(SFTTrainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            model = self.model
+            training = model.training
+            model.eval()
+            try:
+                loss, count = token_loss(model, eval_tokens, self.args.per_device_eval_batch_size)
+            finally:
+                model.train(training)
+            metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": count}
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return Trainer(**kwargs)
+
+
 def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None,
-              run_dir: Path, adapter: str):
+              run_dir: Path, adapter: str, has_eval: bool = False):
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
@@ -175,12 +228,20 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
     class Callback(TrainerCallback):
         best_loss = math.inf
         best_state = None
+        best_step = None
         bad_evals = 0
         agreed = False  # under torchrun: every rank decided together to stop after this step
+        overfit = ""  # the overfitting note, said once per run
+
+        def __init__(self):
+            self.evals: list[tuple[int, float, float]] = []  # (step, eval loss, mean train loss since the last eval)
+            self.window: list[float] = []  # train losses logged since the last eval
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if distributed.world_size() > 1:
                 self.agreed = distributed.agree_to_stop(flag, run_dir)
+            if has_eval and state.global_step == steps:
+                control.should_evaluate = True  # the final eval loss is the saved adapter's
             self._maybe_stop(control)
             if samples.due(state.global_step, steps) and distributed.is_main():  # rank 0 reports them
                 for sample in samples(model, state.global_step):
@@ -188,6 +249,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
+                self.window.append(float(logs["loss"]))
                 emit(StepEnd(
                     step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
                     lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
@@ -197,17 +259,25 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
             loss = float((metrics or {}).get("eval_loss", math.nan))
+            train = sum(self.window) / len(self.window) if self.window else math.nan
+            self.window = []
+            self.evals.append((state.global_step, loss, train))
+            stopping = False
             if loss < self.best_loss:
-                self.best_loss, self.bad_evals = loss, 0
+                self.best_loss, self.best_step, self.bad_evals = loss, state.global_step, 0
                 if early_stop:
                     self.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-                    self.best_step = state.global_step
             else:
                 self.bad_evals += 1
                 if early_stop and self.bad_evals >= early_stop:
+                    stopping = True
                     flag.set("early-stopped")
                     control.should_training_stop = True
-            emit(EvalEnd(step=state.global_step, loss=loss, best=self.best_loss))
+            emit(EvalEnd(step=state.global_step, loss=loss, best=self.best_loss, best_step=self.best_step))
+            # Early stopping that fires now already keeps the best adapter and says so.
+            if not self.overfit and not stopping and self.best_step is not None and overfitting(self.evals):
+                self.overfit = overfit_note(self.best_step, self.best_loss, loss, early_stop)
+                emit(Notice(self.overfit, keep=True))
 
         def _maybe_stop(self, control):
             # Several ranks must stop at the same step, so they read only the flag they agreed on.
@@ -247,10 +317,10 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def _to_hf(part: LoraDataset, tokenizer, max_length: int):
+def _to_hf(tokens: dict):
     import datasets as hf_datasets
 
-    return hf_datasets.Dataset.from_dict(part.tokenize(tokenizer, max_length))
+    return hf_datasets.Dataset.from_dict(dict(tokens))
 
 
 def _parts(dataset: LoraDataset) -> tuple[LoraDataset, LoraDataset | None]:
@@ -262,7 +332,6 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
                  resume: bool = False, reuse_dir: bool = False) -> RunEnd:
     """Train one adapter named `args.name` on `dataset` (or continue it); returns the RunEnd event."""
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from ipylora.engine import distributed
 
@@ -277,8 +346,10 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     else:
         run_dir = checkpoint = None  # claimed below, once the data is known to be usable
     train_part, eval_part = _parts(dataset)
-    train_data = _to_hf(train_part, session.tokenizer, args.max_length)
-    eval_data = _to_hf(eval_part, session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
+    train_data = _to_hf(train_part.tokenize(session.tokenizer, args.max_length))
+    # The eval loss is over exactly these tokens, the ones %lora_eval scores at this max_length.
+    eval_tokens = eval_part.tokenize(session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
+    eval_data = _to_hf(eval_tokens) if eval_tokens is not None else None
     if args.early_stop and eval_data is None:
         raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
     if reuse_dir:
@@ -300,7 +371,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         if isinstance(event, StepEnd):
             last.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s)
         elif isinstance(event, EvalEnd):
-            last.update(eval_loss=event.loss, best_eval_loss=event.best)
+            last.update(eval_loss=event.loss, best_eval_loss=event.best, best_eval_step=event.best_step)
         session._on_event(event)
         if reporter is not None:
             reporter(event)
@@ -323,10 +394,11 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
     callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
-                         run_dir, name)
+                         run_dir, name, has_eval=eval_data is not None)
     trainer = None
     try:
-        trainer = SFTTrainer(
+        trainer = _trainer(
+            eval_tokens,
             model=model,
             args=sft_config(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
                             eval_data is not None, fast),
@@ -358,6 +430,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
             set_peft_model_state_dict(model, callback.best_state, adapter_name=name)
             message = f"kept the best eval loss {callback.best_loss:.4f} from step {callback.best_step}; "
+            last["eval_loss"] = callback.best_loss
         full_state = _gathered_state(trainer, status)
         del trainer
         model.eval()
@@ -369,12 +442,16 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         adapter = _save_adapter(model, name, run_dir, full_state) if saving else None
         elapsed = time.time() - started
         message += f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved"
+        if callback.overfit:
+            message += f"; {callback.overfit}"
         if status == "failed":
             message = f"failed: {message}"
         end = RunEnd(name=name, status=status, step=last["step"], total_steps=steps, final_loss=last["loss"],
-                     adapter_dir=str(adapter) if adapter else None, elapsed=elapsed, message=message)
+                     adapter_dir=str(adapter) if adapter else None, elapsed=elapsed, message=message,
+                     eval_loss=last["eval_loss"])
         record.update(status=status, step=last["step"], final_loss=last["loss"], eval_loss=last["eval_loss"],
-                      best_eval_loss=last.get("best_eval_loss"), tokens_per_s=last.get("tokens_per_s"),
+                      best_eval_loss=last.get("best_eval_loss"), best_eval_step=last.get("best_eval_step"),
+                      tokens_per_s=last.get("tokens_per_s"),
                       elapsed=elapsed + record.get("elapsed_before", 0.0), adapter=str(adapter) if adapter else None,
                       finished=time.time())
         record["elapsed_before"] = record["elapsed"]

@@ -22,12 +22,18 @@ class EvalMagics(Magics):
     @argument("-n", "--max-new-tokens", type=int, default=256, help="Most tokens per answer.")
     @argument("-b", "--batch-size", type=int, default=8, help="Rows per forward pass / batched generation.")
     @argument("-w", "--worst", type=int, default=5, help="How many of the worst rows to show.")
+    @argument("-m", "--max-length", type=int, default=None,
+              help="Longest row for the eval loss, in tokens (default: the run's --max-length, so the loss "
+                   "is the one its live panel showed; 1024 for base).")
     @argument("--output", default="runs", help="Folder that holds runs/<name>/ (eval.json goes there).")
     @line_magic
     @user_errors
     def lora_eval(self, line):
         """Eval loss, perplexity, exact match, token F1, ROUGE-L, EOS-stop share and answer length of an
         adapter on a dataset split; saved to runs/NAME/eval.json and shown beside earlier evals.
+
+        The eval loss is the live panel's: mean cross-entropy per trained token over the tokens
+        training uses. Text rows without --response-after get the loss and perplexity only.
 
             %lora_eval sd-prompts --on concepts
             %lora_eval base --on concepts:eval --limit 20
@@ -38,6 +44,8 @@ class EvalMagics(Magics):
         opts = parse(self.lora_eval, line)
         dataset, split = parse_dataset_spec(opts.on)
         args = EvalArgs(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, limit=opts.limit,
-                        worst=opts.worst)
+                        worst=opts.worst, max_length=opts.max_length)
         result = get_session().evaluate(opts.name, dataset, split, args, output=opts.output)
         display(eval_table(result, result["history"]))
+        if result.get("note"):
+            print(f"Loss and perplexity only: {result['note']}.")

@@ -85,6 +85,7 @@ class NotebookReporter:
         self.lrs: list[float] = []
         self.samples: list[Sample] = []
         self.notices: list[str] = []
+        self.warnings: list[str] = []  # notices kept under the progress line until the run ends
         self.name = ""
         self.stop_button = None
         self._plot = self._line = self._samples = None
@@ -119,6 +120,8 @@ class NotebookReporter:
             self._eval_loss = event.loss
         elif isinstance(event, Notice):
             self.notices.append(event.message)
+            if event.keep:
+                self.warnings.append(event.message)
             self._update_line(event.message)
         elif isinstance(event, Sample):
             self.samples.append(event)
@@ -127,9 +130,12 @@ class NotebookReporter:
             if self.curves["steps"]:
                 self._draw(event.step, event.total_steps, event.status)
             loss = f"final loss {event.final_loss:.4f}" if event.final_loss is not None else "no loss"
-            if self._eval_loss is not None:
-                loss += f", eval loss {self._eval_loss:.4f}"
-            notes = "".join(f" ({note})" for note in self.notices)
+            eval_loss = event.eval_loss if event.eval_loss is not None else self._eval_loss
+            if eval_loss is not None:
+                loss += f", eval loss {eval_loss:.4f}"
+            # The end message repeats what matters (the overfitting note): say it once.
+            notes = "".join(f" ({note})" for note in self.notices if note not in event.message)
+            self.warnings = []
             self._update_line(f"{event.name} {event.status}: {event.step}/{event.total_steps} steps in "
                               f"{duration(event.elapsed)}, {loss}; {event.message}{notes}")
             if self.stop_button is not None:
@@ -181,7 +187,8 @@ class NotebookReporter:
             self._samples.update(content)
 
     def _update_line(self, text: str) -> None:
-        content = Rendered(f"<code>{html.escape(text)}</code>", text)
+        lines = [text, *(f"⚠ {warning}" for warning in self.warnings if warning != text)]
+        content = Rendered("<br>".join(f"<code>{html.escape(line)}</code>" for line in lines), "\n".join(lines))
         if self._line is None:
             self._line = display(content, display_id=True)
         else:
