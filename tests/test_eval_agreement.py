@@ -153,3 +153,30 @@ def test_text_rows_get_loss_only_unless_split_by_a_marker(monkeypatch, capsys):
     split = s.evaluate("base", "split", args=EvalArgs(max_new_tokens=4))
     assert split["note"] is None and "rouge_l" in split["metrics"] and len(split["answers"]) == 4
     assert all(row["prompt"] and "[/INST]" not in row["reference"] for row in split["answers"])
+
+
+def test_token_loss_weighs_every_trained_token_the_same(session):
+    from ipylora.engine.chat import _eval_mode, adapter_context
+    from ipylora.engine.evaluate import token_loss
+
+    session.ensure_model()
+    tokens = session.dataset("held").eval.tokenize(session.tokenizer, 1024)
+    with adapter_context(session.model, "base"), _eval_mode(session.model):
+        one, count = token_loss(session.model, tokens, 1)
+        four, _ = token_loss(session.model, tokens, 4)
+    assert count == sum(label != -100 for row in tokens["labels"] for label in row[1:])
+    assert four == pytest.approx(one, abs=1e-5)  # the batch size does not change the measure
+
+
+def test_early_stop_keeps_the_best_adapter_whose_eval_lora_eval_repeats(concepts, tmp_path):
+    s = Session()
+    s.add_dataset("tiny", _overfit_data(concepts), DataArgs(prompt=PROMPT, response="{description}"))
+    events = []
+    end = s.train("tiny", TrainArgs(name="kept", steps=60, eval_every=3, batch_size=6, early_stop=3,
+                                    output=str(tmp_path)), reporter=events.append)
+    evals = [e for e in events if isinstance(e, EvalEnd)]
+    best = min(evals, key=lambda e: e.loss)
+    assert end.status == "early-stopped" and evals[-1].step - best.step == 9 and end.eval_loss == best.loss
+    assert not [e for e in events if isinstance(e, Notice) and "overfitting" in e.message]  # early stop said it
+    again = s.evaluate("kept", "tiny", "eval", output=str(tmp_path))
+    assert again["metrics"]["eval_loss"] == pytest.approx(best.loss, abs=1e-4)
