@@ -86,15 +86,18 @@ def test_merge_of_a_4bit_run_dequantizes_the_base(concepts, tmp_path):
 def test_exported_script_reproduces_the_run(shell, session, tmp_path, capsys):
     script = tmp_path / "export" / "train.py"
     shell.run_line_magic("lora_export", f"small --script {script}")
+    assert "train.data.jsonl" in capsys.readouterr().out
     source = script.read_text()
     assert not re.search(r"^\s*(import|from) ipylora", source, re.M)
-    assert (tmp_path / "export" / "train.data.jsonl").read_text().count("\n") == ROWS
+    rows = (tmp_path / "export" / "train.data.jsonl").read_text().splitlines()
+    assert len(rows) == ROWS and set(json.loads(rows[0])) == {"concept", "description"}
     done = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "script-adapter")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     final = float(re.search(r"final_loss=([0-9.]+)", done.stdout).group(1))
     notebook = json.loads((session.adapters["small"].run_dir / "run.json").read_text())["final_loss"]
     assert abs(final - notebook) <= 0.05 * notebook, (final, notebook)
+    assert "{'loss'" not in done.stdout and len(re.findall(r"^step \d+/40 ", done.stdout, re.M)) == 10
     assert (tmp_path / "script-adapter" / "adapter_config.json").exists()
 
 

@@ -12,7 +12,9 @@ same seed.
 from __future__ import annotations
 
 import json
+import math
 import os
+import pprint
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,49 +119,105 @@ def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None
 
 
 # -- the standalone script --------------------------------------------------------------------
+# The script is export_script.py beside this module, with SETTINGS filled in from run.json. It
+# re-implements the built-in formats, the two template kinds (format strings, Jinja chat
+# templates; `model` is recorded as Jinja) and the tokenizer step; tests/test_export_formats.py
+# checks its tokens against the engine's for every format.
+SCRIPT = Path(__file__).with_name("export_script.py")
+SCRIPT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text")
+TRAIN_KEYS = ("lr", "scheduler", "warmup_ratio", "epochs", "steps", "batch_size", "micro_batch_size",
+              "max_grad_norm", "max_length", "seed")
+
+
+def data_path(script: Path) -> Path:
+    """Where the run's rows go beside `script` (train.py -> train.data.jsonl)."""
+    return Path(script).with_name(Path(script).stem + ".data.jsonl")
+
+
 def script_settings(record: dict, model_source: str) -> dict:
     """The constants the script needs, from run.json."""
-    data = record["dataset"]
-    if data.get("template_name") in ("model", "chat") or "{response}" not in data.get("template", ""):
-        raise ConfigError(f"Run {record['name']!r} used the template {data.get('template_name')!r}; the exported "
-                          "script reproduces string templates ({prompt} ... {response}) only.")
-    prefix, suffix = data["template"].split("{response}")
-    train = record["train"]
+    from ipylora.engine.templates import ChatTemplate, FormatTemplate, get_template
+
+    data, train = record["dataset"], record["train"]
+    fmt = data.get("format", "prompt-completion")
+    fields = data.get("fields") or {"prompt": data["prompt"], "completion": data["response"]}  # older run.json
+    if fmt not in SCRIPT_FORMATS:
+        raise ConfigError(f"Run {record['name']!r} read its data with the plugin format {fmt!r}; the exported "
+                          f"script knows the built-in formats ({', '.join(SCRIPT_FORMATS)}): convert the data to "
+                          "one of them (e.g. a messages column) and train again.")
+    template = get_template(data["template"])
+    if isinstance(template, FormatTemplate):
+        shape = {"kind": "format", "name": data.get("template_name"), "prefix": template.prefix,
+                 "suffix": template.suffix}
+    elif isinstance(template, ChatTemplate):
+        shape = {"kind": "jinja", "name": data.get("template_name"), "source": template.source,
+                 "bos_token": template.bos_token, "eos_token": template.eos_token, "strip_bos": template.strip_bos}
+    else:
+        raise ConfigError(f"Run {record['name']!r} used the template {data.get('template_name')!r}, a "
+                          f"{type(template).__name__} plugin the script cannot rebuild: train with a format-string "
+                          "or Jinja template (e.g. --template chatml) to export it.")
     return {
         "name": record["name"],
         "model": model_source,
         "model_id": record["model"],
         "quantization": record.get("quantization"),
-        "prompt": data["prompt"],
-        "response": data["response"],
-        "prefix": prefix,
-        "suffix": suffix,
-        "train_on_prompt": bool(data.get("train_on_prompt")),
         "trust_remote_code": bool(train.get("trust_remote_code")),
+        "format": fmt,
+        "fields": dict(fields),
+        "response_after": data.get("response_after"),
+        "template": shape,
+        "train_on_prompt": bool(data.get("train_on_prompt")),
+        "split": {k: data.get(k) for k in ("shuffle", "limit", "eval", "eval_from")} | {"seed": data.get("seed", 42)},
         "lora": record["lora"],
-        "train": {k: train.get(k) for k in ("lr", "scheduler", "warmup_ratio", "epochs", "steps", "batch_size",
-                                             "max_grad_norm", "max_length", "seed")},
+        "train": {k: train.get(k) for k in TRAIN_KEYS},
         "final_loss": record.get("final_loss"),
+        "versions": record.get("versions", {}),
     }
 
 
 def write_data(frame, path: Path) -> Path:
-    """The dataset's table as JSON lines of strings (exactly the cells training formatted)."""
+    """The rows as JSON lines, structured as they were: lists and dicts stay JSON, a missing cell is null."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = [str(c) for c in frame.columns]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for record in frame.astype(str).to_dict("records"):
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for values in frame.itertuples(index=False, name=None):
+            row = {c: _jsonable(v) for c, v in zip(columns, values)}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def write_script(settings: dict, data_path: str, path: Path, version: str) -> Path:
-    """Write the standalone training script to `path` (atomically) and make it executable."""
-    text = SCRIPT.format(
-        name=settings["name"], version=version, model_id=settings["model_id"], script=Path(path).name,
-        settings=_pretty({**settings, "data": data_path}),
-    )
+def _jsonable(value):
+    """A cell as JSON: numpy arrays (parquet lists) -> lists, numpy scalars -> numbers, NaN -> None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy arrays and scalars
+        return _jsonable(value.tolist())
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    import pandas as pd
+
+    return None if pd.isna(value) else str(value)  # pd.NA, NaT, timestamps: as the engine formats them
+
+
+def write_script(settings: dict, data_ref: str, path: Path, version: str, rows_file: bool) -> Path:
+    """Write the standalone training script to `path` (atomically) and make it executable.
+
+    `data_ref` is the data file the script reads by default: the run's rows beside the script
+    (`rows_file`: already shuffled and split) or the user's own table (the script splits it).
+    """
+    pretty = pprint.pformat({**settings, "data": data_ref, "data_is_split": rows_file}, sort_dicts=False, width=100)  # True/None, not JSON
+    text = (SCRIPT.read_text("utf-8").replace("__RUN_NAME__", repr(settings["name"]))
+            .replace("__IPYLORA_VERSION__", version)
+            .replace("SETTINGS = {}  # filled in by %lora_export", "SETTINGS = " + pretty))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -168,139 +226,3 @@ def write_script(settings: dict, data_path: str, path: Path, version: str) -> Pa
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
     return path
-
-
-def _pretty(settings: dict) -> str:
-    # Python literals (True/None), not JSON (true/null).
-    import pprint
-
-    return pprint.pformat(settings, sort_dicts=False, width=100)
-
-
-SCRIPT = '''#!/usr/bin/env python
-"""Retrain the LoRA adapter {name!r} outside the notebook: transformers + peft + trl only.
-
-Written by ipylora {version} from runs/{name}/run.json. It repeats that run's recipe exactly:
-each row's prompt and response are formatted from the data file's columns, wrapped in the
-template, tokenized separately (prompt with BOS, response without), EOS appended; loss is on
-the response and EOS only. Same LoRA shape, same SFTConfig, same seed.
-
-    python {script} [--data FILE] [--model PATH_OR_ID] [--output DIR]
-
-The data file is JSON lines, CSV or TSV with the columns the formats below name. The base model
-was {model_id!r}; MODEL is where it was loaded from.
-"""
-
-import argparse
-import csv
-import json
-import math
-import tempfile
-from pathlib import Path
-
-import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
-from trl import SFTConfig, SFTTrainer
-
-SETTINGS = {settings}
-
-
-def read_rows(path):
-    """The data file as a list of {{column: string}} dicts."""
-    path = Path(path)
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter="\\t" if path.suffix == ".tsv" else ","))
-    if path.suffix == ".json":
-        return [{{k: str(v) for k, v in row.items()}} for row in json.loads(path.read_text("utf-8"))]
-    with open(path, encoding="utf-8") as handle:
-        return [{{k: str(v) for k, v in json.loads(line).items()}} for line in handle if line.strip()]
-
-
-def tokenize(rows, tokenizer):
-    """input_ids and labels: prompt tokens masked (-100), response + EOS trained."""
-    input_ids, labels = [], []
-    max_length, eos = SETTINGS["train"]["max_length"], tokenizer.eos_token_id
-    for row in rows:
-        prompt = SETTINGS["prefix"].replace("{{prompt}}", SETTINGS["prompt"].format_map(row))
-        response = SETTINGS["response"].format_map(row) + SETTINGS["suffix"]
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        mask = prompt_ids if SETTINGS["train_on_prompt"] else [-100] * len(prompt_ids)
-        input_ids.append((prompt_ids + response_ids + [eos])[:max_length])
-        labels.append((mask + response_ids + [eos])[:max_length])
-    return Dataset.from_dict({{"input_ids": input_ids, "labels": labels}})
-
-
-def load(model_path):
-    """Tokenizer and base model; precision from the hardware (bf16 GPU, fp16 older GPU, fp32 CPU)."""
-    trust = SETTINGS["trust_remote_code"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from the mask above
-    cuda = torch.cuda.is_available()
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    kwargs = dict(dtype=dtype, trust_remote_code=trust)
-    if SETTINGS["quantization"] == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    elif SETTINGS["quantization"] == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if SETTINGS["quantization"]:
-        kwargs["device_map"] = {{"": 0}} if cuda else {{"": "cpu"}}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if not SETTINGS["quantization"]:
-        model.to("cuda" if cuda else "cpu")
-    return tokenizer, model, dtype
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=SETTINGS["data"], help="Data file (jsonl, json, csv, tsv).")
-    parser.add_argument("--model", default=SETTINGS["model"], help="Base model folder or hub id.")
-    parser.add_argument("--output", default="runs-script/" + SETTINGS["name"], help="Where the adapter goes.")
-    cli = parser.parse_args()
-    train = SETTINGS["train"]
-
-    data_path = Path(cli.data)
-    if not data_path.is_absolute() and not data_path.exists():  # the default sits beside this script
-        data_path = Path(__file__).resolve().parent / data_path
-    tokenizer, model, dtype = load(cli.model)
-    data = tokenize(read_rows(data_path), tokenizer)
-    steps = train["steps"] or max(1, math.ceil(train["epochs"] * math.ceil(len(data) / train["batch_size"])))
-
-    set_seed(train["seed"])
-    if SETTINGS["quantization"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = SETTINGS["lora"]
-    targets = lora["target_modules"]
-    model = get_peft_model(model, LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none", task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-    ))
-
-    cuda = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory() as scratch:
-        config = SFTConfig(
-            output_dir=scratch, max_steps=steps, per_device_train_batch_size=train["batch_size"],
-            gradient_accumulation_steps=1, learning_rate=train["lr"], lr_scheduler_type=train["scheduler"],
-            warmup_steps=int(round(train["warmup_ratio"] * steps)), weight_decay=0.0,
-            max_grad_norm=train["max_grad_norm"], bf16=cuda and dtype == torch.bfloat16,
-            fp16=cuda and dtype == torch.float16, use_cpu=not cuda, gradient_checkpointing=False,
-            logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", seed=train["seed"],
-            data_seed=train["seed"], dataloader_num_workers=0, dataset_kwargs={{"skip_prepare_dataset": True}},
-            max_length=None, remove_unused_columns=False,
-        )
-        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    model.save_pretrained(cli.output)
-    print(f"steps={{steps}} final_loss={{losses[-1]:.6f}} notebook_final_loss={{SETTINGS['final_loss']}}")
-    print(f"adapter saved to {{cli.output}}")
-
-
-if __name__ == "__main__":
-    main()
-'''

@@ -595,7 +595,8 @@ class Session:
     def export_script(self, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
         """Write a standalone transformers + peft + trl script that retrains run `name` from a data file.
 
-        Without `data`, the rows the run trained on are written beside the script (NAME.data.jsonl).
+        Without `data`, the rows the run trained on are written beside the script (NAME.data.jsonl,
+        structured as in the table); with it, the script reads that file and splits it as the run did.
         """
         from ipylora import __version__
         from ipylora.engine import export
@@ -606,10 +607,9 @@ class Session:
         if data is not None:
             if not Path(data).exists():
                 raise UnknownNameError(f"--data {data!r} does not exist: give the file the dataset was made from.")
-            data_ref = str(Path(data).resolve())
-        else:
-            data_ref = export.write_data(self._trained_frame(record), path.with_name(path.stem + ".data.jsonl")).name
-        return export.write_script(settings, data_ref, path, __version__)
+            return export.write_script(settings, str(Path(data).resolve()), path, __version__, rows_file=False)
+        rows = export.write_data(self._trained_frame(record), export.data_path(path))
+        return export.write_script(settings, rows.name, path, __version__, rows_file=True)
 
     def _run_dir(self, name: str, output: str) -> Path:
         if name in self.adapters:
@@ -617,12 +617,12 @@ class Session:
         return Path(output) / check_name(name, "run")
 
     def _trained_frame(self, record: dict):
-        """The rows run `record` trained on, from the dataset still in this session."""
+        """The rows run `record` trained on (its train split), from the dataset still in this session."""
         described = record["dataset"]
         dataset = self.datasets.get(described["name"])
-        same = dataset is not None and all(
-            dataset.describe().get(key) == described.get(key) for key in ("prompt", "response", "template"))
-        if not same:
+        keys = ("rows", "format", "fields", "template", "train_on_prompt", "response_after", "shuffle", "seed",
+                "limit", "eval", "eval_from")
+        if dataset is None or any(dataset.describe().get(k) != described.get(k) for k in keys if k in described):
             raise UnknownNameError(f"Dataset {described['name']!r} of run {record['name']!r} is not in this session "
                                    "as it was trained: pass --data FILE (the table it was made from).")
         part = dataset.splits()["train"] if hasattr(dataset, "splits") else dataset

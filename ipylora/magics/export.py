@@ -6,6 +6,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ipylora.engine import get_session
+from ipylora.engine.export import data_path
 from ipylora.magics.args import parse
 from ipylora.magics.common import user_errors
 
@@ -39,15 +40,19 @@ class ExportMagics(Magics):
     @magic_arguments()
     @argument("name", help="Run name.")
     @argument("-s", "--script", required=True, help="Path of the Python script to write, e.g. train.py.")
-    @argument("--data", default=None, help="Data file the script reads (default: the run's rows, written beside the script).")
+    @argument("--data", default=None, help="The table the dataset was made from (csv/tsv/json/jsonl), which the script "
+                                           "reads and splits as the run did (default: the run's rows, written beside it).")
     @argument("--output", default="runs", help="Folder that holds runs/<name>/.")
     @line_magic
     @user_errors
     def lora_export(self, line):
-        """Write a standalone script (transformers + peft + trl, no ipylora) that retrains the run.
+        """Write a standalone script (transformers + peft + trl, no ipylora) that retrains the run: same
+        formatting, tokens and loss mask for every data format and template, same LoRA shape and seed.
 
             %lora_export sd-prompts --script train.py
         """
         opts = parse(self.lora_export, line)
         path = get_session().export_script(opts.name, opts.script, data=opts.data, output=opts.output)
-        print(f"wrote {path}: run it with python {path}")
+        rows = f" and {data_path(path)} (the rows it trained on)" if opts.data is None else ""
+        print(f"wrote {path}{rows}: run it with python {path} --output DIR; it prints its final loss beside "
+              "the notebook's")
