@@ -383,6 +383,7 @@ class Session:
         """Answer `text`, after the (user, answer) turns in `history`, with the active adapter (or
         `args.adapter`; "base" for none), in the prompt format it was trained with. `system`: the
         system prompt; None sends the one the adapter was trained with (`system_prompt`), "" none."""
+        _check_raw(raw, system)
         with self._holding_model():
             adapter, ids = self._chat_ids(text, args, raw, history, system)
             return chat_module.generate(self.model, self.tokenizer, ids, args, adapter, on_text)
@@ -393,6 +394,7 @@ class Session:
 
         The model stays reserved (training and other chats refuse) until the generation ends.
         """
+        _check_raw(raw, system)
         self._reserve_model()
         try:
             adapter, ids = self._chat_ids(text, args, raw, history, system)
@@ -404,9 +406,6 @@ class Session:
 
     def _chat_ids(self, text: str, args: GenerateArgs, raw: bool, history, system: str | None) -> tuple[str, list[int]]:
         """(adapter, prompt token ids) for one chat turn."""
-        if raw and system:
-            raise ConfigError("--raw sends the text as is, without the template a system prompt goes into: "
-                              "drop --system, or drop --raw.")
         adapter = self._chat_adapter(args.adapter)
         if system is None:
             system = None if raw else self.system_prompt(adapter).text
@@ -645,6 +644,12 @@ def _trained_system(adapter: Adapter) -> tuple[dict, str]:
     path = Path(adapter.run_dir) / "run.json"
     data = read_json(path).get("dataset", {}) if path.exists() else {}
     return data, data.get("name", adapter.dataset)
+
+
+def _check_raw(raw: bool, system: str | None) -> None:
+    if raw and system:
+        raise ConfigError("--raw sends the text as is, without the template a system prompt goes into: "
+                          "drop --system, or drop --raw.")
 
 
 def _compare_messages(prompt, default_system: str | None, system: str | None) -> list[dict]:

@@ -58,19 +58,16 @@ class ChatMagics(Magics):
             raise UsageError("Choose one of --4bit and --8bit.")
         if (opts.q4 or opts.q8 or opts.trust_remote_code) and not opts.model:
             raise UsageError("--4bit, --8bit and --trust-remote-code go with --model NAME (the model to load).")
+        text, system = _unescape(text), _system_option(opts.system)
         if opts.model:
             session.ensure_model(opts.model, "4bit" if opts.q4 else "8bit" if opts.q8 else None,
                                  opts.trust_remote_code)
-        text, system = _unescape(text), _system_option(opts.system)
         if opts.compare or opts.prompts_from:
             return self._compare(session, opts, text, args, system)
         if not text:
             if opts.raw or system is not None:
                 raise UsageError("--raw and --system go with a TEXT to answer (the widget has its own system box).")
             return self._widget(session, args)
-        if opts.raw and system:
-            raise UsageError("--raw sends the text as is, without the template a system prompt goes into: "
-                             "drop --system, or drop --raw.")
         if system is None and not opts.raw:
             note = session.system_prompt(args.adapter).note
             if note:
