@@ -14,13 +14,15 @@ dataset object itself is the train split, `splits()["eval"]` the held-out rows.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from ipylora.engine import formats
+from ipylora.engine import formats, preference
+from ipylora.engine.preference import PREFERENCE_KIND, UNPAIRED_KIND
 from ipylora.engine.config import DataArgs
 from ipylora.engine.errors import DatasetError
 from ipylora.engine.templates import PLAIN, Template, get_template
@@ -46,6 +48,8 @@ class LoraDataset:
         self.mapping = formats.resolve(self.frame, self.args.format, self.args.columns,
                                        self.args.prompt, self.args.response)
         self.text_mode = self.mapping.text_mode
+        self.kind: str = getattr(self.mapping.format, "kind", "sft")
+        """"sft", "preference" or "unpaired-preference": the shape training methods check (`require`)."""
         self.marker = self.args.response_after
         if self.marker is not None and not self.text_mode:
             raise DatasetError(f"--response-after splits rows of format text, but this data is "
@@ -57,6 +61,7 @@ class LoraDataset:
             self._spec = _marker_template(self._texts(), self.marker)
         self.template: Template = self._spec
         self._conversations: list | None = None
+        self._rows: list | None = None
         self._tokens: tuple | None = None
         self.truncation: Truncation | None = None
         self.eval: LoraDataset | None = None
@@ -86,6 +91,10 @@ class LoraDataset:
         return fields.get("completion") or fields.get("output") or fields.get("text") or next(iter(fields.values()))
 
     def __len__(self) -> int:
+        """The rows SFT, chat and eval read: every row, except that unpaired preference data counts
+        its desirable (label true) rows only; `len(frame)` counts them all."""
+        if self.kind == UNPAIRED_KIND:
+            return len(self.conversations())
         return len(self.frame)
 
     def splits(self) -> dict[str, LoraDataset]:
@@ -97,6 +106,8 @@ class LoraDataset:
         if self._conversations is None:
             if self.marker:
                 conversations = _marker_conversations(self._texts(), self.marker, self._spec)
+            elif self.kind != "sft":  # the chosen / desirable answers
+                conversations = preference.conversations(self.preference_rows())
             else:
                 conversations = self.mapping.conversations(self.frame)
             responses = [m["content"] for conv in conversations for m in conv if m["role"] == "assistant"]
@@ -136,6 +147,54 @@ class LoraDataset:
         last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=len(conv))
         return [dict(m) for m in conv[:last]]
 
+    # -- preference data (preference.py) --------------------------------------------------------
+    def require(self, kind: str, who: str = "This") -> None:
+        """Refuse data of another shape in one line naming the columns and a mapping to try: `who`
+        says what needs it ("--method dpo"). Paired data also serves unpaired methods (`unpaired_rows`)."""
+        if self.kind != kind and not (kind == UNPAIRED_KIND and self.kind == PREFERENCE_KIND):
+            raise preference.kind_error(self.name, self.mapping, self.columns, kind, who)
+
+    def preference_rows(self) -> list:
+        """Every row as `preference.Preference` (paired data) or `preference.Unpaired` (unpaired)."""
+        if self._rows is None:
+            if self.kind == "sft":
+                raise preference.kind_error(self.name, self.mapping, self.columns, PREFERENCE_KIND)
+            self._rows = self.mapping.rows(self.frame)
+        return self._rows
+
+    def unpaired_rows(self) -> list:
+        """Rows as `preference.Unpaired`: unpaired data as is, each pair as a desirable chosen and an
+        undesirable rejected row (as TRL's KTO reads paired data)."""
+        self.require(UNPAIRED_KIND)
+        rows = self.preference_rows()
+        return preference.unpair(rows) if self.kind == PREFERENCE_KIND else rows
+
+    def preference_tokens(self, tokenizer, max_length: int, rows=None) -> Tokens:
+        """`prompt_ids`, `chosen_ids`, `rejected_ids` per kept row (TRL DPOTrainer's pre-tokenized keys;
+        the answers exclude the prompt), from the template spans SFT uses: `prompt_ids + chosen_ids` is
+        the SFT row of the chosen conversation. A row too long loses prompt tokens from the start (BOS
+        kept) to fit beside its longer answer; a row whose longer answer alone does not fit is left out
+        (`.truncation` counts both)."""
+        self.require(PREFERENCE_KIND)
+        return self._preference_tokens(PREFERENCE_KIND, self.preference_rows(), tokenizer, max_length, rows)
+
+    def unpaired_tokens(self, tokenizer, max_length: int, rows=None) -> Tokens:
+        """`prompt_ids`, `completion_ids`, `label` (bool) per kept row: TRL KTOTrainer's pre-tokenized
+        keys; fitted to `max_length` like `preference_tokens`. Paired data gives two rows per pair."""
+        return self._preference_tokens(UNPAIRED_KIND, self.unpaired_rows(), tokenizer, max_length, rows)
+
+    def _preference_tokens(self, shape: str, all_rows: list, tokenizer, max_length: int, rows) -> Tokens:
+        self.template = self._spec.resolve(tokenizer)
+        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, shape):
+            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+            return tokens
+        picked = all_rows if rows is None else [all_rows[i] for i in _indices(rows, len(all_rows))]
+        build = preference.preference_tokens if shape == PREFERENCE_KIND else preference.unpaired_tokens
+        tokens = build(picked, self.template, tokenizer, max_length)
+        if rows is None:
+            self.truncation = tokens.truncation
+        return tokens
+
     def segments(self, rows=None, template: Template | None = None) -> list[list[tuple[str, bool]]]:
         """[(text, trained), ...] per row."""
         template = template or self.template
@@ -159,7 +218,7 @@ class LoraDataset:
         how: a row too long keeps its answer and EOS; one whose answer alone is too long is left out,
         so the lists can be shorter than the rows)."""
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length):
+        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, "sft"):
             tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
             return tokens
         tokens = tokenize_segments(self.segments(rows), tokenizer, max_length, self.args.train_on_prompt)
@@ -167,36 +226,47 @@ class LoraDataset:
             self.truncation = tokens.truncation  # what the last run's tokens lost (run.json records it)
         return tokens
 
-    def check_trainable(self, tokenizer, max_length: int) -> dict[str, Truncation]:
+    def check_trainable(self, tokenizer, max_length: int, shape: str = "sft") -> dict[str, Truncation]:
         """Tokenize every split for a run and refuse one that would train on nothing.
 
-        The train tokens are kept for the run's next `tokenize()` (so they are computed once);
-        returns the truncation report per split.
+        `shape` is what the method trains on: "sft" (`tokenize`), "preference" (`preference_tokens`)
+        or "unpaired-preference" (`unpaired_tokens`). The train tokens are kept for the run's next call
+        of that function (so they are computed once); returns the truncation report per split.
         """
+        if shape != "sft":
+            self.require(shape)
+        build = {"sft": LoraDataset.tokenize, PREFERENCE_KIND: LoraDataset.preference_tokens,
+                 UNPAIRED_KIND: LoraDataset.unpaired_tokens}[shape]
         reports = {}
         for split, part in self.splits().items():
-            tokens = part.tokenize(tokenizer, max_length)
+            tokens = build(part, tokenizer, max_length)
             report = tokens.truncation
-            if not tokens["input_ids"]:
-                where = "" if split == "train" else f" of the {split} split"
+            where = "" if split == "train" else f" of the {split} split"
+            if shape == "sft" and part.kind == UNPAIRED_KIND and not report.rows:
+                raise DatasetError(f"No row{where} of {self.name!r} is labelled true, so SFT has nothing to train on: "
+                                   "label the desirable completions true, or train with an unpaired method (KTO).")
+            if not next(iter(tokens.values())):
+                answer = "answer + EOS" if shape == "sft" else "longer answer + EOS"
                 raise DatasetError(
-                    f"No row{where} of {self.name!r} fits --max-length {max_length} with its answer: every answer "
-                    f"+ EOS alone is longer (the shortest takes {report.shortest_response} tokens), so nothing would "
+                    f"No row{where} of {self.name!r} fits --max-length {max_length} with its answer: every {answer} "
+                    f"alone is longer (the shortest takes {report.shortest_response} tokens), so nothing would "
                     f"be trained. Raise --max-length to at least {report.shortest_response + 1}, or shorten the answers.")
             reports[split] = report
             if split == "train":
-                part._tokens = ((id(tokenizer), max_length), tokens)
+                part._tokens = ((id(tokenizer), max_length, shape), tokens)
         return reports
 
     def describe(self) -> dict:
         """What the run records about its data (run.json); chat rebuilds its prompt from `template`."""
         return {
             "name": self.name,
-            "rows": len(self),
-            "eval_rows": len(self.eval) if self.eval is not None else 0,
+            "rows": len(self.frame),
+            "eval_rows": len(self.eval.frame) if self.eval is not None else 0,
             "columns": self.columns,
             "source": self.args.source,
             "format": self.mapping.format.name,
+            "kind": self.kind,
+            **self._label_counts(),
             "fields": dict(self.mapping.fields),
             "prompt": self.prompt_format,
             "response": self.response_format,
@@ -211,6 +281,14 @@ class LoraDataset:
             "eval": self.args.eval,
             "eval_from": self.args.eval_from,
         }
+
+
+    def _label_counts(self) -> dict:
+        """Unpaired data: how many rows are desirable (label true) and how many not."""
+        if self.kind != UNPAIRED_KIND:
+            return {}
+        desirable = sum(r.label for r in self.preference_rows())
+        return {"desirable": desirable, "undesirable": len(self.frame) - desirable}
 
 
 class _Pairs(Sequence):
@@ -234,7 +312,8 @@ class _Pairs(Sequence):
 
 
 class Tokens(dict):
-    """`input_ids` and `labels` per kept row, plus `truncation`: what fitting rows into max_length did."""
+    """Token lists per kept row (`input_ids` and `labels`; for preference data `prompt_ids`, `chosen_ids`,
+    ... see preference.py), plus `truncation`: what fitting rows into max_length did."""
 
     truncation: Truncation
 
@@ -282,33 +361,50 @@ def tokenize_segments(rows: list[list[tuple[str, bool]]], tokenizer, max_length:
                       train_on_prompt: bool = False) -> Tokens:
     """Tokenize every span (batched), join them, append EOS after each trained span, build labels,
     then fit each row into `max_length` (see `fit_row`)."""
-    # The cyclic GC rescans the millions of fresh lists built here without ever finding a cycle:
-    # pausing it measured 188 -> 148 CPU-us per alpaca row (bench/prepare_data.py).
+    with gc_paused():
+        bos = tokenizer.bos_token_id
+        report = Truncation(rows=len(rows), max_length=max_length)
+        out = Tokens(input_ids=[], labels=[])
+        for row, (ids, labs) in enumerate(join_spans(rows, tokenizer, train_on_prompt)):
+            head = int(bos is not None and bool(ids) and ids[0] == bos)
+            fitted = fit_row(ids, labs, max_length, head, report, row)
+            if fitted is not None:
+                out["input_ids"].append(fitted[0])
+                out["labels"].append(fitted[1])
+                report.trained_tokens += sum(label != IGNORE_INDEX for label in fitted[1])
+        out.truncation = report
+        return out
+
+
+@contextmanager
+def gc_paused():
+    """The cyclic GC rescans the millions of fresh lists tokenizing builds without ever finding a
+    cycle: pausing it measured 188 -> 148 CPU-us per alpaca row (bench/prepare_data.py)."""
     paused = gc.isenabled()
     gc.disable()
     try:
-        return _tokenize_segments(rows, tokenizer, max_length, train_on_prompt)
+        yield
     finally:
         if paused:
             gc.enable()
 
 
-def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) -> Tokens:
+def join_spans(rows: list[list[tuple[str, bool]]], tokenizer, train_on_prompt: bool = False,
+               bos: bool = True) -> Iterator[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row of spans, untruncated, one row at a time: each span tokenized on its
+    own, the first with the tokenizer's special tokens (its BOS) unless `bos` is False, the others
+    without; EOS after each trained span; untrained spans labelled -100 (unless `train_on_prompt`)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DatasetError("The tokenizer has no EOS token, so the model could never learn to stop: set one.")
     firsts = [segs[0][0] for segs in rows]
     rest = [text for segs in rows for text, _ in segs[1:]]
     # Two batched calls: the first span gets the tokenizer's BOS, the others nothing.
-    first_ids = tokenizer(firsts, add_special_tokens=True)["input_ids"] if rows else []
+    first_ids = tokenizer(firsts, add_special_tokens=bos)["input_ids"] if rows else []
     rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
-    bos = tokenizer.bos_token_id
-    report = Truncation(rows=len(rows), max_length=max_length)
-    out = Tokens(input_ids=[], labels=[])
     k = 0
-    for row, (segs, ids) in enumerate(zip(rows, first_ids)):
+    for segs, ids in zip(rows, first_ids):
         ids = list(ids)
-        head = int(bos is not None and bool(ids) and ids[0] == bos)
         labs = list(ids) if train_on_prompt or segs[0][1] else [IGNORE_INDEX] * len(ids)
         for _, trained in segs[1:]:
             piece = rest_ids[k]
@@ -321,13 +417,7 @@ def _tokenize_segments(rows, tokenizer, max_length: int, train_on_prompt: bool) 
                     labs.append(eos)
             else:
                 labs += piece if train_on_prompt else [IGNORE_INDEX] * len(piece)
-        fitted = fit_row(ids, labs, max_length, head, report, row)
-        if fitted is not None:
-            out["input_ids"].append(fitted[0])
-            out["labels"].append(fitted[1])
-            report.trained_tokens += sum(label != IGNORE_INDEX for label in fitted[1])
-    out.truncation = report
-    return out
+        yield ids, labs
 
 
 def fit_row(ids: list[int], labels: list[int], max_length: int, head: int, report: Truncation, row: int):

@@ -7,7 +7,13 @@ messages from them. The format is detected from the columns unless `--format` na
 `--columns field=column,...` maps fields to columns with other names.
 
 Formats are registered in the `ipylora.formats` entry-point group; detection tries them in
-registration order, the first whose required fields are all present wins.
+registration order, the first whose required fields are all present wins (the preference formats
+come first: a table with prompt, completion and label is unpaired preference data, not a pair).
+
+A format's `kind` says what a row is: "sft" (a conversation), "preference" (a prompt with a chosen
+and a rejected answer) or "unpaired-preference" (a prompt, a completion and a desirable label);
+preference formats also build those rows (`rows`, see preference.py), and their conversations are
+the chosen (or desirable) answer, so SFT, chat and eval read them like any other data.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ class Format:
     """Field -> values (one per row) to messages per row."""
     aliases: tuple[str, ...] = ()
     """Other names accepted by --format / --columns keys (e.g. "response" for "completion")."""
+    kind: str = "sft"
+    """What a row is: "sft", "preference" or "unpaired-preference" (what training methods check)."""
+    rows: Callable[[dict[str, list]], list] | None = None
+    """Preference kinds: field -> values to one row object per row (preference.Preference / Unpaired)."""
 
 
 @dataclass
@@ -59,6 +69,11 @@ class Mapping:
     def conversations(self, frame: pd.DataFrame) -> list[Messages]:
         values = {f: _render_field(frame, fmt, f, f in self.format.required) for f, fmt in self.fields.items()}
         return self.format.build(values)
+
+    def rows(self, frame: pd.DataFrame) -> list:
+        """Preference kinds: one `preference.Preference` / `preference.Unpaired` per row."""
+        values = {f: _render_field(frame, fmt, f, f in self.format.required) for f, fmt in self.fields.items()}
+        return self.format.rows(values)
 
     def describe(self) -> dict:
         return {"format": self.format.name, "fields": dict(self.fields)}
@@ -237,7 +252,8 @@ def resolve(frame: pd.DataFrame, fmt_name: str | None, columns: str | None,
         return Mapping(PROMPT_COMPLETION, {"prompt": "{" + names[0] + "}", "completion": "{" + names[1] + "}"})
     if explicit:
         raise DatasetError(f"--columns {columns!r} does not complete any format: map prompt= and response= "
-                           "(or instruction= and output=, messages=, conversations=, text=).")
+                           "(or instruction= and output=, messages=, conversations=, text=; prompt=, "
+                           "chosen= and rejected=; prompt=, completion= and label=).")
     raise DatasetError(
         f"Cannot tell which columns hold the prompt and the response (columns: {', '.join(map(str, names))}): "
         f"pass --columns prompt={names[0]},response={names[1 if len(names) > 1 else 0]} or --prompt \"{{{names[0]}}}\" --response \"{{{names[1 if len(names) > 1 else 0]}}}\"."

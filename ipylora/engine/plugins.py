@@ -32,7 +32,9 @@ BUILTINS: dict[str, dict[str, str]] = {
         "arrow": "ipylora.engine.readers:ARROW",
         "disk": "ipylora.engine.readers:SAVED",
     },
-    FORMATS: {
+    FORMATS: {  # detection order: the preference formats first
+        "preference": "ipylora.engine.preference:PREFERENCE",
+        "unpaired-preference": "ipylora.engine.preference:UNPAIRED_PREFERENCE",
         "messages": "ipylora.engine.formats:MESSAGES",
         "sharegpt": "ipylora.engine.formats:SHAREGPT",
         "alpaca": "ipylora.engine.formats:ALPACA",

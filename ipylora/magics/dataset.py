@@ -25,9 +25,12 @@ class DatasetMagics(Magics):
                    "datasets.save_to_disk folder, a variable (DataFrame, Dataset, DatasetDict, list of dicts), "
                    "or a hub dataset (hf:NAME or owner/name).")
     @argument("--format", default=None,
-              help="Data format: text, alpaca, prompt-completion, messages, sharegpt (detected from the columns).")
+              help="Data format: text, alpaca, prompt-completion, messages, sharegpt, preference (prompt, chosen, "
+                   "rejected), unpaired-preference (prompt, completion, label) (detected from the columns).")
     @argument("--reader", default=None, help="How to parse the cell or file: csv, tsv, json, jsonl, yaml, parquet, arrow.")
-    @argument("-c", "--columns", default=None, help="Map fields to columns: prompt=concept,response=description.")
+    @argument("-c", "--columns", default=None,
+              help="Map fields to columns: prompt=concept,response=description (preference: chosen=, rejected=; "
+                   "unpaired-preference: completion=, label=).")
     @argument("-p", "--prompt", default=None, help='Prompt as a format string over the columns, e.g. "describe {concept}".')
     @argument("-r", "--response", default=None, help='Response as a format string over the columns, e.g. "{description}".')
     @argument("-t", "--template", default="human-assistant",
@@ -58,6 +61,7 @@ class DatasetMagics(Magics):
             %lora_dataset chats --from chats.jsonl --template chatml       # messages / conversations columns
             %lora_dataset llama --from text.jsonl --response-after "[/INST]" # text rows: train the answers only
             %lora_dataset concepts --from df --columns prompt=concept,response=description
+            %lora_dataset prefs --from prefs.jsonl --columns prompt=q,chosen=good,rejected=bad  # DPO pairs
             %lora_dataset concepts --show 5                                 # preview again
             %lora_dataset data/train.parquet --head                         # peek at a file
             %lora_dataset --form                                            # paste or upload in a form
