@@ -76,3 +76,13 @@ def test_scores():
     assert score("dog", "cat", scorer)["rouge_l"] == 0.0
     # CJK text is scored per character (rouge-score's default tokenizer would drop it entirely).
     assert score("机器学习", "机器学", scorer)["rouge_l"] == pytest.approx(2 * 3 / 7)
+
+
+def test_eval_batches_keep_similar_lengths_within_the_token_budget():
+    from ipylora.engine.evaluate import _batches
+
+    lengths = [5000, 5000, 100, 100, 4000, 90]
+    batches = _batches(lengths, batch_size=2, max_tokens=8192)
+    assert sorted(i for b in batches for i in b) == list(range(6))  # every row once
+    assert batches[0] == [5, 2] and all(len(b) * max(lengths[i] for i in b) <= 8192 or len(b) == 1 for b in batches)
+    assert _batches([20000], 8, 8192) == [[0]]  # a row longer than the budget still gets scored

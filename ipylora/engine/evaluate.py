@@ -191,26 +191,25 @@ def part_tokens(part, tokenizer, max_length: int, limit: int | None = None) -> d
     return part.tokenize(tokenizer, max_length, rows=rows)
 
 
-def token_loss(model, tokens: dict, batch_size: int) -> tuple[float, int]:
+def token_loss(model, tokens: dict, batch_size: int, max_tokens: int = 8192) -> tuple[float, int]:
     """(mean cross-entropy per trained token, number of trained tokens) of `tokens` under teacher forcing.
 
     `tokens` is `dataset.tokenize()`'s input_ids/labels. Every trained token weighs the same,
     whatever its row's length or batch, so the figure does not depend on `batch_size` (the
     Trainer's own eval_loss, a mean of per-batch means, did). Under torchrun every rank calls this
     on the same rows with the same weights, so all ranks get the same loss without a collective
-    beyond FSDP's own.
+    beyond FSDP's own. A batch holds at most `max_tokens` padded tokens (one row at least): the
+    logits of a batch are rows x length x vocabulary, gigabytes for a real model.
     """
     import torch
 
     from ipylora.engine.data import IGNORE_INDEX
 
     ids_rows, label_rows = tokens["input_ids"], tokens["labels"]
-    order = sorted(range(len(ids_rows)), key=lambda i: len(ids_rows[i]))  # similar lengths pad less
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for batch in _batches([len(ids) for ids in ids_rows], batch_size, max_tokens):
             width = max(len(ids_rows[i]) for i in batch)
             # Right padding behind a causal mask leaves the real positions' logits unchanged.
             input_ids = torch.tensor([list(ids_rows[i]) + [0] * (width - len(ids_rows[i])) for i in batch], device=device)
@@ -222,6 +221,19 @@ def token_loss(model, tokens: dict, batch_size: int) -> tuple[float, int]:
             total += torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum").item()
             count += int(keep.sum())
     return (total / count if count else float("nan")), count
+
+
+def _batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Row indices in batches of similar length (less padding), each within both limits."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        batch = batches[-1] if batches else None
+        # Sorted by length, so row i is the batch's widest: the padded size is rows x lengths[i].
+        if batch is None or len(batch) >= batch_size or (len(batch) + 1) * lengths[i] > max_tokens:
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
 
 
 def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalArgs()) -> dict:
