@@ -87,4 +87,4 @@ def long_run_notice(session, data, args: TrainArgs, tiny: bool, resume: bool = F
 
 def _told(session) -> set[str]:
     """The once-per-session notices already given, kept on the session (a new kernel hears them again)."""
-    return vars(session).setdefault("notices_given", set())
+    return session.notices_given

@@ -91,6 +91,8 @@ class Session:
         self._tiny_tokenizer = None
         self._listeners: list = []
         self._busy = threading.Lock()
+        self.notices_given: set[str] = set()
+        """Once-per-session notices already shown (engine/notes.py)."""
 
     # -- datasets ---------------------------------------------------------------------------
     def add_dataset(self, name: str, frame, args: DataArgs = DataArgs()) -> LoraDataset:
@@ -122,8 +124,9 @@ class Session:
 
     # -- model ------------------------------------------------------------------------------
     def ensure_model(self, model: str | None = None, quantization: str | None = None,
-                     trust_remote_code: bool = False) -> None:
-        """Load the base model unless the same one is already resident."""
+                     trust_remote_code: bool = False, tokenizer=None) -> None:
+        """Load the base model unless the same one is already resident (`tokenizer`: its tokenizer,
+        already loaded by `_check_data`)."""
         from ipylora.engine import models
 
         model_id, source = self._target_model(model)
@@ -133,7 +136,7 @@ class Session:
         _quiet_transformers()
         device = models.device_name()
         precision = models.choose_precision(device, None)
-        tokenizer = models.load_tokenizer(source, trust_remote_code)
+        tokenizer = tokenizer or models.load_tokenizer(source, trust_remote_code)
         self.model = models.load_model(source, quantization, precision, device, trust_remote_code)
         self.tokenizer = tokenizer
         self.model_id, self.quantization, self.device, self.precision = model_id, quantization, device, precision
@@ -305,10 +308,11 @@ class Session:
             self._stop_flag = StopFlag()
             self.run_state = {"name": args.name, "status": "loading", "step": 0, "total": 0, "loss": [],
                               "tokens_per_s": 0.0, "eta_s": None}
+            tokenizer = self._check_data(data, args, reporter)
             if args.gpus > 1:
                 return self._train_distributed(data, args, reporter, resume)
             before_training(self, data, args, reporter, resume)
-            self.ensure_model(args.model, args.quantization, args.trust_remote_code)
+            self.ensure_model(args.model, args.quantization, args.trust_remote_code, tokenizer)
             graphdecode.release(self.model)  # chat's static cache and graph: training wants the memory
             end = run_training(self, data, args, reporter, self._stop_flag, resume)
             # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
@@ -330,6 +334,27 @@ class Session:
             self._stop_flag = None
             self._busy.release()
             self._changed()
+
+    def _check_data(self, data: LoraDataset, args: TrainArgs, reporter):
+        """Tokenize the run's data with the model's tokenizer before any weights load: refuse data that
+        would train on nothing, say what --max-length cuts. Returns the tokenizer (for ensure_model)."""
+        from ipylora.engine import models
+
+        model_id, source = self._target_model(args.model)
+        same = self.model is not None and (model_id, args.quantization) == (self.model_id, self.quantization)
+        if same:
+            tokenizer = self.tokenizer
+        else:
+            _quiet_transformers()
+            tokenizer = models.load_tokenizer(source, args.trust_remote_code)
+        reports = data.check_trainable(tokenizer, args.max_length)
+        if args.gpus > 1:  # the workers tokenize for themselves: drop the tokens kept for this process
+            data.splits()["train"]._tokens = None
+        lines = [(split, report.summary()) for split, report in reports.items() if report.summary()]
+        if reporter is not None:
+            for split, line in lines:
+                reporter(Notice(message=("" if split == "train" else f"{split} split: ") + line))
+        return None if same else tokenizer
 
     def _train_distributed(self, data, args: TrainArgs, reporter, resume: bool) -> RunEnd:
         """Train (or with `resume` continue) in `args.gpus` torchrun workers, then load the adapter here for chat."""

@@ -382,6 +382,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         "quantization": args.quantization, "precision": session.precision.dtype, "device": session.device,
         "dataset": dataset.describe(), "train": {k: v for k, v in asdict(args).items() if k != "lora"},
         "lora": asdict(args.lora), "total_steps": steps, "train_rows": len(train_data),
+        "truncation": {split: asdict(part.truncation) for split, part in (("train", train_part), ("eval", eval_part))
+                       if part is not None and getattr(part, "truncation", None) is not None},
         "eval_rows": len(eval_data) if eval_data is not None else 0, "versions": _versions(), "started": time.time(),
     })
     if checkpoint is not None:

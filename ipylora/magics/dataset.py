@@ -107,6 +107,8 @@ class DatasetMagics(Magics):
                              seed=opts.seed, source=opts.source or "cell",
                              response_after=_unescape(opts.response_after))
         dataset = session.add_dataset(opts.name, data, data_args)
+        for note in sources.notes(data):
+            print(f"note: {note}")
         return self._preview(dataset, opts)
 
     def _preview(self, dataset, opts):
