@@ -66,3 +66,12 @@ def test_magic_help_mentions_options(shell):
     assert "--4bit" in doc and "--max-length" in doc and "interrupt" in doc.lower()
     with pytest.raises(UsageError):
         shell.run_line_magic("lora_status", "extra")
+
+
+def test_a_question_mark_at_the_end_of_a_chat_line_is_part_of_the_question(monkeypatch):
+    """IPython reads `... online?` as help on `online`; %lora_chat must get the question instead."""
+    transform = ipython_shell(monkeypatch).input_transformer_manager.transform_cell
+    assert transform("%lora_chat Can I renew online?") == \
+        "get_ipython().run_line_magic('lora_chat', 'Can I renew online?')\n"
+    assert "pinfo" in transform("%lora_chat?")  # help on the magic itself stays
+    assert "why?,because" in transform("%%lora_dataset x\nq,a\nwhy?,because\n")  # cell bodies are data
