@@ -17,6 +17,14 @@ turns and the last user turn, as trained), and each answer is scored against the
   classic pad == eos failure), and the answer length in tokens.
 
 Text rows without `--response-after` have no prompt to answer, so they get the loss only.
+
+On preference data the answers are scored against the chosen (desirable) answer, and one more
+figure says whether the adapter prefers chosen to rejected more than its reference policy does:
+the summed log-probability of each answer after its prompt (`answer_logps`, over exactly the
+`preference_tokens` training uses), under the adapter and under the reference (the run's
+`--from-adapter`, else the base). A pair counts when the implicit reward margin
+(log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) is positive; the mean
+margin is that log-ratio difference, beta-free (DPO's reward margin is beta times it).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ipylora.engine.config import GenerateArgs
-from ipylora.engine.errors import ConfigError, DatasetError
+from ipylora.engine.errors import ConfigError, DatasetError, UnknownNameError
 
 SPLITS = ("all", "train", "eval")
 
@@ -205,9 +213,43 @@ def token_loss(model, tokens: dict, batch_size: int, max_tokens: int = 8192) -> 
 
     from ipylora.engine.data import IGNORE_INDEX
 
-    ids_rows, label_rows = tokens["input_ids"], tokens["labels"]
-    device = next(model.parameters()).device
     total, count = 0.0, 0
+    for _, logits, target in _forward(model, tokens["input_ids"], tokens["labels"], batch_size, max_tokens):
+        keep = target != IGNORE_INDEX
+        total += torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return (total / count if count else float("nan")), count
+
+
+def answer_logps(model, prompts: list, answers: list, batch_size: int, max_tokens: int = 8192) -> list[float]:
+    """Summed log-probability of each answer's tokens after its prompt, under teacher forcing.
+
+    `prompts[i] + answers[i]` is one sequence (the prompt's BOS included, the answer's EOS
+    scored), as TRL's DPO/KTO trainers score a completion; batched like `token_loss`.
+    """
+    import torch
+
+    from ipylora.engine.data import IGNORE_INDEX
+
+    rows = [list(p) + list(a) for p, a in zip(prompts, answers)]
+    labels = [[IGNORE_INDEX] * len(p) + list(a) for p, a in zip(prompts, answers)]
+    out = [0.0] * len(rows)
+    for batch, logits, target in _forward(model, rows, labels, batch_size, max_tokens):
+        keep = target != IGNORE_INDEX
+        scored = -torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="none")
+        sums = torch.zeros(len(batch), device=scored.device).index_add_(0, keep.nonzero()[:, 0], scored)
+        for i, value in zip(batch, sums.tolist()):
+            out[i] = value
+    return out
+
+
+def _forward(model, ids_rows: list, label_rows: list, batch_size: int, max_tokens: int):
+    """(row indices, logits predicting positions 1.., their targets) per right-padded batch, without grad."""
+    import torch
+
+    from ipylora.engine.data import IGNORE_INDEX
+
+    device = next(model.parameters()).device
     with torch.no_grad():
         for batch in _batches([len(ids) for ids in ids_rows], batch_size, max_tokens):
             width = max(len(ids_rows[i]) for i in batch)
@@ -216,11 +258,7 @@ def token_loss(model, tokens: dict, batch_size: int, max_tokens: int = 8192) -> 
             mask = torch.tensor([[1] * len(ids_rows[i]) + [0] * (width - len(ids_rows[i])) for i in batch], device=device)
             target = torch.tensor([list(label_rows[i]) + [IGNORE_INDEX] * (width - len(label_rows[i])) for i in batch],
                                   device=device)[:, 1:]
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-            keep = target != IGNORE_INDEX
-            total += torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum").item()
-            count += int(keep.sum())
-    return (total / count if count else float("nan")), count
+            yield batch, model(input_ids=input_ids, attention_mask=mask).logits[:, :-1], target
 
 
 def _batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
@@ -236,11 +274,75 @@ def _batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[
     return batches
 
 
-def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalArgs()) -> dict:
+def preference_scores(model, tokenizer, part, adapter: str, reference: str, args: EvalArgs,
+                      beta: float | None = None) -> dict:
+    """How much more `adapter` prefers the chosen answers than `reference` ("base": adapters disabled) does.
+
+    Paired data: `accuracy` is the share of pairs whose implicit reward margin
+    (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)) is positive, `margin` its mean (beta-free).
+    Unpaired data (KTO): `accuracy` is the share of rows whose log-ratio log pi - log ref has the
+    label's sign (positive for a desirable completion), `margin` the mean log-ratio of desirable
+    rows minus that of undesirable ones. Tokens are the trainer's, at `args.max_length`.
+    """
+    from ipylora.engine.chat import _eval_mode, adapter_context
+
+    paired = part.kind == "preference"
+    total = len(part.preference_rows() if paired else part.unpaired_rows())
+    rows = range(args.limit) if args.limit is not None and args.limit < total else None
+    if paired:
+        tokens = part.preference_tokens(tokenizer, args.max_length, rows=rows)
+        prompts, answers = tokens["prompt_ids"] * 2, tokens["chosen_ids"] + tokens["rejected_ids"]
+    else:
+        tokens = part.unpaired_tokens(tokenizer, args.max_length, rows=rows)
+        prompts, answers = tokens["prompt_ids"], tokens["completion_ids"]
+    logps = {}
+    for name in dict.fromkeys((adapter, reference)):
+        with adapter_context(model, name), _eval_mode(model):
+            logps[name] = answer_logps(model, prompts, answers, args.batch_size)
+    ratios = [p - r for p, r in zip(logps[adapter], logps[reference])]
+    n = len(tokens["prompt_ids"])
+    if not n:
+        raise DatasetError(f"No row of {part.name!r} fits --max-length {args.max_length} with its answers, so no "
+                           "preference can be scored: raise --max-length.")
+    if paired:
+        margins = [ratios[i] - ratios[n + i] for i in range(n)]
+        accuracy, margin = sum(m > 0 for m in margins) / n, sum(margins) / n
+    else:
+        labels = tokens["label"]
+        accuracy = sum((r > 0) == bool(label) for r, label in zip(ratios, labels)) / n
+        good = [r for r, label in zip(ratios, labels) if label]
+        bad = [r for r, label in zip(ratios, labels) if not label]
+        margin = (sum(good) / len(good) if good else 0.0) - (sum(bad) / len(bad) if bad else 0.0)
+    return {"accuracy": accuracy, "margin": margin, "rows": n, "paired": paired, "reference": reference,
+            "beta": beta, "reward_margin": None if beta is None else beta * margin,
+            "left_out": len(tokens.truncation.dropped)}
+
+
+def pick_reference(session, name: str, trained: dict, output: str) -> str:
+    """The policy adapter `name` is measured against on preference data: the adapter its run started
+    from (run.json's `from_adapter`, loaded from its run folder if need be), else "base"."""
+    start = trained.get("from_adapter")
+    if name == "base" or not start:
+        return "base"
+    if start not in session.adapters:
+        if not (Path(output) / start / "run.json").exists():
+            raise UnknownNameError(
+                f"Run {name!r} started from adapter {start!r} (--from-adapter), its reference, which is neither "
+                f"loaded nor a run in {output}/: load it with %lora_adapters --load FOLDER --as {start}.")
+        active = session.active_adapter
+        session.load_adapter(start, output=output)
+        session.active_adapter = active  # loading the reference changes nothing chat uses
+    return start
+
+
+def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalArgs(),
+             reference: str | None = None, beta: float | None = None) -> dict:
     """Eval loss, perplexity and generation metrics of `adapter` ("base": none) on the split `part`.
 
     `args.max_length` must be set (the caller picks the run's); rows whose answer alone does not
-    fit are left out of the loss, as training leaves them out.
+    fit are left out of the loss, as training leaves them out. On preference data the answers are
+    scored against the chosen ones, and with a `reference` ("base" or an adapter name) the
+    preference accuracy and margin are measured against it (`beta`: the run's, to scale the margin).
     """
     from ipylora.engine.chat import _eval_mode, adapter_context, generate_batch
 
@@ -250,11 +352,19 @@ def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalA
     with adapter_context(model, adapter), _eval_mode(model):
         loss, loss_tokens = token_loss(model, tokens, args.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+    preference = None
+    if part.kind != "sft":
+        if reference is None or reference == adapter:
+            preference = {"note": f"not measured for {adapter}: it is its own reference, so every margin is 0 "
+                                  "(evaluate an adapter trained on this data)"}
+        else:
+            preference = preference_scores(model, tokenizer, part, adapter, reference, args, beta)
+            metrics.update(preference_accuracy=preference["accuracy"], preference_margin=preference["margin"])
     n = min(len(part), args.limit or len(part))
     note = answers_note(part)
     if note is not None:
         return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": [], "answers": [], "note": note,
-                "settings": asdict(args), "seconds": time.time() - started}
+                "preference": preference, "settings": asdict(args), "seconds": time.time() - started}
     examples = part_examples(part, args.limit)
     prompts = [tokenizer(e.prompt_side)["input_ids"] for e in examples]
     answers = generate_batch(model, tokenizer, prompts, GenerateArgs(max_new_tokens=args.max_new_tokens),
@@ -274,7 +384,7 @@ def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalA
     })
     worst = sorted(rows, key=lambda r: (r["rouge_l"], r["f1"], r["row"]))[:args.worst]
     return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": worst, "answers": rows, "note": None,
-            "settings": asdict(args), "seconds": time.time() - started}
+            "preference": preference, "settings": asdict(args), "seconds": time.time() - started}
 
 
 def read_evals(run_dir: Path) -> list[dict]:

@@ -592,15 +592,17 @@ class Session:
         if name != "base" and name not in self.adapters and (Path(output) / name / "run.json").exists():
             self.load_adapter(name, output=output)
         run_dir = self.adapter(name).run_dir if name != "base" else Path(output) / "base"
+        record_path = Path(run_dir) / "run.json"
+        trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
         if args.max_length is None:
-            record_path = Path(run_dir) / "run.json"
-            trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
             args = replace(args, max_length=trained.get("max_length") or TrainArgs.max_length)
+        reference = evaluate_module.pick_reference(self, name, trained, output) if part.kind != "sft" else None
         with self._holding_model():
             self._chat_adapter(name)
-            result = evaluate_module.evaluate(self.model, self.tokenizer, part, name, args)
+            result = evaluate_module.evaluate(self.model, self.tokenizer, part, name, args, reference=reference,
+                                              beta=trained.get("beta"))
         record = {"name": name, "model": self.model_id, "dataset": dataset, "split": split, "time": time.time(),
-                  **{k: result[k] for k in ("rows", "metrics", "worst", "note", "settings", "seconds")}}
+                  **{k: result[k] for k in ("rows", "metrics", "worst", "note", "preference", "settings", "seconds")}}
         history = evaluate_module.save_eval(Path(run_dir), record)
         return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}
 

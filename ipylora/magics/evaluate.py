@@ -34,12 +34,15 @@ class EvalMagics(Magics):
 
         The eval loss is the live panel's: mean cross-entropy per trained token over the tokens
         training uses. Text rows without --response-after get the loss and perplexity only.
+        On a preference dataset answers are scored against chosen, and a line gives the preference
+        accuracy (share of pairs whose implicit reward margin against the run's reference, its
+        --from-adapter or the base, is positive) and the mean margin.
 
             %lora_eval sd-prompts --on concepts
             %lora_eval base --on concepts:eval --limit 20
         """
         from ipylora.engine.evaluate import EvalArgs, parse_dataset_spec
-        from ipylora.ui.compare import eval_table
+        from ipylora.ui.compare import eval_table, preference_line
 
         opts = parse(self.lora_eval, line)
         dataset, split = parse_dataset_spec(opts.on)
@@ -47,5 +50,8 @@ class EvalMagics(Magics):
                         worst=opts.worst, max_length=opts.max_length)
         result = get_session().evaluate(opts.name, dataset, split, args, output=opts.output)
         display(eval_table(result, result["history"]))
+        line = preference_line(result)
+        if line:
+            print(line)
         if result.get("note"):
             print(f"Loss and perplexity only: {result['note']}.")

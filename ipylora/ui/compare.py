@@ -55,6 +55,8 @@ METRICS = [
     ("rouge_l", "ROUGE-L", "{:.3f}"),
     ("eos_stop", "stops at EOS", "{:.1%}"),
     ("answer_tokens", "mean answer tokens", "{:.1f}"),
+    ("preference_accuracy", "preference accuracy", "{:.1%}"),
+    ("preference_margin", "preference margin", "{:+.3f}"),
 ]
 
 
@@ -97,3 +99,25 @@ def _worst(rows: list[dict]) -> tuple[str, list[str]]:
     head = "".join(f"<th style='text-align:left'>{h}</th>" for h in heads)
     return (f"<details><summary>worst {len(rows)} rows (lowest ROUGE-L)</summary><table><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(cells)}</tbody></table></details>", lines)
+
+
+def preference_line(record: dict) -> str | None:
+    """The one-line preference result of an eval on preference data (None for SFT data)."""
+    found = record.get("preference")
+    if not found:
+        return None
+    if "note" in found:
+        return f"preference accuracy: - ({found['note']})"
+    reference = "the base (adapters disabled)" if found["reference"] == "base" else f"adapter {found['reference']}"
+    if found["paired"]:
+        what = (f"{round(found['accuracy'] * found['rows'])} of {found['rows']} pairs where the adapter prefers "
+                f"chosen to rejected more than its reference, {reference}")
+        margin = "mean margin {:+.3f} (log-ratio difference, beta-free".format(found["margin"])
+    else:
+        what = (f"{round(found['accuracy'] * found['rows'])} of {found['rows']} rows whose log-ratio against its "
+                f"reference, {reference}, has the label's sign")
+        margin = "mean margin {:+.3f} (desirable minus undesirable log-ratio, beta-free".format(found["margin"])
+    if found.get("reward_margin") is not None:
+        margin += f"; x the run's beta {found['beta']:g}: reward margin {found['reward_margin']:+.3f}"
+    left = f"; {found['left_out']} left out: longer than --max-length" if found.get("left_out") else ""
+    return f"preference accuracy: {found['accuracy']:.3f} ({what}); {margin}){left}"
