@@ -116,6 +116,17 @@ class TrainArgs:
     """Processes (one per GPU) to train on; above 1 the run goes to torchrun workers outside the kernel."""
     strategy: str = "ddp"
     """How several GPUs share the work: ddp (each holds the model) or fsdp (the model is sharded)."""
+    method: str = "sft"
+    """Training method (engine/methods): sft, dpo, simpo, orpo, kto, or a plugin's."""
+    beta: float | None = None
+    """Preference methods: DPO/KTO's KL strength, SimPO's reward scale, ORPO's odds-ratio weight
+    (None: the method's default)."""
+    loss_type: str | None = None
+    """DPO: TRL's loss_type (sigmoid, ipo, hinge, ...; None: sigmoid)."""
+    gamma: float | None = None
+    """SimPO: the target reward margin ratio gamma/beta (None: the method's default)."""
+    from_adapter: str | None = None
+    """Start from this adapter's weights (SFT -> DPO); preference methods then use it, frozen, as the reference."""
     lora: LoraArgs = LoraArgs()
     """Adapter shape."""
 
@@ -183,10 +194,16 @@ def resolve(args: TrainArgs, tiny: bool, *, tokens: int | Callable[[], int] | No
     if from_user and args.epochs is not None and args.steps is not None:
         problems.append(f"--epochs {args.epochs:g} and --steps {args.steps} both set the length of the run: "
                         "pass only one of them")
-    if tiny and args.epochs is None and args.steps is None and tokens is not None:
+    from ipylora.engine import methods
+
+    method = methods.get(args.method)  # an unknown name is refused here, listing the known ones
+    method_defaults = method.defaults(tiny)
+    if tiny and args.epochs is None and args.steps is None and tokens is not None and "epochs" not in method_defaults:
         args = replace(args, epochs=tiny_epochs(tokens() if callable(tokens) else tokens))
     defaults, lora = (TINY_DEFAULTS, TINY_LORA) if tiny else (MODEL_DEFAULTS, MODEL_LORA)
-    args = _fill(args, defaults)
+    args = _fill(args, {**defaults, **method_defaults})
+    args = replace(args, **{k: v for k, v in method.knobs.items() if getattr(args, k) is None})
+    problems += method.check(args)
     args = replace(args, lora=_fill(args.lora, asdict(lora)))
     if args.quantization not in QUANTIZATIONS:
         problems.append(f"quantization {args.quantization!r} is not one of 4bit, 8bit")

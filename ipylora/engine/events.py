@@ -36,6 +36,8 @@ class StepEnd(Event):
     tokens: int
     elapsed: float
     memory_mb: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    """The method's extra metrics at this step, by panel label (DPO: margin, reward accuracy)."""
 
     @property
     def tokens_per_s(self) -> float:

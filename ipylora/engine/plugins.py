@@ -20,6 +20,7 @@ from ipylora.engine.errors import ConfigError
 READERS = "ipylora.readers"
 FORMATS = "ipylora.formats"
 TEMPLATES = "ipylora.templates"
+METHODS = "ipylora.methods"
 
 BUILTINS: dict[str, dict[str, str]] = {
     READERS: {
@@ -47,6 +48,13 @@ BUILTINS: dict[str, dict[str, str]] = {
         "chatml": "ipylora.engine.templates:CHATML",
         "plain": "ipylora.engine.templates:PLAIN",
         "model": "ipylora.engine.templates:MODEL",
+    },
+    METHODS: {
+        "sft": "ipylora.engine.methods.sft:SFT",
+        "dpo": "ipylora.engine.methods.preference:DPO",
+        "simpo": "ipylora.engine.methods.preference:SIMPO",
+        "orpo": "ipylora.engine.methods.preference:ORPO",
+        "kto": "ipylora.engine.methods.kto:KTO",
     },
 }
 

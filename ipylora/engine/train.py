@@ -1,6 +1,8 @@
-"""One training run: TRL's SFTTrainer on a LoRA adapter over the resident base model.
+"""The shared training loop: one run of any method (engine/methods) on a LoRA adapter over the resident model.
 
-setup (tokenize, attach adapter, write run.json) -> fit (SFTTrainer, events per step) -> save.
+setup (method tokens, attach adapter, plan batches, write run.json) -> fit (the method's TRL
+trainer, events per step) -> save. Everything here is method-agnostic: the method only says
+which data shape it takes, how a split becomes tokens, and which trainer it builds.
 
 Stopping is cooperative: a kernel interrupt (SIGINT), `request_stop()` or the Stop button set a
 flag that the callback reads at the step boundary, so the adapter saved is exactly the one after
@@ -19,6 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ipylora.engine import methods
 from ipylora.engine.config import GenerateArgs, TrainArgs
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError
@@ -34,13 +37,12 @@ def total_steps(rows: int, args: TrainArgs) -> int:
     return max(1, math.ceil(args.epochs * math.ceil(rows / args.batch_size)))
 
 
-def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool,
-               fast: dict | None = None):
-    from trl import SFTConfig
-
+def training_settings(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool,
+                      fast: dict | None = None) -> dict:
+    """The TrainingArguments keyword arguments every method's TRL config starts from."""
     from ipylora.engine import distributed
 
-    # SFTConfig's own defaults (bf16 on CPU, lr 2e-5, gradient checkpointing, periodic saves) are
+    # TRL's config defaults (bf16 on CPU, lr 2e-5, gradient checkpointing, periodic saves) are
     # not what we mean, so every one that matters is set here.
     eval_every = args.eval_every or max(1, steps // 10)
     settings = dict(
@@ -73,8 +75,6 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
         data_seed=args.seed,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # our tokenizer step already truncated
         remove_unused_columns=False,
     )
     if args.strategy == "fsdp" and args.gpus > 1:
@@ -84,15 +84,31 @@ def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: 
     # shape stays the one computed above from args, so an OOM retry can shrink it.
     fast = {k: v for k, v in (fast or {}).items()
             if v is not None and k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
-    return SFTConfig(**{**settings, **fast})
+    return {**settings, **fast}
 
 
-def plan_batches(model, session, lengths: list[int], args: TrainArgs) -> tuple[TrainArgs, dict, dict | None]:
-    """(args with batch sizes filled, SFTConfig overrides, the speed plan) for this device."""
+def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool,
+               fast: dict | None = None):
+    """The SFTConfig of an SFT run (bench/train_throughput.py builds the engine's recipe with it)."""
+    from ipylora.engine.methods.sft import SFT
+
+    return SFT().config(training_settings(args, steps, precision, output_dir, device, has_eval, fast))
+
+
+def plan_batches(model, session, lengths: list[int], args: TrainArgs,
+                 packed: bool = True) -> tuple[TrainArgs, dict, dict | None]:
+    """(args with batch sizes filled, TRL config overrides, the speed plan) for this device.
+
+    `packed`: the method's trainer takes padding-free batches (SFT); others keep padded batches
+    and SDPA attention.
+    """
     from ipylora.engine import speed
 
     fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
-                               quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout)
+                               quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout,
+                               attention=None if packed else "sdpa")
+    if not packed:
+        fast.pop("padding_free", None)
     plan = fast.pop("_plan", None)
     return planned_args(args, plan), fast, asdict(plan) if plan is not None else None
 
@@ -190,36 +206,8 @@ def overfit_note(best_step: int, best_loss: float, last_loss: float, early_stop:
             f"the best eval loss was {best_loss:.4f} at step {best_step}: {advice}")
 
 
-def _trainer(eval_tokens: dict | None, **kwargs):
-    """An SFTTrainer whose eval loss is `evaluate.token_loss` over the eval split's training tokens.
-
-    The Trainer's own eval_loss is a mean of per-batch means (a short row weighs as much as a
-    long one), so it would not be the figure `%lora_eval` reports. Under torchrun every rank
-    scores all eval rows (`self.model` is the FSDP-wrapped model, whose forward needs every rank;
-    DDP's is the plain module), so every rank gets the same loss and the same early-stop decision.
-    """
-    from trl import SFTTrainer
-
-    from ipylora.engine.evaluate import token_loss
-
-    class Trainer(SFTTrainer):
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            model = self.model
-            training = model.training
-            model.eval()
-            try:
-                loss, count = token_loss(model, eval_tokens, self.args.per_device_eval_batch_size)
-            finally:
-                model.train(training)
-            metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": count}
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    return Trainer(**kwargs)
-
-
 def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None,
-              run_dir: Path, adapter: str, has_eval: bool = False):
+              run_dir: Path, adapter: str, has_eval: bool = False, metrics: dict[str, str] | None = None):
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
@@ -254,6 +242,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
                     step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
                     lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
                     elapsed=time.time() - started, memory_mb=_memory_mb(),
+                    metrics={label: float(logs[key]) for key, label in (metrics or {}).items() if key in logs},
                 ))
             self._maybe_stop(control)  # a stop asked for while this step was logged ends the run here
 
@@ -345,10 +334,15 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
                               "train it with --save-every N, or stop it (checkpoints are written on stop).")
     else:
         run_dir = checkpoint = None  # claimed below, once the data is known to be usable
+    method = methods.get(args.method)
+    if method.shape != "sft":
+        dataset.require(method.shape, who=f"--method {method.name}")
     train_part, eval_part = _parts(dataset)
-    train_data = _to_hf(train_part.tokenize(session.tokenizer, args.max_length))
+    train_tokens = method.tokens(train_part, session.tokenizer, args.max_length)
+    train_data = _to_hf(train_tokens)
     # The eval loss is over exactly these tokens, the ones %lora_eval scores at this max_length.
-    eval_tokens = eval_part.tokenize(session.tokenizer, args.max_length) if eval_part is not None and len(eval_part) else None
+    eval_tokens = method.tokens(eval_part, session.tokenizer, args.max_length) \
+        if eval_part is not None and len(eval_part) else None
     eval_data = _to_hf(eval_tokens) if eval_tokens is not None else None
     if args.early_stop and eval_data is None:
         raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
@@ -358,8 +352,10 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         name, run_dir = claim_run_dir(Path(args.output), name)
         args, checkpoint = replace(args, name=name), None
     set_seed(args.seed)
-    model = session.attach_adapter(name, args.lora)
-    args, fast, plan = plan_batches(model, session, [len(ids) for ids in train_data["input_ids"]], args)
+    if args.from_adapter:  # the run trains the start adapter's shape
+        args = replace(args, lora=session.lora_args(args.from_adapter))
+    model = session.attach_adapter(name, args.lora, start=args.from_adapter)
+    args, fast, plan = plan_batches(model, session, method.lengths(train_tokens), args, packed=method.packed)
     steps = total_steps(len(train_data), args)
     main = distributed.is_main()  # under torchrun only rank 0 writes the run folder
     metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume) if main else None
@@ -396,19 +392,15 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
     callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
-                         run_dir, name, has_eval=eval_data is not None)
+                         run_dir, name, has_eval=eval_data is not None, metrics=method.metrics)
     trainer = None
     try:
-        trainer = _trainer(
-            eval_tokens,
-            model=model,
-            args=sft_config(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
-                            eval_data is not None, fast),
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            processing_class=session.tokenizer,
-            callbacks=[callback],
-        )
+        settings = training_settings(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
+                                     eval_data is not None, fast)
+        trainer = method.build(methods.Context(
+            model=model, tokenizer=session.tokenizer, args=args, settings=settings, train_data=train_data,
+            eval_data=eval_data, eval_tokens=eval_tokens, callbacks=[callback],
+            reference=args.from_adapter if method.uses_reference else None, session=session))
         # The Trainer's own printer/progress callbacks would print from the training loop.
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
