@@ -179,6 +179,8 @@ def main(argv: list[str]) -> int:
         _use_local_gpu()
         session = Session()
         session.ensure_model(args.model, args.quantization, args.trust_remote_code)
+        if args.from_adapter:  # the start (and reference) adapter, from its run folder beside this one
+            session.load_adapter(args.from_adapter, output=str(run_dir.parent))
         with same_plan_on_every_rank(world):
             end = run_training(session, dataset, args, reporter, flag, resume=resume, reuse_dir=True)
         if end.status == "oom":  # the other ranks wait in a collective: this run cannot go on

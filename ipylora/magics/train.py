@@ -27,7 +27,8 @@ def train_args(opts) -> TrainArgs:
         max_grad_norm=opts.max_grad_norm, seed=opts.seed, output=opts.output or settings.runs_dir,
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
-        gpus=opts.gpus, strategy=opts.strategy,
+        gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
+        gamma=opts.gamma, from_adapter=opts.from_adapter,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
     )
 
@@ -71,6 +72,14 @@ class TrainMagics(Magics):
               help="Train on N GPUs in torchrun worker processes outside the kernel (metrics stream back here).")
     @argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
               help="With --gpus: ddp (each GPU holds the model) or fsdp (the model is sharded across GPUs).")
+    @argument("--method", default="sft",
+              help="Training method: sft (default), dpo, simpo, orpo, kto (preference data), or a plugin's.")
+    @argument("--beta", type=float, default=None,
+              help="Preference methods: DPO/KTO KL strength (0.1), SimPO reward scale, ORPO odds-ratio weight.")
+    @argument("--loss-type", default=None, help="DPO: TRL's loss type (sigmoid, ipo, hinge, ...).")
+    @argument("--gamma", type=float, default=None, help="SimPO: target reward margin ratio (gamma / beta).")
+    @argument("--from-adapter", default=None, metavar="NAME",
+              help="Start from adapter NAME's weights (SFT -> DPO); preference methods use it, frozen, as the reference.")
     @argument("--background", action="store_true", help="Return at once; train in a thread with a Stop button.")
     @argument("--wait", action="store_true", help="Queue behind a running training instead of refusing.")
     @argument("--stop", action="store_true", help="Stop the running training at the next step and save it.")
@@ -89,6 +98,7 @@ class TrainMagics(Magics):
             %lora_train --resume sd-prompts
             %lora_train concepts --model Qwen/Qwen2-1.5B --gpus 2             # DDP over 2 GPUs
             %lora_train concepts --model Qwen/Qwen2.5-7B-Instruct --4bit --dry-run   # memory, speed, ETA
+            %lora_train prefs --method dpo --from-adapter sd-prompts --name sd-dpo    # SFT -> DPO chain
         """
         opts = parse(self.lora_train, line)
         session = get_session()
