@@ -6,7 +6,8 @@ one (merging would destroy it): a run trained on a 4-bit base is loaded 4-bit, d
 the target dtype, and only then merged, so the merged weights are the ones the adapter was trained
 against plus its update, never re-quantized. The exported script repeats the run's exact
 recipe with transformers + peft + trl alone: same tokenization and loss mask, same SFTConfig,
-same seed.
+same seed; a preference run (DPO, SimPO, ORPO, KTO) the same prompt/answer tokens, TRL trainer,
+beta / loss_type / gamma and reference (the base, or the --from-adapter folder it started from).
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None
 # templates; `model` is recorded as Jinja) and the tokenizer step; tests/test_export_formats.py
 # checks its tokens against the engine's for every format.
 SCRIPT = Path(__file__).with_name("export_script.py")
-SCRIPT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text")
+SCRIPT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text", "preference", "unpaired-preference")
+SCRIPT_METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
 TRAIN_KEYS = ("lr", "scheduler", "warmup_ratio", "epochs", "steps", "batch_size", "micro_batch_size",
-              "max_grad_norm", "max_length", "seed")
+              "max_grad_norm", "max_length", "seed", "method", "beta", "loss_type", "gamma")
 
 
 def data_path(script: Path) -> Path:
@@ -134,11 +136,17 @@ def data_path(script: Path) -> Path:
     return Path(script).with_name(Path(script).stem + ".data.jsonl")
 
 
-def script_settings(record: dict, model_source: str) -> dict:
-    """The constants the script needs, from run.json."""
+def script_settings(record: dict, model_source: str, from_adapter: Path | None = None) -> dict:
+    """The constants the script needs, from run.json; `from_adapter`: the folder of the adapter the run
+    started from (--from-adapter), which the script loads as its start and reference."""
     from ipylora.engine.templates import ChatTemplate, FormatTemplate, get_template
 
     data, train = record["dataset"], record["train"]
+    method = train.get("method") or "sft"
+    if method not in SCRIPT_METHODS:
+        raise ConfigError(f"Run {record['name']!r} trained with the plugin method {method!r}; the exported script "
+                          f"knows the built-in methods ({', '.join(SCRIPT_METHODS)}): train with one of them to "
+                          "export it.")
     fmt = data.get("format", "prompt-completion")
     fields = data.get("fields") or {"prompt": data["prompt"], "completion": data["response"]}  # older run.json
     if fmt not in SCRIPT_FORMATS:
@@ -169,7 +177,9 @@ def script_settings(record: dict, model_source: str) -> dict:
         "train_on_prompt": bool(data.get("train_on_prompt")),
         "split": {k: data.get(k) for k in ("shuffle", "limit", "eval", "eval_from")} | {"seed": data.get("seed", 42)},
         "lora": record["lora"],
-        "train": {k: train.get(k) for k in TRAIN_KEYS},
+        "train": {k: train.get(k) for k in TRAIN_KEYS} | {"method": method},
+        "method": method,
+        "from_adapter": str(Path(from_adapter).resolve()) if from_adapter else None,
         "final_loss": record.get("final_loss"),
         "versions": record.get("versions", {}),
     }

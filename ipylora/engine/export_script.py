@@ -14,6 +14,14 @@ SETTINGS below. It repeats what the notebook did, step by step:
    start; a row trained whole is cut at the end; a row whose answer alone does not fit is left out;
 5. SFTTrainer with the run's LoRA shape, learning-rate schedule, batch, clipping and seed.
 
+A preference run (SETTINGS["method"]: dpo, simpo, orpo, kto) reads its rows as prompt / chosen /
+rejected (or prompt / completion / label) instead, builds the prompt and each answer from the same
+spans (`preference_tokens`: the answers exclude the prompt; a long row loses prompt tokens from
+its start beside its longer answer), and trains with TRL's DPOTrainer, CPOTrainer (SimPO),
+ORPOTrainer or KTOTrainer and the run's beta / loss_type / gamma. DPO and KTO compare against a
+reference policy: the base (a fresh adapter starts as the base) or, with --from-adapter, the
+adapter the run started from, which is loaded as the start and which TRL copies, frozen, as "ref".
+
     python train.py [--data FILE] [--model PATH_OR_ID] [--output DIR]
 
 The default data file holds the rows the run trained on (JSON lines, already shuffled and split).
@@ -21,7 +29,7 @@ The default data file holds the rows the run trained on (JSON lines, already shu
 applies the run's --shuffle / --limit / --eval split to it, as the notebook did.
 
 Importing this file trains nothing: `tokenize(read_rows(path), tokenizer)` gives the exact
-input_ids and labels training uses.
+input_ids and labels training uses (`preference_tokens(...)` for a preference run).
 """
 
 import argparse
@@ -36,7 +44,9 @@ SETTINGS = {}  # filled in by %lora_export
 
 IGNORE_INDEX = -100
 REQUIRED = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-            "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+            "prompt-completion": ("prompt", "completion"), "text": ("text",),
+            "preference": ("chosen", "rejected"), "unpaired-preference": ("prompt", "completion", "label")}
+PAIRED, UNPAIRED = ("dpo", "simpo", "orpo"), ("kto",)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
@@ -220,42 +230,52 @@ def text_segments(text):
     return [(text[:cut], False), (text[cut:], True)]
 
 
+def templater():
+    """messages -> [(text, trained), ...] in the run's template."""
+    template = SETTINGS["template"]
+    if template["kind"] == "jinja":
+        compiled = compile_jinja(template["source"])
+        return lambda messages: chat_segments(messages, template, compiled)
+    return lambda messages: format_segments(messages, template)
+
+
 def segments(rows):
     """[(text, trained), ...] per row."""
-    template = SETTINGS["template"]
-    compiled = compile_jinja(template["source"]) if template["kind"] == "jinja" else None
-    out = []
-    for messages in conversations(rows):
-        if SETTINGS["format"] == "text":
-            out.append(text_segments(messages[0]["content"]))
-        elif compiled is not None:
-            out.append(chat_segments(messages, template, compiled))
-        else:
-            out.append(format_segments(messages, template))
-    return out
+    if SETTINGS["format"] == "text":
+        return [text_segments(messages[0]["content"]) for messages in conversations(rows)]
+    spans = templater()
+    return [spans(messages) for messages in conversations(rows)]
 
 
 # -- 3 and 4. spans -> tokens, fitted into max_length ----------------------------------------------
+def join_spans(segs, tokenizer, train_on_prompt=False, bos=True):
+    """(input_ids, labels) of one row's spans: the first span with the tokenizer's special tokens
+    (its BOS) unless `bos` is False, the others without; EOS after each trained span."""
+    eos = tokenizer.eos_token_id
+    ids = list(tokenizer(segs[0][0], add_special_tokens=bos)["input_ids"])
+    labels = list(ids) if train_on_prompt or segs[0][1] else [IGNORE_INDEX] * len(ids)
+    for text, trained in segs[1:]:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        if trained:
+            labels += piece
+            if not piece or piece[-1] != eos:
+                ids.append(eos)
+                labels.append(eos)
+        else:
+            labels += piece if train_on_prompt else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
 def tokenize(rows, tokenizer):
     """{"input_ids": [...], "labels": [...]} per kept row, and how many rows max_length cut or left out."""
     max_length, train_on_prompt = SETTINGS["train"]["max_length"], SETTINGS["train_on_prompt"]
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id
     out = {"input_ids": [], "labels": []}
     cut = dropped = 0
     for segs in segments(rows):
-        ids = list(tokenizer(segs[0][0], add_special_tokens=True)["input_ids"])
+        ids, labels = join_spans(segs, tokenizer, train_on_prompt)
         head = int(bos is not None and bool(ids) and ids[0] == bos)
-        labels = list(ids) if train_on_prompt or segs[0][1] else [IGNORE_INDEX] * len(ids)
-        for text, trained in segs[1:]:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            if trained:
-                labels += piece
-                if not piece or piece[-1] != eos:
-                    ids.append(eos)
-                    labels.append(eos)
-            else:
-                labels += piece if train_on_prompt else [IGNORE_INDEX] * len(piece)
         if len(ids) > max_length:
             cut += 1
             start = len(labels)  # where the last trained span (the answer + EOS) begins
@@ -273,6 +293,201 @@ def tokenize(rows, tokenizer):
         out["labels"].append(labels)
     out["cut"], out["dropped"] = cut - dropped, dropped
     return out
+
+
+# -- preference rows -> prompt and answer tokens (preference runs) ---------------------------------
+def messages_cell(cell, number, field):
+    """A cell holding a list of {role, content} (or its JSON text) as messages, else None (text)."""
+    if isinstance(cell, str):
+        if not cell.lstrip().startswith("["):
+            return None
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(cell, list) and cell and all(isinstance(m, dict) for m in cell)):
+            return None
+    if not isinstance(cell, (list, tuple)):
+        return None
+    return turns(cell, number, "role", "content", ROLES)
+
+
+def answer_messages(cell, number, field):
+    found = messages_cell(cell, number, field)
+    return found if found is not None else [{"role": "assistant", "content": cell}]
+
+
+def split_shared(chosen, rejected):
+    """(prompt, chosen answer, rejected answer): the prompt is the leading messages both share."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    last = min(max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in (chosen, rejected))
+    shared = min(shared, last)
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def with_system(prompt, system):
+    if not system or not system.strip() or (prompt and prompt[0]["role"] == "system"):
+        return prompt
+    return [{"role": "system", "content": system}] + prompt
+
+
+def label_value(value, number):
+    text = str(value).strip().lower()
+    if text in ("true", "1", "1.0"):
+        return True
+    if text in ("false", "0", "0.0"):
+        return False
+    raise SystemExit(f"Row {number}: label {value!r} is not true or false.")
+
+
+def preference_rows(rows):
+    """(prompt messages, [answer messages...], label) per row, as the notebook's preference formats read them:
+    paired rows give [chosen, rejected]; unpaired rows (or paired rows for KTO) one completion and its label."""
+    v = {field: field_values(rows, spec, field) for field, spec in SETTINGS["fields"].items()}
+    n = len(rows)
+    systems = v.get("system") or [""] * n
+    out = []
+    if SETTINGS["format"] == "unpaired-preference":
+        for number, (prompt, completion, label, system) in enumerate(
+                zip(v["prompt"], v["completion"], v["label"], systems), start=1):
+            found = messages_cell(prompt, number, "prompt")
+            prompt = found if found is not None else [{"role": "user", "content": prompt}]
+            out.append((with_system(prompt, system), [answer_messages(completion, number, "completion")],
+                        label_value(label, number)))
+        return out
+    prompts = v.get("prompt") or [None] * n
+    for number, (prompt, chosen, rejected, system) in enumerate(
+            zip(prompts, v["chosen"], v["rejected"], systems), start=1):
+        chosen_m, rejected_m = messages_cell(chosen, number, "chosen"), messages_cell(rejected, number, "rejected")
+        if chosen_m is not None and (chosen_m[0]["role"] != "assistant" or rejected_m[0]["role"] != "assistant"):
+            prompt_m, chosen_m, rejected_m = split_shared(chosen_m, rejected_m)  # the prompt is inside them
+        else:
+            found = messages_cell(prompt, number, "prompt")
+            prompt_m = found if found is not None else [{"role": "user", "content": prompt}]
+        chosen_m = chosen_m if chosen_m is not None else answer_messages(chosen, number, "chosen")
+        rejected_m = rejected_m if rejected_m is not None else answer_messages(rejected, number, "rejected")
+        prompt_m = with_system(prompt_m, system)
+        if SETTINGS["method"] in UNPAIRED:  # as TRL's KTO reads paired data: chosen desirable, rejected not
+            out += [(prompt_m, [chosen_m], True), (prompt_m, [rejected_m], False)]
+        else:
+            out.append((prompt_m, [chosen_m, rejected_m], None))
+    return out
+
+
+def preference_tokens(rows, tokenizer):
+    """TRL's pre-tokenized columns: prompt_ids with chosen_ids / rejected_ids (paired methods) or
+    completion_ids / label (KTO), built from the template's spans as the notebook built them, and how
+    many rows max_length cut or left out."""
+    max_length, bos = SETTINGS["train"]["max_length"], tokenizer.bos_token_id
+    spans = templater()
+    paired = SETTINGS["method"] not in UNPAIRED
+    out = {"prompt_ids": [], **({"chosen_ids": [], "rejected_ids": []} if paired else {"completion_ids": [], "label": []})}
+    cut = dropped = 0
+    for prompt, answers, label in preference_rows(rows):
+        prompt_segs = spans(prompt + [{"role": "assistant", "content": ""}])[:-1] or [("", False)]
+        # Each answer is the spans that follow the prompt's in the whole conversation, after an empty
+        # untrained span: no BOS, and EOS after every trained span, the first included.
+        answer_ids = [join_spans([("", False)] + spans(prompt + answer)[len(prompt_segs):], tokenizer, bos=False)[0]
+                      for answer in answers]
+        ids = join_spans(prompt_segs, tokenizer)[0]
+        head = int(bos is not None and bool(ids) and ids[0] == bos)
+        longest = max(map(len, answer_ids))
+        if len(ids) + longest > max_length:  # the answers are never cut: the prompt loses tokens after BOS
+            if head + longest > max_length:
+                dropped += 1
+                continue
+            cut += 1
+            keep = max_length - head - longest
+            ids = ids[:head] + ids[len(ids) - keep:]
+        out["prompt_ids"].append(ids)
+        if paired:
+            out["chosen_ids"].append(answer_ids[0])
+            out["rejected_ids"].append(answer_ids[1])
+        else:
+            out["completion_ids"].append(answer_ids[0])
+            out["label"].append(label)
+    out["cut"], out["dropped"] = cut, dropped
+    return out
+
+
+def pair_features(row):
+    """One pair as CPO/ORPO's collator reads it (their tokenize_row would tokenize text again)."""
+    prompt = list(row["prompt_ids"])
+    out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        answer = list(row[f"{side}_ids"])
+        out[f"{side}_input_ids"] = prompt + answer
+        out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
+    return out
+
+
+def config(config_class, settings, **knobs):
+    """`config_class` from the common settings (those it has fields for) and the method's knobs."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in settings.items() if k in fields}, **knobs)
+
+
+def trainer_for(model, settings, data, tokenizer, callbacks):
+    """The run's TRL trainer, told to take our token columns as they are."""
+    method, train = SETTINGS["method"], SETTINGS["train"]
+    common = dict(model=model, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = config(SFTConfig, settings, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+        return SFTTrainer(args=args, **common)
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        class Trainer(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset  # TRL would extract a prompt and tokenize text again
+
+        # No ref_model: TRL copies the start adapter ("default": fresh = the base, or --from-adapter's) into a
+        # frozen "ref" adapter; its log-probabilities are computed once, before the first step.
+        args = config(DPOConfig, settings, beta=train["beta"], loss_type=train["loss_type"] or "sigmoid",
+                      max_length=None, precompute_ref_log_probs=True)
+        return Trainer(args=args, **common)
+    if method in ("simpo", "orpo"):
+        if method == "simpo":  # SimPO is CPO's simpo loss without the behaviour-cloning term (cpo_alpha=0)
+            from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Base
+
+            knobs = dict(loss_type="simpo", beta=train["beta"], simpo_gamma=train["gamma"], cpo_alpha=0.0)
+        else:
+            from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Base
+
+            knobs = dict(beta=train["beta"])
+
+        class Trainer(Base):
+            def tokenize_row(self, feature, model=None):
+                return pair_features(feature)
+
+        return Trainer(args=config(Config, settings, max_length=10**6, **knobs), **common)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        class Trainer(KTOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                # Our token columns are final; KTO's KL term pairs each completion with its batch neighbour's
+                # prompt, so rows are shuffled once with the seed (pairs' chosen/rejected sit side by side).
+                dataset = dataset.shuffle(seed=train["seed"]).flatten_indices()
+                if not self.calculate_KL:
+                    return dataset
+
+                def rotate(batch):
+                    return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+                return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+        args = config(KTOConfig, settings, beta=train["beta"], max_length=None, precompute_ref_log_probs=True,
+                      train_sampling_strategy="sequential")
+        return Trainer(args=args, **common)
+    raise SystemExit(f"This script does not know the training method {method!r}.")
 
 
 # -- 5. training ---------------------------------------------------------------------------------
@@ -350,14 +565,16 @@ def main():
                                                      "tsv); default: " + SETTINGS["data"])
     parser.add_argument("--model", default=SETTINGS["model"], help="Base model folder or hub id.")
     parser.add_argument("--output", default="runs-script/" + SETTINGS["name"], help="Where the adapter goes.")
+    parser.add_argument("--from-adapter", default=SETTINGS["from_adapter"],
+                        help="The adapter folder the run started from (its start and, for DPO/KTO, its reference)"
+                             + (f"; default: {SETTINGS['from_adapter']}" if SETTINGS["from_adapter"] else ""))
     cli = parser.parse_args()
     train = SETTINGS["train"]
 
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
 
     if cli.data is None:  # the default sits beside this script
@@ -366,48 +583,50 @@ def main():
     else:
         rows = split_rows(read_rows(cli.data))
     tokenizer, model, dtype = load(cli.model)
-    tokens = tokenize(rows, tokenizer)
-    if tokens["cut"] or tokens["dropped"]:
-        print(f"max_length {train['max_length']}: {tokens['cut']} row(s) cut, {tokens['dropped']} left out "
+    tokens = tokenize(rows, tokenizer) if SETTINGS["method"] == "sft" else preference_tokens(rows, tokenizer)
+    cut, dropped = tokens.pop("cut"), tokens.pop("dropped")
+    if cut or dropped:
+        print(f"max_length {train['max_length']}: {cut} row(s) cut, {dropped} left out "
               "(the answer alone is longer)")
-    if not tokens["input_ids"]:
+    if not tokens["input_ids" if "input_ids" in tokens else "prompt_ids"]:
         raise SystemExit(f"No row fits into max_length {train['max_length']}: nothing to train on.")
-    data = Dataset.from_dict({"input_ids": tokens["input_ids"], "labels": tokens["labels"]})
+    data = Dataset.from_dict(tokens)
     steps = train["steps"] or max(1, math.ceil(train["epochs"] * math.ceil(len(data) / train["batch_size"])))
     micro = min(train["micro_batch_size"] or train["batch_size"], train["batch_size"])
     while train["batch_size"] % micro:
         micro -= 1
-    print(f"{len(data)} rows, {steps} steps of {train['batch_size']} rows", flush=True)
+    print(f"{len(data)} rows, {steps} steps of {train['batch_size']} rows ({SETTINGS['method']})", flush=True)
 
     set_seed(train["seed"])  # before the adapter: its initial weights come from this seed
     if SETTINGS["quantization"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = SETTINGS["lora"]
     targets = lora["target_modules"]
-    model = get_peft_model(model, LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none", task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-    ))
+    if cli.from_adapter:  # start from that adapter's weights and shape
+        model = PeftModel.from_pretrained(model, cli.from_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none", task_type="CAUSAL_LM",
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        ))
 
     cuda = torch.cuda.is_available()
     callback = progress(steps)
     with tempfile.TemporaryDirectory() as scratch:
-        config = SFTConfig(
+        settings = dict(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=micro,
             gradient_accumulation_steps=train["batch_size"] // micro, learning_rate=train["lr"],
             lr_scheduler_type=train["scheduler"], warmup_steps=int(round(train["warmup_ratio"] * steps)),
             weight_decay=0.0, max_grad_norm=train["max_grad_norm"], bf16=cuda and dtype == torch.bfloat16,
             fp16=cuda and dtype == torch.float16, use_cpu=not cuda, gradient_checkpointing=False,
             logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-            seed=train["seed"], data_seed=train["seed"], dataloader_num_workers=0,
-            dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, remove_unused_columns=False,
+            seed=train["seed"], data_seed=train["seed"], dataloader_num_workers=0, remove_unused_columns=False,
         )
-        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[callback])
+        trainer = trainer_for(model, settings, data, tokenizer, [callback])
         trainer.remove_callback(PrinterCallback)  # one line per 10% (above), not one dict per step
         trainer.remove_callback(ProgressCallback)
         trainer.train()
-    model.save_pretrained(cli.output)
+    model.save_pretrained(cli.output, selected_adapters=["default"])  # not TRL's frozen "ref" copy
     compare(callback.losses[-1])
     print(f"adapter saved to {cli.output}")
 
