@@ -169,14 +169,27 @@ class Session:
         self._changed()
 
     # -- adapters ---------------------------------------------------------------------------
-    def attach_adapter(self, name: str, lora: LoraArgs):
-        """A fresh trainable LoRA adapter `name` on the resident model (replacing one of that name)."""
+    def attach_adapter(self, name: str, lora: LoraArgs, start: str | None = None):
+        """A fresh trainable LoRA adapter `name` on the resident model (replacing one of that name).
+
+        `start`: begin from a copy of that adapter's weights and shape (SFT -> DPO); `start` itself
+        stays as it is, frozen (preference methods use it as their reference).
+        """
+        import copy
+
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-        config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=_targets(lora.target_modules),
-        )
+        if start is not None:
+            if start == name:
+                raise ConfigError(f"--from-adapter {start} would be replaced by the run it starts: pass --name NEW.")
+            self.adapter(start)
+            config = copy.deepcopy(self.model.peft_config[start])
+            config.inference_mode = False
+        else:
+            config = LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+                target_modules=_targets(lora.target_modules),
+            )
         if isinstance(self.model, PeftModel) and name in self.model.peft_config:
             if len(self.model.peft_config) == 1:
                 self.model = self.model.unload()
@@ -192,9 +205,25 @@ class Session:
         else:
             self.model.add_adapter(name, config)
         self.model.set_adapter(name)
+        if start is not None:
+            import torch
+
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for param_name, param in params.items():
+                    if "lora_" in param_name and f".{start}." in param_name:
+                        params[param_name.replace(f".{start}.", f".{name}.")].copy_(param)
         for param_name, param in self.model.named_parameters():
             param.requires_grad = "lora_" in param_name and f".{name}." in param_name
         return self.model
+
+    def lora_args(self, name: str) -> LoraArgs:
+        """The shape of loaded adapter `name` (what a run started from it trains)."""
+        config = self.model.peft_config[self.adapter(name).name]
+        targets = config.target_modules
+        targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
+        return LoraArgs(r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
+                        target_modules=targets)
 
     def use_adapter(self, name: str) -> None:
         """Make `name` the adapter chat uses by default; "base" for none."""
@@ -267,6 +296,7 @@ class Session:
         data = self.dataset(dataset)
         args = replace(args, name=args.name or dataset)
         check_name(args.name, "run")
+        self._check_start(args)
         model_id, _ = self._target_model(args.model)
         args = resolve(args, tiny=model_id == TINY_MODEL_ID, from_user=not resume,
                        tokens=lambda: train_tokens(self, data, args.max_length))
@@ -313,6 +343,8 @@ class Session:
                 return self._train_distributed(data, args, reporter, resume)
             before_training(self, data, args, reporter, resume)
             self.ensure_model(args.model, args.quantization, args.trust_remote_code, tokenizer)
+            if args.from_adapter and args.from_adapter not in self.adapters:
+                self.load_adapter(args.from_adapter, output=args.output)  # a saved run: bring it back first
             graphdecode.release(self.model)  # chat's static cache and graph: training wants the memory
             end = run_training(self, data, args, reporter, self._stop_flag, resume)
             # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
@@ -334,6 +366,15 @@ class Session:
             self._stop_flag = None
             self._busy.release()
             self._changed()
+
+    def _check_start(self, args: TrainArgs) -> None:
+        """--from-adapter names a loaded adapter or a saved run (refused before anything loads)."""
+        start = args.from_adapter
+        if start is None or start in self.adapters or (Path(args.output) / start / "run.json").exists():
+            return
+        known = ", ".join(sorted(self.adapters)) or "none loaded"
+        raise UnknownNameError(f"--from-adapter {start!r} is neither a loaded adapter ({known}) nor a run in "
+                               f"{args.output}/: train it first (%lora_train DATASET --name {start}) or check %lora_runs.")
 
     def _check_data(self, data: LoraDataset, args: TrainArgs, reporter):
         """Tokenize the run's data with the model's tokenizer before any weights load: refuse data that
@@ -628,7 +669,9 @@ class Session:
         from ipylora.engine import export
 
         record = export.run_record(self._run_dir(name, output))
-        settings = export.script_settings(record, _model_source(record))
+        start = record["train"].get("from_adapter")
+        start_dir = export.saved_adapter(self._run_dir(start, output)) if start else None
+        settings = export.script_settings(record, _model_source(record), start_dir)
         path = Path(path)
         if data is not None:
             if not Path(data).exists():
