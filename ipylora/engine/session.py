@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from ipylora.engine import adapters, graphdecode
 from ipylora.engine import chat as chat_module
-from ipylora.engine import decode, graphdecode
+from ipylora.engine.adapters import Adapter
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
@@ -58,14 +59,6 @@ class RunHandle:
 
     def join(self, timeout: float | None = None) -> RunEnd:
         return self._future.result(timeout)
-
-
-@dataclass
-class Adapter:
-    name: str
-    run_dir: Path
-    template: str
-    dataset: str
 
 
 class Session:
@@ -170,60 +163,12 @@ class Session:
 
     # -- adapters ---------------------------------------------------------------------------
     def attach_adapter(self, name: str, lora: LoraArgs, start: str | None = None):
-        """A fresh trainable LoRA adapter `name` on the resident model (replacing one of that name).
-
-        `start`: begin from a copy of that adapter's weights and shape (SFT -> DPO); `start` itself
-        stays as it is, frozen (preference methods use it as their reference).
-        """
-        import copy
-
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-        if start is not None:
-            if start == name:
-                raise ConfigError(f"--from-adapter {start} would be replaced by the run it starts: pass --name NEW.")
-            self.adapter(start)
-            config = copy.deepcopy(self.model.peft_config[start])
-            config.inference_mode = False
-        else:
-            config = LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-                target_modules=_targets(lora.target_modules),
-            )
-        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
-            if len(self.model.peft_config) == 1:
-                self.model = self.model.unload()
-            else:
-                other = next(n for n in self.model.peft_config if n != name)
-                self.model.set_adapter(other)
-                self.model.delete_adapter(name)
-            self.adapters.pop(name, None)
-        if not isinstance(self.model, PeftModel):
-            if self.quantization:
-                self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
-            self.model = get_peft_model(self.model, config, adapter_name=name)
-        else:
-            self.model.add_adapter(name, config)
-        self.model.set_adapter(name)
-        if start is not None:
-            import torch
-
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for param_name, param in params.items():
-                    if "lora_" in param_name and f".{start}." in param_name:
-                        params[param_name.replace(f".{start}.", f".{name}.")].copy_(param)
-        for param_name, param in self.model.named_parameters():
-            param.requires_grad = "lora_" in param_name and f".{name}." in param_name
-        return self.model
+        """A fresh trainable LoRA adapter `name` (`start`: a copy of that adapter's weights); see adapters.attach."""
+        return adapters.attach(self, name, lora, start)
 
     def lora_args(self, name: str) -> LoraArgs:
-        """The shape of loaded adapter `name` (what a run started from it trains)."""
-        config = self.model.peft_config[self.adapter(name).name]
-        targets = config.target_modules
-        targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
-        return LoraArgs(r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
-                        target_modules=targets)
+        """The shape of loaded adapter `name`."""
+        return adapters.lora_args(self, name)
 
     def use_adapter(self, name: str) -> None:
         """Make `name` the adapter chat uses by default; "base" for none."""
@@ -234,50 +179,11 @@ class Session:
 
     def load_adapter(self, source: str, name: str | None = None, output: str = "runs") -> str:
         """Load a saved adapter (a run name under `output`, or a PEFT folder) into the resident model."""
-        from peft import PeftModel
-
-        from ipylora.engine.models import check_safetensors_adapter
-        from ipylora.engine.runs import adapter_dir, read_json
-
-        self._check_idle()
-        run_dir = Path(output) / source
-        folder = adapter_dir(run_dir) if (run_dir / "run.json").exists() else Path(source)
-        if folder is None or not (folder / "adapter_config.json").exists():
-            raise UnknownNameError(f"No saved adapter at {source!r}: give a run name from %lora_runs or a PEFT folder.")
-        check_safetensors_adapter(folder)
-        record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
-        name = check_name(name or record.get("name") or folder.name, "adapter")
-        if self.model is None:  # e.g. after a restart: load the base the adapter was trained on
-            self.ensure_model(record.get("model"), record.get("quantization"))
-        if isinstance(self.model, PeftModel):
-            if name in self.model.peft_config:
-                raise ConfigError(f"Adapter {name!r} is already loaded: delete it first or pass another name.")
-            self.model.load_adapter(str(folder), adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-        dataset = record.get("dataset", {})
-        self.adapters[name] = Adapter(name, run_dir if record else folder, dataset.get("template", "{prompt}{response}"),
-                                      dataset.get("name", ""))
-        self.active_adapter = name
-        self._changed()
-        return name
+        return adapters.load(self, source, name, output)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` from the resident model (its saved copy on disk stays)."""
-        self._check_idle()
-        self.adapter(name)
-        decode.forget(self.model)  # the generation-time copies of adapter weights
-        graphdecode.release(self.model)  # and the decode step captured with them
-        if len(self.model.peft_config) == 1:
-            self.model = self.model.unload()
-        else:
-            if self.model.active_adapter == name:
-                self.model.set_adapter(next(n for n in self.model.peft_config if n != name))
-            self.model.delete_adapter(name)
-        del self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.adapters), None)
-        self._changed()
+        adapters.delete(self, name)
 
     def adapter(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -755,10 +661,6 @@ def _model_source(record: dict) -> str:
     if record.get("model") == TINY_MODEL_ID:
         return resolve_model_id(None)[1]
     return record.get("model_source") or resolve_model_id(record["model"])[1]
-
-
-def _targets(spec: str):
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
 def _memory_text(model) -> str:

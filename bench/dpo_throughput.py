@@ -1,0 +1,167 @@
+"""DPO throughput on the GPU: ipylora's engine (`Session.train --method dpo` at its defaults) vs plain TRL.
+
+    python bench/dpo_throughput.py --out bench-out        # the H200 run (bench/RESULTS.md)
+    python bench/dpo_throughput.py --smoke                # CPU, tiny shape, a few rows: checks the plumbing
+
+The model is a random-init Qwen2 of the real 1.5B shape (no download; random weights cost the
+same FLOPs) with the embedded tokenizer. The data are the same preference rows for both: text
+prompt, chosen, rejected of log-normal word counts (prompt median ~100 tokens, answers ~120),
+drawn from the tokenizer's own words. Both train one epoch over every row with the same LoRA
+shape (ipylora's MODEL_LORA: r16, alpha 32, dropout 0.05, all linear layers); each in its own
+process, so patches and memory peaks stay apart.
+
+- `trl`: `DPOTrainer(model, args=DPOConfig(output_dir, num_train_epochs=1, report_to="none"),
+  train_dataset=text rows, peft_config=LoraConfig(...))`: TRL's defaults for everything else.
+- `engine`: `Session.train(dataset, TrainArgs(method="dpo", epochs=1))` on the resident model.
+
+tokens/s counts real tokens (no padding): each row costs prompt + chosen + prompt + rejected tokens
+(the policy sees both sequences); the time is the whole train() call, reference log-probs included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import SHAPES, lognormal_lengths, print_result, read_result, save_random_qwen2  # noqa: E402
+
+LORA = dict(r=16, alpha=32, dropout=0.05)
+
+
+def make_rows(tokenizer, rows: int, seed: int = 0):
+    """Preference rows as text: words of the tokenizer's own vocabulary, log-normal lengths."""
+    import numpy as np
+    import pandas as pd
+
+    words = [t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3]
+    rng = np.random.default_rng(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words, size=int(n)))
+
+    prompts = lognormal_lengths(rng, rows, median=100, sigma=0.5, low=8, high=512)
+    chosen = lognormal_lengths(rng, rows, median=120, sigma=0.5, low=4, high=400)
+    rejected = lognormal_lengths(rng, rows, median=120, sigma=0.5, low=4, high=400)
+    return pd.DataFrame({"prompt": [text(n) for n in prompts], "chosen": [text(n) for n in chosen],
+                         "rejected": [text(n) for n in rejected]})
+
+
+def real_tokens(tokenizer, frame) -> int:
+    """Tokens the policy processes over one epoch: (prompt + chosen) + (prompt + rejected) per row."""
+    count = lambda texts: sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])  # noqa: E731
+    return 2 * count(frame.prompt) + count(frame.chosen) + count(frame.rejected) + 2 * len(frame)  # + EOS each
+
+
+def run_one(spec: dict) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    model_dir, kind = spec["model_dir"], spec["kind"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    frame = make_rows(tokenizer, spec["rows"])
+    tokens = real_tokens(tokenizer, frame)
+    cuda = torch.cuda.is_available()
+    if kind == "engine":
+        from ipylora.engine import DataArgs, LoraArgs, TrainArgs
+        from ipylora.engine.session import Session
+
+        session = Session()
+        session.ensure_model(model_dir)
+        session.add_dataset("prefs", frame, DataArgs(format="preference", template="plain"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        end = session.train("prefs", TrainArgs(method="dpo", epochs=1, output=spec["out"], name="bench-dpo",
+                                               lora=LoraArgs(r=LORA["r"], alpha=LORA["alpha"],
+                                                             dropout=LORA["dropout"], target_modules="all-linear")))
+        seconds = time.perf_counter() - started
+        final_loss, steps = end.final_loss, end.step
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM
+        from trl import DPOConfig, DPOTrainer
+
+        dtype = torch.bfloat16 if cuda else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if cuda else "cpu")
+        config = DPOConfig(output_dir=str(Path(spec["out"]) / "trl"), num_train_epochs=1, report_to="none",
+                           use_cpu=not cuda, bf16=cuda, max_steps=spec.get("max_steps", -1))
+        trainer = DPOTrainer(model, args=config, train_dataset=Dataset.from_pandas(frame), processing_class=tokenizer,
+                             peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        final_loss, steps = (losses[-1] if losses else None), trainer.state.global_step
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"kind": kind, "rows": len(frame), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_gib": peak, "steps": steps, "final_loss": final_loss}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few rows")
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--kinds", default="trl,engine")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.one:
+        try:
+            print_result(run_one(json.loads(cli.one)))
+        except Exception as exc:  # the parent prints the row as failed, with the first line of why
+            traceback.print_exc()
+            print_result({"kind": json.loads(cli.one)["kind"], "error": f"{type(exc).__name__}: {exc}"})
+        return 0
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not cli.smoke:
+        print("skipped: no CUDA GPU (run with --smoke for the CPU plumbing check)")
+        return 0
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / ("qwen2-tiny" if cli.smoke else "qwen2-1.5b")
+    if not (model_dir / "config.json").exists():
+        save_random_qwen2(model_dir, SHAPES["tiny" if cli.smoke else "1.5b"], device="cuda" if cuda else "cpu",
+                          dtype=torch.bfloat16 if cuda else torch.float32, cast=False)
+    rows = 16 if cli.smoke else cli.rows
+    results = []
+    for kind in cli.kinds.split(","):
+        spec = {"kind": kind, "model_dir": str(model_dir), "rows": rows, "out": str(out / kind)}
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+        result = read_result(proc.stdout) or {"kind": kind, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        if "error" in result:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        results.append(result)
+    print(f"\nDPO, Qwen2-{'tiny' if cli.smoke else '1.5B'} shape, random weights, {rows} preference rows, 1 epoch, "
+          f"LoRA r{LORA['r']} all-linear, {'GPU: ' + torch.cuda.get_device_name() if cuda else 'CPU'}")
+    print(f"| {'recipe':<8} | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'final loss':>10} |")
+    print(f"|{'-' * 10}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['kind']:<8} | failed: {r['error'][:120]}")
+            continue
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        print(f"| {r['kind']:<8} | {r['steps']:>5} | {r['seconds']:>8.1f} | {r['tokens_per_s']:>9,.0f} | {peak:>8} | {loss:>10} |")
+    by = {r["kind"]: r for r in results if "error" not in r}
+    if "trl" in by and "engine" in by:
+        print(f"\nengine / trl: {by['engine']['tokens_per_s'] / by['trl']['tokens_per_s']:.2f}x tokens/s")
+    print("RESULTS " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Adapters on the resident model: one PeftModel holds them side by side, by name.
+
+Attaching a fresh adapter (or one started from a copy of another's weights, for SFT -> DPO),
+loading a saved one from a run folder or a PEFT folder, deleting one. Each function takes the
+`Session`, whose `model` it may replace (the first adapter wraps the base in a PeftModel; the last
+one deleted unwraps it) and whose `adapters` table it keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipylora.engine import decode, graphdecode
+from ipylora.engine.config import LoraArgs
+from ipylora.engine.errors import ConfigError, UnknownNameError
+from ipylora.engine.runs import check_name
+
+
+@dataclass
+class Adapter:
+    name: str
+    run_dir: Path
+    template: str
+    dataset: str
+
+
+def attach(session, name: str, lora: LoraArgs, start: str | None = None):
+    """A fresh trainable LoRA adapter `name` on the resident model (replacing one of that name).
+
+    `start`: begin from a copy of that adapter's weights and shape (SFT -> DPO); `start` itself
+    stays as it is, frozen (preference methods use it as their reference).
+    """
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if start is not None:
+        if start == name:
+            raise ConfigError(f"--from-adapter {start} would be replaced by the run it starts: pass --name NEW.")
+        session.adapter(start)
+        config = copy.deepcopy(session.model.peft_config[start])
+        config.inference_mode = False
+    else:
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+            target_modules=_targets(lora.target_modules),
+        )
+    if isinstance(session.model, PeftModel) and name in session.model.peft_config:
+        if len(session.model.peft_config) == 1:
+            session.model = session.model.unload()
+        else:
+            other = next(n for n in session.model.peft_config if n != name)
+            session.model.set_adapter(other)
+            session.model.delete_adapter(name)
+        session.adapters.pop(name, None)
+    if not isinstance(session.model, PeftModel):
+        if session.quantization:
+            session.model = prepare_model_for_kbit_training(session.model, use_gradient_checkpointing=False)
+        session.model = get_peft_model(session.model, config, adapter_name=name)
+    else:
+        session.model.add_adapter(name, config)
+    session.model.set_adapter(name)
+    if start is not None:
+        import torch
+
+        params = dict(session.model.named_parameters())
+        with torch.no_grad():
+            for param_name, param in params.items():
+                if "lora_" in param_name and f".{start}." in param_name:
+                    params[param_name.replace(f".{start}.", f".{name}.")].copy_(param)
+    for param_name, param in session.model.named_parameters():
+        param.requires_grad = "lora_" in param_name and f".{name}." in param_name
+    return session.model
+
+
+def lora_args(session, name: str) -> LoraArgs:
+    """The shape of loaded adapter `name` (what a run started from it trains)."""
+    config = session.model.peft_config[session.adapter(name).name]
+    targets = config.target_modules
+    # PEFT stores "all-linear" resolved to full module paths; it matches names by suffix, so the
+    # layer names say the same thing shorter.
+    targets = targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+    return LoraArgs(r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
+                    target_modules=targets)
+
+
+def load(session, source: str, name: str | None = None, output: str = "runs") -> str:
+    """Load a saved adapter (a run name under `output`, or a PEFT folder) into the resident model."""
+    from peft import PeftModel
+
+    from ipylora.engine.models import check_safetensors_adapter
+    from ipylora.engine.runs import adapter_dir, read_json
+
+    session._check_idle()
+    run_dir = Path(output) / source
+    folder = adapter_dir(run_dir) if (run_dir / "run.json").exists() else Path(source)
+    if folder is None or not (folder / "adapter_config.json").exists():
+        raise UnknownNameError(f"No saved adapter at {source!r}: give a run name from %lora_runs or a PEFT folder.")
+    check_safetensors_adapter(folder)
+    record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    name = check_name(name or record.get("name") or folder.name, "adapter")
+    if session.model is None:  # e.g. after a restart: load the base the adapter was trained on
+        session.ensure_model(record.get("model"), record.get("quantization"))
+    if isinstance(session.model, PeftModel):
+        if name in session.model.peft_config:
+            raise ConfigError(f"Adapter {name!r} is already loaded: delete it first or pass another name.")
+        session.model.load_adapter(str(folder), adapter_name=name)
+    else:
+        session.model = PeftModel.from_pretrained(session.model, str(folder), adapter_name=name)
+    dataset = record.get("dataset", {})
+    session.adapters[name] = Adapter(name, run_dir if record else folder, dataset.get("template", "{prompt}{response}"),
+                                  dataset.get("name", ""))
+    session.active_adapter = name
+    session._changed()
+    return name
+
+
+def delete(session, name: str) -> None:
+    """Remove adapter `name` from the resident model (its saved copy on disk stays)."""
+    session._check_idle()
+    session.adapter(name)
+    decode.forget(session.model)  # the generation-time copies of adapter weights
+    graphdecode.release(session.model)  # and the decode step captured with them
+    if len(session.model.peft_config) == 1:
+        session.model = session.model.unload()
+    else:
+        if session.model.active_adapter == name:
+            session.model.set_adapter(next(n for n in session.model.peft_config if n != name))
+        session.model.delete_adapter(name)
+    del session.adapters[name]
+    if session.active_adapter == name:
+        session.active_adapter = next(iter(session.adapters), None)
+    session._changed()
+
+
+def _targets(spec: str):
+    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
