@@ -13,16 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from ipylora.engine import adapters, graphdecode
+from ipylora.engine import adapters, conversation, graphdecode
 from ipylora.engine import chat as chat_module
 from ipylora.engine.adapters import Adapter
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
-from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
+from ipylora.engine.errors import OutOfMemoryError, SessionBusyError, UnknownNameError
 from ipylora.engine.events import Event, Notice, RunEnd, StepEnd
 from ipylora.engine.notes import before_training, train_tokens
 from ipylora.engine.runs import check_name
-from ipylora.engine.templates import get_template
 from ipylora.engine.tiny import TINY_MODEL_ID
 
 _session: Session | None = None
@@ -352,78 +351,22 @@ class Session:
     # -- chat -------------------------------------------------------------------------------
     def chat(self, text: str, args: GenerateArgs = GenerateArgs(), on_text=None, raw: bool = False,
              history: list[tuple[str, str]] = (), system: str | None = None) -> dict:
-        """Answer `text`, after the (user, answer) turns in `history`, with the active adapter (or
-        `args.adapter`; "base" for none), in the prompt format it was trained with. `system`: the
-        system prompt; None sends the one the adapter was trained with (`system_prompt`), "" none."""
-        _check_raw(raw, system)
-        with self._holding_model():
-            adapter, ids = self._chat_ids(text, args, raw, history, system)
-            return chat_module.generate(self.model, self.tokenizer, ids, args, adapter, on_text)
+        """Answer `text` after `history` with the active adapter (or `args.adapter`), as it was trained;
+        `system` None: the trained system prompt, "": none (conversation.chat)."""
+        return conversation.chat(self, text, args, on_text, raw, history, system)
 
     def start_chat(self, text: str, args: GenerateArgs = GenerateArgs(), history: list[tuple[str, str]] = (),
                    raw: bool = False, system: str | None = None) -> chat_module.Generation:
-        """Like `chat`, but generating in a worker thread: iterate the result for text pieces, `stop()` it.
-
-        The model stays reserved (training and other chats refuse) until the generation ends.
-        """
-        _check_raw(raw, system)
-        self._reserve_model()
-        try:
-            adapter, ids = self._chat_ids(text, args, raw, history, system)
-            return chat_module.Generation(self.model, self.tokenizer, ids, args, adapter,
-                                          on_done=lambda result: self._busy.release())
-        except BaseException:
-            self._busy.release()
-            raise
-
-    def _chat_ids(self, text: str, args: GenerateArgs, raw: bool, history, system: str | None) -> tuple[str, list[int]]:
-        """(adapter, prompt token ids) for one chat turn."""
-        adapter = self._chat_adapter(args.adapter)
-        if system is None:
-            system = None if raw else self.system_prompt(adapter).text
-        fmt = self.prompt_format(adapter, raw)
-        return adapter, chat_module.prompt_ids(self.tokenizer, fmt, text, history, system)
+        """Like `chat`, generating in a worker thread: iterate it for text pieces, `stop()` it."""
+        return conversation.start_chat(self, text, args, history, raw, system)
 
     def system_prompt(self, adapter: str | None = None) -> chat_module.SystemPrompt:
-        """The system prompt chat sends `adapter` (None: the active one; "base": none) by default: the one
-        its training rows shared (run.json), or the most common with a note saying so. The base uses
-        the latest dataset's, as it uses that dataset's template."""
-        adapter = self._chat_adapter(adapter)
-        if adapter == "base":
-            if not self.datasets:
-                return chat_module.SystemPrompt(None)
-            dataset = list(self.datasets.values())[-1]
-            return chat_module.trained_system(dataset.system_summary(), dataset.system_prompts())
-        summary, name = _trained_system(self.adapter(adapter))
-        known = self.datasets.get(name)
-        prompts = known.system_prompts() if known is not None else None
-        if prompts is not None and known.system_summary() != {k: summary.get(k) for k in known.system_summary()}:
-            prompts = None  # the dataset of that name changed since: its counts are not the adapter's
-        return chat_module.trained_system(summary, prompts)
+        """The system prompt chat sends `adapter` by default (conversation.system_prompt)."""
+        return conversation.system_prompt(self, adapter)
 
     def prompt_format(self, adapter: str, raw: bool = False) -> chat_module.PromptFormat:
-        """How prompts for `adapter` ("base": none) are built: its training template (run.json), the
-        model's chat template, or raw text. The base uses the latest dataset's template, else the
-        tokenizer's chat template (chat models), else none."""
-        PromptFormat = chat_module.PromptFormat
-        if raw:
-            return PromptFormat("raw")
-        if adapter != "base":
-            template_name, source, dataset = _trained_template(self.adapter(adapter))
-            if template_name in chat_module.CHAT_TEMPLATE_NAMES:
-                return PromptFormat("chat")
-            known = self.datasets.get(dataset)
-            if known is not None and getattr(known.template, "source", None) == source:
-                return PromptFormat("template", known.template)
-            return PromptFormat("template", get_template(source))
-        if self.datasets:  # the base answers in the format the user is about to train on
-            template = list(self.datasets.values())[-1].template
-            if template.name in chat_module.CHAT_TEMPLATE_NAMES:
-                return PromptFormat("chat")
-            return PromptFormat("template", template)
-        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            return PromptFormat("chat")
-        return PromptFormat("template", get_template("plain"))
+        """How prompts for `adapter` ("base": none) are built (conversation.prompt_format)."""
+        return conversation.prompt_format(self, adapter, raw)
 
     def _chat_adapter(self, requested: str | None) -> str:
         adapter = requested or self.active_adapter or "base"
@@ -496,30 +439,8 @@ class Session:
     # -- compare, evaluate, export ------------------------------------------------------------
     def compare(self, prompts: list, adapters: list[str], args: GenerateArgs = GenerateArgs(),
                 system: str | None = None) -> dict:
-        """Each adapter's ("base": none) answer to each prompt, all on the one resident model.
-
-        A prompt is a user text, sent under each adapter's trained system prompt (`system_prompt`),
-        or a conversation's prompt side as messages (`Example.messages`: system, earlier turns, the
-        last user turn), formatted in each adapter's own template. `system` replaces the system
-        prompt of both ("" removes it). The result's "prompts" are the last user turns.
-        """
-        if not prompts:
-            raise ConfigError("Nothing to compare: give a prompt, or --prompts-from DATASET.")
-        adapters = list(dict.fromkeys(adapters))
-        answers, notes = {}, []
-        with self._holding_model():
-            for name in adapters:
-                self._chat_adapter(name)
-            for name in adapters:
-                fmt = self.prompt_format(name)
-                default = self.system_prompt(name) if system is None else chat_module.SystemPrompt(system)
-                if default.note and any(isinstance(p, str) for p in prompts):
-                    notes.append(f"{name}: {default.note}")
-                conversations = [_compare_messages(p, default.text, system) for p in prompts]
-                ids = [chat_module.conversation_ids(self.tokenizer, fmt, messages) for messages in conversations]
-                answers[name] = chat_module.generate_batch(self.model, self.tokenizer, ids, args, name)
-        return {"prompts": [_last_user(p) for p in prompts], "context": [_context(p) for p in prompts],
-                "adapters": adapters, "answers": answers, "notes": notes}
+        """Each adapter's ("base": none) answer to each prompt, on the one resident model (conversation.compare)."""
+        return conversation.compare(self, prompts, adapters, args, system)
 
     def evaluate(self, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
         """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
@@ -602,56 +523,6 @@ class Session:
                                    "as it was trained: pass --data FILE (the table it was made from).")
         part = dataset.splits()["train"] if hasattr(dataset, "splits") else dataset
         return part.frame
-
-
-def _trained_template(adapter: Adapter) -> tuple[str, str, str]:
-    """(template name, template source, dataset name) the adapter was trained with, from its run.json."""
-    from ipylora.engine.runs import read_json
-
-    path = Path(adapter.run_dir) / "run.json"
-    data = read_json(path).get("dataset", {}) if path.exists() else {}
-    return data.get("template_name", "custom"), data.get("template", adapter.template), data.get("name", adapter.dataset)
-
-
-def _trained_system(adapter: Adapter) -> tuple[dict, str]:
-    """(run.json's dataset record, dataset name) of the adapter: its system prompt summary."""
-    from ipylora.engine.runs import read_json
-
-    path = Path(adapter.run_dir) / "run.json"
-    data = read_json(path).get("dataset", {}) if path.exists() else {}
-    return data, data.get("name", adapter.dataset)
-
-
-def _check_raw(raw: bool, system: str | None) -> None:
-    if raw and system:
-        raise ConfigError("--raw sends the text as is, without the template a system prompt goes into: "
-                          "drop --system, or drop --raw.")
-
-
-def _compare_messages(prompt, default_system: str | None, system: str | None) -> list[dict]:
-    """A compare prompt as messages: a text under the default system prompt, or a row's prompt side
-    (its own system turn unless `system` replaces it)."""
-    if isinstance(prompt, str):
-        return chat_module.chat_messages(prompt, system=default_system)
-    return list(prompt) if system is None else chat_module.with_system(list(prompt), system)
-
-
-def _last_user(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
-def _context(prompt) -> str:
-    """What a row's prompt side holds besides its last user turn ("" for a text prompt)."""
-    if isinstance(prompt, str):
-        return ""
-    parts = ["system prompt"] if any(m["role"] == "system" for m in prompt) else []
-    earlier = sum(m["role"] == "assistant" for m in prompt)
-    if earlier:
-        parts.append(f"{earlier} earlier turn{'s' if earlier > 1 else ''}")
-    return " + ".join(parts)
 
 
 def _model_source(record: dict) -> str:
