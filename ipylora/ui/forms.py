@@ -2,7 +2,8 @@
 
 A form never calls the engine itself: its button runs the very `%lora_train ...` /
 `%%lora_dataset ...` line it shows, so what the form does and what the notebook can reproduce
-are the same thing by construction.
+are the same thing by construction. The training form's method selector lists the registered
+methods (plugins included) and shows only the knobs the selected one reads (`Method.knobs`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from ipylora.engine import get_session
+from ipylora.engine import get_session, methods
 
 PRESETS = {
     "defaults (chosen for the model)": {},
@@ -49,20 +50,30 @@ class TrainForm(w.VBox):
         self.batch = w.IntText(0, description="batch size", style=style)
         self.max_length = w.IntText(1024, description="max length", style=style)
         self.eval_every = w.IntText(0, description="eval every", style=style)
+        self.method = w.Dropdown(options=methods.names(), value="sft", description="method", style=style)
+        self.beta = w.FloatText(0, description="beta", style=style)
+        self.loss_type = w.Combobox(placeholder="sigmoid", description="loss type", style=style, ensure_option=False)
+        self.gamma = w.FloatText(-1, description="gamma", style=style)
+        self.from_adapter = w.Dropdown(options=["", *sorted(get_session().adapters)], description="from adapter",
+                                       style=style)
+        self.knobs = {"beta": self.beta, "loss_type": self.loss_type, "gamma": self.gamma}
         self.background = w.Checkbox(True, description="in the background (Stop button)", indent=False)
         self.preset = w.Dropdown(options=list(PRESETS), description="preset", style=style)
         self.shown = w.HTML()
         self.button = w.Button(description="Train", button_style="primary", icon="play")
         self.output = w.Output()
-        hint = w.HTML("<small>0 or empty: the default chosen for the model.</small>")
+        hint = w.HTML("<small>0 or empty: the default chosen for the model (gamma: -1).</small>")
         fields = [self.dataset, self.name, self.model, self.quantization, self.r, self.alpha, self.dropout,
                   self.targets, self.lr, self.epochs, self.steps, self.batch, self.max_length, self.eval_every]
-        for field in [*fields, self.background]:
+        method_fields = [self.method, self.from_adapter, *self.knobs.values()]
+        for field in [*fields, *method_fields, self.background]:
             field.observe(lambda _change: self._refresh(), names="value")
+        self.method.observe(lambda _change: self._show_knobs(), names="value")
         self.preset.observe(self._apply_preset, names="value")
         self.button.on_click(lambda _button: self.train())
-        super().__init__([self.preset, w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), hint, self.background,
-                          self.shown, self.button, self.output])
+        super().__init__([self.preset, w.HBox(method_fields), w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), hint,
+                          self.background, self.shown, self.button, self.output])
+        self._show_knobs()
         self._refresh()
 
     @property
@@ -80,6 +91,7 @@ class TrainForm(w.VBox):
             parts.append(_flag("dropout", self.dropout.value))
         if self.max_length.value != 1024:
             parts.append(_flag("max-length", self.max_length.value))
+        parts += self._method_flags()
         if self.background.value:
             parts.append("--background")
         return "%lora_train " + " ".join(parts)
@@ -89,6 +101,33 @@ class TrainForm(w.VBox):
         self.output.clear_output()
         with self.output:
             self.shell.run_line_magic("lora_train", self.line[len("%lora_train "):])
+
+    def _method_flags(self) -> list[str]:
+        """--method and the selected method's knobs that differ from its default."""
+        name = self.method.value
+        flags = [_flag("method", name)] if name != "sft" else []
+        if self.from_adapter.value:
+            flags.append(_flag("from-adapter", self.from_adapter.value))
+        knobs = methods.get(name).knobs
+        if "beta" in knobs and self.beta.value > 0:
+            flags.append(_flag("beta", self.beta.value))
+        if "loss_type" in knobs and self.loss_type.value.strip() not in ("", knobs["loss_type"]):
+            flags.append(_flag("loss-type", self.loss_type.value.strip()))
+        if "gamma" in knobs and self.gamma.value >= 0:
+            flags.append(_flag("gamma", self.gamma.value))
+        return flags
+
+    def _show_knobs(self) -> None:
+        """Only the knobs the selected method reads are on screen; each says its default."""
+        knobs = methods.get(self.method.value).knobs
+        for field, box in self.knobs.items():
+            box.layout.display = None if field in knobs else "none"
+            if field in knobs:
+                box.description = f"{field.replace('_', ' ')} ({knobs[field]})"  # the selected method's default
+        if "loss_type" in knobs and not self.loss_type.options and self.method.value == "dpo":
+            from ipylora.engine.methods.preference import dpo_loss_types
+
+            self.loss_type.options = tuple(dpo_loss_types())  # TRL's own list (imports trl: only when DPO is picked)
 
     def _refresh(self) -> None:
         self.shown.value = f"<code>{self.line}</code>"

@@ -3,6 +3,10 @@
 Each artifact is one display handle, created up front by the main thread and updated in place,
 throttled, so a saved notebook keeps exactly one final frame of each. The plot is drawn with
 matplotlib's object API on an Agg canvas, not pyplot, so the training thread can draw it safely.
+
+A method's own metrics (`StepEnd.metrics`, by label: DPO's chosen/rejected reward margin, KTO's
+KL) get a panel of their own under the loss; shares (labels naming an accuracy) are read better
+as a number, so they go in the progress line only.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from ipylora.engine.events import EvalEnd, Event, Notice, RunEnd, RunStart, Samp
 from ipylora.ui.render import Rendered
 
 
+def plotted(curves: dict) -> list[str]:
+    """The method metrics drawn under the loss (not the shares, which the progress line gives)."""
+    return [label for label in curves.get("metrics", {}) if "accuracy" not in label]
+
+
 def loss_png(curves: dict, title: str, lrs: list[float] | None = None) -> bytes:
-    """Train (and eval) loss by step, with the learning rate in a thin panel underneath."""
+    """Train (and eval) loss by step, the method's metrics under it, the learning rate in a thin panel underneath."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 3.4), dpi=80)
+    labels = plotted(curves)
+    figure = Figure(figsize=(6.4, 4.6 if labels else 3.4), dpi=80)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(2, 1, height_ratios=(4, 1), hspace=0.08)
+    grid = figure.add_gridspec(3 if labels else 2, 1, height_ratios=(4, 2, 1) if labels else (4, 1), hspace=0.08)
     axes = figure.add_subplot(grid[0])
     axes.plot(curves["steps"], curves["loss"], color="#1f77b4", linewidth=1.2, label="train loss")
     if curves.get("eval_steps"):
@@ -35,9 +45,18 @@ def loss_png(curves: dict, title: str, lrs: list[float] | None = None) -> bytes:
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(loc="upper right", fontsize=8)
-    axes.tick_params(labelbottom=not lrs)
+    axes.tick_params(labelbottom=not lrs and not labels)
+    if labels:
+        metric_axes = figure.add_subplot(grid[1], sharex=axes)
+        for label, color in zip(labels, ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2")):
+            metric_axes.plot(curves["metric_steps"][label], curves["metrics"][label], color=color, linewidth=1.2,
+                             label=label)
+        metric_axes.axhline(0.0, color="#999999", linewidth=0.6)
+        metric_axes.legend(loc="upper left", fontsize=8)
+        metric_axes.tick_params(labelsize=7, labelbottom=not lrs)
+        metric_axes.grid(alpha=0.3)
     if lrs:
-        lr_axes = figure.add_subplot(grid[1], sharex=axes)
+        lr_axes = figure.add_subplot(grid[-1], sharex=axes)
         lr_axes.plot(curves["steps"], lrs, color="#2ca02c", linewidth=1.0)
         lr_axes.set_ylabel("lr", fontsize=8)
         lr_axes.tick_params(labelsize=7)
@@ -58,6 +77,7 @@ class LossPlot:
     def __init__(self, curves: dict, title: str, lrs: list[float] | None = None):
         self._png = loss_png(curves, title, lrs)
         evals = f", eval loss ({len(curves['eval_steps'])} points)" if curves.get("eval_steps") else ""
+        evals += "".join(f", {label} ({len(curves['metrics'][label])} points)" for label in plotted(curves))
         self._text = f"<loss plot: {title}: train loss ({len(curves['steps'])} points){evals}>"
 
     def _repr_png_(self) -> bytes:
@@ -81,7 +101,7 @@ class NotebookReporter:
     def __init__(self, background: bool = False, plot_every_s: float = 1.0, line_every_s: float = 0.25):
         self.background = background
         self.plot_every_s, self.line_every_s = plot_every_s, line_every_s
-        self.curves = {"steps": [], "loss": [], "eval_steps": [], "eval_loss": []}
+        self.curves = {"steps": [], "loss": [], "eval_steps": [], "eval_loss": [], "metrics": {}, "metric_steps": {}}
         self.lrs: list[float] = []
         self.samples: list[Sample] = []
         self.notices: list[str] = []
@@ -93,6 +113,7 @@ class NotebookReporter:
         self._last_step: StepEnd | None = None
         self._draw_cost = 0.0
         self._eval_loss: float | None = None
+        self.last_line = ""
 
     def __call__(self, event: Event) -> None:
         now = time.monotonic()
@@ -105,6 +126,9 @@ class NotebookReporter:
             self.curves["steps"].append(event.step)
             self.curves["loss"].append(event.loss)
             self.lrs.append(event.lr)
+            for label, value in event.metrics.items():
+                self.curves["metrics"].setdefault(label, []).append(value)
+                self.curves["metric_steps"].setdefault(label, []).append(event.step)
             self._last_step = event
             # Drawing runs inside the training loop: keep it under ~2% of wall time whatever it costs.
             if self._plot is None or now - self._last_plot >= max(self.plot_every_s, self._draw_cost / 0.02):
@@ -133,6 +157,8 @@ class NotebookReporter:
             eval_loss = event.eval_loss if event.eval_loss is not None else self._eval_loss
             if eval_loss is not None:
                 loss += f", eval loss {eval_loss:.4f}"
+            if self._last_step is not None:  # the method's metrics at the last step stay in the final frame
+                loss += "".join(f", {label} {value:.3f}" for label, value in self._last_step.metrics.items())
             # The end message repeats what matters (the overfitting note): say it once.
             notes = "".join(f" ({note})" for note in self.notices if note not in event.message)
             self.warnings = []
@@ -168,6 +194,7 @@ class NotebookReporter:
 
     def _progress(self, e: StepEnd) -> str:
         eval_part = f" · eval {self._eval_loss:.4f}" if self._eval_loss is not None else ""
+        eval_part += "".join(f" · {label} {value:.3f}" for label, value in e.metrics.items())
         return (f"{self.name}: step {e.step}/{e.total_steps} · loss {e.loss:.4f}{eval_part} · lr {e.lr:.2e} · "
                 f"{e.tokens_per_s:,.0f} tok/s · {_memory(e.memory_mb)} · ETA {duration(e.eta_s)}")
 
@@ -187,6 +214,7 @@ class NotebookReporter:
             self._samples.update(content)
 
     def _update_line(self, text: str) -> None:
+        self.last_line = text
         lines = [text, *(f"⚠ {warning}" for warning in self.warnings if warning != text)]
         content = Rendered("<br>".join(f"<code>{html.escape(line)}</code>" for line in lines), "\n".join(lines))
         if self._line is None:
