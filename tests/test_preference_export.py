@@ -153,9 +153,10 @@ def test_dpo_script_retrains_to_the_notebooks_loss(concepts, tmp_path):
     runs = tmp_path / "runs"
     s = Session()
     s.add_dataset("prefs", triples(concepts, 8), DataArgs())
-    s.train("prefs", TrainArgs(name="dpo", method="dpo", steps=8, batch_size=4, output=str(runs)))
+    # A low lr keeps the loss away from 0, where a relative gap would say nothing.
+    s.train("prefs", TrainArgs(name="dpo", method="dpo", steps=8, batch_size=4, lr=5e-4, output=str(runs)))
     final, notebook, out = _retrain(s, runs, tmp_path, "dpo")
     assert abs(final - notebook) <= 0.05 * abs(notebook), (final, notebook, out)
-    assert notebook < 0.69  # it trained (DPO starts at log 2)
+    assert 0.05 < notebook < 0.69  # it trained (DPO starts at log 2) and is not saturated
     assert "DIFFERS" not in out and len(re.findall(r"^step \d+/8 ", out, re.M)) == 8
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
