@@ -41,7 +41,7 @@ def make_rows(tokenizer, rows: int, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    words = [t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3]
+    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3)
     rng = np.random.default_rng(seed)
 
     def text(n: int) -> str:

@@ -124,7 +124,7 @@ class TrainArgs:
     loss_type: str | None = None
     """DPO: TRL's loss_type (sigmoid, ipo, hinge, ...; None: sigmoid)."""
     gamma: float | None = None
-    """SimPO: the target reward margin ratio gamma/beta (None: the method's default)."""
+    """SimPO: the target reward margin gamma (TRL's simpo_gamma; None: the method's default, 1.0 with beta 2.0)."""
     from_adapter: str | None = None
     """Start from this adapter's weights (SFT -> DPO); preference methods then use it, frozen, as the reference."""
     lora: LoraArgs = LoraArgs()

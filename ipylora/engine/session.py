@@ -235,6 +235,7 @@ class Session:
         return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
 
     def _train_now(self, data, args: TrainArgs, reporter, wait: bool, resume: bool):
+        from ipylora.engine import methods
         from ipylora.engine.train import StopFlag, micro_batch, run_training
 
         if not self._busy.acquire(blocking=wait):
@@ -254,11 +255,12 @@ class Session:
             end = run_training(self, data, args, reporter, self._stop_flag, resume)
             # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
             # same, and start the run again in its folder; give up at micro-batch 1.
+            least = methods.get(args.method).min_micro_batch
             while end.status == "oom":
                 micro = micro_batch(args)
-                if micro == 1:
+                if micro // 2 < least:
                     raise OutOfMemoryError(
-                        f"Out of GPU memory even at micro-batch 1 (run {end.name}): lower --max-length, "
+                        f"Out of GPU memory even at micro-batch {micro} (run {end.name}): lower --max-length, "
                         "use --4bit, or a smaller model. The session is still usable."
                     )
                 args = replace(args, name=end.name, micro_batch_size=micro // 2)
@@ -284,8 +286,11 @@ class Session:
     def _check_data(self, data: LoraDataset, args: TrainArgs, reporter):
         """Tokenize the run's data with the model's tokenizer before any weights load: refuse data that
         would train on nothing, say what --max-length cuts. Returns the tokenizer (for ensure_model)."""
-        from ipylora.engine import models
+        from ipylora.engine import methods, models
 
+        method = methods.get(args.method)
+        if method.shape != "sft":  # before any notice: a wrong shape is the one line the user sees
+            data.require(method.shape, who=f"--method {method.name}")
         model_id, source = self._target_model(args.model)
         same = self.model is not None and (model_id, args.quantization) == (self.model_id, self.quantization)
         if same:
@@ -293,7 +298,7 @@ class Session:
         else:
             _quiet_transformers()
             tokenizer = models.load_tokenizer(source, args.trust_remote_code)
-        reports = data.check_trainable(tokenizer, args.max_length)
+        reports = data.check_trainable(tokenizer, args.max_length, shape=method.shape)
         if args.gpus > 1:  # the workers tokenize for themselves: drop the tokens kept for this process
             data.splits()["train"]._tokens = None
         lines = [(split, report.summary()) for split, report in reports.items() if report.summary()]

@@ -77,7 +77,7 @@ class TrainMagics(Magics):
     @argument("--beta", type=float, default=None,
               help="Preference methods: DPO/KTO KL strength (0.1), SimPO reward scale, ORPO odds-ratio weight.")
     @argument("--loss-type", default=None, help="DPO: TRL's loss type (sigmoid, ipo, hinge, ...).")
-    @argument("--gamma", type=float, default=None, help="SimPO: target reward margin ratio (gamma / beta).")
+    @argument("--gamma", type=float, default=None, help="SimPO: target reward margin gamma (default 1.0, with beta 2.0).")
     @argument("--from-adapter", default=None, metavar="NAME",
               help="Start from adapter NAME's weights (SFT -> DPO); preference methods use it, frozen, as the reference.")
     @argument("--background", action="store_true", help="Return at once; train in a thread with a Stop button.")

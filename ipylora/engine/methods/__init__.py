@@ -62,6 +62,8 @@ class Method:
     uses_reference: bool = False
     """Whether it compares against a reference policy (DPO, KTO): `--from-adapter` makes that the start adapter."""
     packed: bool = False
+    min_micro_batch: int = 1
+    """Fewest rows per forward pass the trainer accepts (KTO pairs neighbours: 2); the OOM retry stops there."""
     """Whether its trainer takes padding-free packed batches (SFT on a GPU); others get padded batches."""
 
     def defaults(self, tiny: bool) -> dict:

@@ -23,6 +23,7 @@ class KTO(Method):
     metrics = {"kl": "KL"}
     knobs = {"beta": 0.1}
     uses_reference = True
+    min_micro_batch = 2
 
     def defaults(self, tiny: bool) -> dict:
         return preference_defaults(tiny)
