@@ -12,7 +12,9 @@ process, so patches and memory peaks stay apart.
 
 - `trl`: `DPOTrainer(model, args=DPOConfig(output_dir, num_train_epochs=1, report_to="none"),
   train_dataset=text rows, peft_config=LoraConfig(...))`: TRL's defaults for everything else.
-- `engine`: `Session.train(dataset, TrainArgs(method="dpo", epochs=1))` on the resident model.
+- `engine`: `Session.train(dataset, TrainArgs(method="dpo", epochs=1))` on the resident model
+  (batches sized by its token budget from free memory); `engine-b8`: the same with `--batch-size 8`,
+  TRL's default batch, to compare at the same batch and memory.
 
 tokens/s counts real tokens (no padding): each row costs prompt + chosen + prompt + rejected tokens
 (the policy sees both sequences); the time is the whole train() call, reference log-probs included.
@@ -69,7 +71,7 @@ def run_one(spec: dict) -> dict:
     frame = make_rows(tokenizer, spec["rows"])
     tokens = real_tokens(tokenizer, frame)
     cuda = torch.cuda.is_available()
-    if kind == "engine":
+    if kind.startswith("engine"):
         from ipylora.engine import DataArgs, LoraArgs, TrainArgs
         from ipylora.engine.session import Session
 
@@ -79,7 +81,9 @@ def run_one(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
+        batch = int(kind.split("-b")[1]) if "-b" in kind else None  # engine-b8: TRL's default batch of 8
         end = session.train("prefs", TrainArgs(method="dpo", epochs=1, output=spec["out"], name="bench-dpo",
+                                               batch_size=batch,
                                                lora=LoraArgs(r=LORA["r"], alpha=LORA["alpha"],
                                                              dropout=LORA["dropout"], target_modules="all-linear")))
         seconds = time.perf_counter() - started
@@ -114,7 +118,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few rows")
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--kinds", default="trl,engine")
+    parser.add_argument("--kinds", default="trl,engine,engine-b8")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.one:
@@ -147,18 +151,19 @@ def main() -> int:
         results.append(result)
     print(f"\nDPO, Qwen2-{'tiny' if cli.smoke else '1.5B'} shape, random weights, {rows} preference rows, 1 epoch, "
           f"LoRA r{LORA['r']} all-linear, {'GPU: ' + torch.cuda.get_device_name() if cuda else 'CPU'}")
-    print(f"| {'recipe':<8} | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'final loss':>10} |")
-    print(f"|{'-' * 10}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    print(f"| {'recipe':<9} | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'final loss':>10} |")
+    print(f"|{'-' * 11}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
     for r in results:
         if "error" in r:
-            print(f"| {r['kind']:<8} | failed: {r['error'][:120]}")
+            print(f"| {r['kind']:<9} | failed: {r['error'][:120]}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"| {r['kind']:<8} | {r['steps']:>5} | {r['seconds']:>8.1f} | {r['tokens_per_s']:>9,.0f} | {peak:>8} | {loss:>10} |")
+        print(f"| {r['kind']:<9} | {r['steps']:>5} | {r['seconds']:>8.1f} | {r['tokens_per_s']:>9,.0f} | {peak:>8} | {loss:>10} |")
     by = {r["kind"]: r for r in results if "error" not in r}
-    if "trl" in by and "engine" in by:
-        print(f"\nengine / trl: {by['engine']['tokens_per_s'] / by['trl']['tokens_per_s']:.2f}x tokens/s")
+    for kind in by:
+        if kind.startswith("engine") and "trl" in by:
+            print(f"{kind} / trl: {by[kind]['tokens_per_s'] / by['trl']['tokens_per_s']:.2f}x tokens/s")
     print("RESULTS " + json.dumps(results))
     return 0
 
