@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from ipylora.engine import speed
+from ipylora.engine import methods, speed
 from ipylora.engine.config import TrainArgs, resolve
 from ipylora.engine.errors import ConfigError, ModelLoadError
 from ipylora.engine.tiny import TINY_MODEL_ID
@@ -173,7 +173,10 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         (session.model_id, session.quantization) == (model_id, args.quantization)
     tokenizer = session.tokenizer if resident else models.load_tokenizer(source, args.trust_remote_code)
     train_part, _ = train._parts(dataset)
-    lengths = [len(ids) for ids in train_part.tokenize(tokenizer, args.max_length)["input_ids"]]
+    method = methods.get(args.method)  # what one row costs depends on the method (DPO: both answers)
+    if method.shape != "sft":
+        dataset.require(method.shape, who=f"--method {method.name}")
+    lengths = method.lengths(method.tokens(train_part, tokenizer, args.max_length))
 
     dtype_bytes = 2 if cuda else 4
     weights = weight_bytes(shape, args.quantization, dtype_bytes)
