@@ -33,7 +33,7 @@ import math
 import re
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ipylora.engine.config import GenerateArgs
@@ -402,3 +402,34 @@ def save_eval(run_dir: Path, record: dict) -> list[dict]:
     history = read_evals(run_dir) + [record]
     write_json(Path(run_dir) / "eval.json", {"evals": history})
     return history
+
+
+def run_eval(session, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
+    """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
+    appended to runs/NAME/eval.json. Returns this eval and the earlier ones.
+
+    The loss is over the tokens training uses at the run's max_length (run.json), unless
+    `args.max_length` says otherwise, so it is the eval loss the run's panel showed.
+    """
+    from ipylora.engine.config import TrainArgs
+    from ipylora.engine.runs import read_json
+
+    args = args or EvalArgs()
+    args.check()
+    part = split_part(session.dataset(dataset), split)
+    if name != "base" and name not in session.adapters and (Path(output) / name / "run.json").exists():
+        session.load_adapter(name, output=output)
+    run_dir = session.adapter(name).run_dir if name != "base" else Path(output) / "base"
+    record_path = Path(run_dir) / "run.json"
+    trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
+    if args.max_length is None:
+        args = replace(args, max_length=trained.get("max_length") or TrainArgs.max_length)
+    reference = pick_reference(session, name, trained, output) if part.kind != "sft" else None
+    with session._holding_model():
+        session._chat_adapter(name)
+        result = evaluate(session.model, session.tokenizer, part, name, args, reference=reference,
+                                          beta=trained.get("beta"))
+    record = {"name": name, "model": session.model_id, "dataset": dataset, "split": split, "time": time.time(),
+              **{k: result[k] for k in ("rows", "metrics", "worst", "note", "preference", "settings", "seconds")}}
+    history = save_eval(Path(run_dir), record)
+    return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}

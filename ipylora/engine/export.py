@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from ipylora.engine.errors import ConfigError, UnknownNameError
-from ipylora.engine.runs import adapter_dir, read_json, replace_dir
+from ipylora.engine.runs import adapter_dir, check_name, read_json, replace_dir
+from ipylora.engine.tiny import TINY_MODEL_ID
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -236,3 +237,63 @@ def write_script(settings: dict, data_ref: str, path: Path, version: str, rows_f
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
     return path
+
+
+# -- from the session ----------------------------------------------------------------------
+def save_run(session, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs") -> Path:
+    """Write adapter `name` to `path` (PEFT format), or with `merge` the base + adapter as one plain model."""
+    run_dir = run_dir_of(session, name, output)
+    if not merge:
+        return save_adapter(run_dir, Path(path))
+    record = run_record(run_dir)
+    tokenizer = session.tokenizer if session.model_id == record.get("model") else None
+    return save_merged(run_dir, Path(path), model_source(record), dtype, tokenizer,
+                              bool(record.get("train", {}).get("trust_remote_code")))
+
+
+def export_script(session, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
+    """Write a standalone transformers + peft + trl script that retrains run `name` from a data file.
+
+    Without `data`, the rows the run trained on are written beside the script (NAME.data.jsonl,
+    structured as in the table); with it, the script reads that file and splits it as the run did.
+    """
+    from ipylora import __version__
+    record = run_record(run_dir_of(session, name, output))
+    start = record["train"].get("from_adapter")
+    start_dir = saved_adapter(run_dir_of(session, start, output)) if start else None
+    settings = script_settings(record, model_source(record), start_dir)
+    path = Path(path)
+    if data is not None:
+        if not Path(data).exists():
+            raise UnknownNameError(f"--data {data!r} does not exist: give the file the dataset was made from.")
+        return write_script(settings, str(Path(data).resolve()), path, __version__, rows_file=False)
+    rows = write_data(trained_frame(session, record), data_path(path))
+    return write_script(settings, rows.name, path, __version__, rows_file=True)
+
+
+def run_dir_of(session, name: str, output: str) -> Path:
+    if name in session.adapters:
+        return Path(session.adapters[name].run_dir)
+    return Path(output) / check_name(name, "run")
+
+
+def trained_frame(session, record: dict):
+    """The rows run `record` trained on (its train split), from the dataset still in this session."""
+    described = record["dataset"]
+    dataset = session.datasets.get(described["name"])
+    keys = ("rows", "format", "fields", "template", "train_on_prompt", "response_after", "shuffle", "seed",
+            "limit", "eval", "eval_from")
+    if dataset is None or any(dataset.describe().get(k) != described.get(k) for k in keys if k in described):
+        raise UnknownNameError(f"Dataset {described['name']!r} of run {record['name']!r} is not in this session "
+                               "as it was trained: pass --data FILE (the table it was made from).")
+    part = dataset.splits()["train"] if hasattr(dataset, "splits") else dataset
+    return part.frame
+
+
+def model_source(record: dict) -> str:
+    """Where run.json's base model loads from (the embedded model is rebuilt if its cache is gone)."""
+    from ipylora.engine.models import resolve_model_id
+
+    if record.get("model") == TINY_MODEL_ID:
+        return resolve_model_id(None)[1]
+    return record.get("model_source") or resolve_model_id(record["model"])[1]

@@ -448,95 +448,26 @@ class Session:
         return conversation.compare(self, prompts, adapters, args, system)
 
     def evaluate(self, name: str, dataset: str, split: str = "all", args=None, output: str = "runs") -> dict:
-        """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split;
-        appended to runs/NAME/eval.json. Returns this eval and the earlier ones.
+        """Eval loss, perplexity and answer metrics of adapter `name` ("base": none) on a dataset split,
+        appended to runs/NAME/eval.json (evaluate.run_eval)."""
+        from ipylora.engine.evaluate import run_eval
 
-        The loss is over the tokens training uses at the run's max_length (run.json), unless
-        `args.max_length` says otherwise, so it is the eval loss the run's panel showed.
-        """
-        import time
-
-        from ipylora.engine import evaluate as evaluate_module
-        from ipylora.engine.runs import read_json
-
-        args = args or evaluate_module.EvalArgs()
-        args.check()
-        part = evaluate_module.split_part(self.dataset(dataset), split)
-        if name != "base" and name not in self.adapters and (Path(output) / name / "run.json").exists():
-            self.load_adapter(name, output=output)
-        run_dir = self.adapter(name).run_dir if name != "base" else Path(output) / "base"
-        record_path = Path(run_dir) / "run.json"
-        trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
-        if args.max_length is None:
-            args = replace(args, max_length=trained.get("max_length") or TrainArgs.max_length)
-        reference = evaluate_module.pick_reference(self, name, trained, output) if part.kind != "sft" else None
-        with self._holding_model():
-            self._chat_adapter(name)
-            result = evaluate_module.evaluate(self.model, self.tokenizer, part, name, args, reference=reference,
-                                              beta=trained.get("beta"))
-        record = {"name": name, "model": self.model_id, "dataset": dataset, "split": split, "time": time.time(),
-                  **{k: result[k] for k in ("rows", "metrics", "worst", "note", "preference", "settings", "seconds")}}
-        history = evaluate_module.save_eval(Path(run_dir), record)
-        return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}
+        return run_eval(self, name, dataset, split, args, output)
 
     def save(self, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs") -> Path:
-        """Write adapter `name` to `path` (PEFT format), or with `merge` the base + adapter as one plain model."""
-        from ipylora.engine import export
+        """Write adapter `name` to `path` (PEFT format), or with `merge` base + adapter as one model (export.save_run)."""
+        from ipylora.engine.export import save_run
 
-        run_dir = self._run_dir(name, output)
-        if not merge:
-            return export.save_adapter(run_dir, Path(path))
-        record = export.run_record(run_dir)
-        tokenizer = self.tokenizer if self.model_id == record.get("model") else None
-        return export.save_merged(run_dir, Path(path), _model_source(record), dtype, tokenizer,
-                                  bool(record.get("train", {}).get("trust_remote_code")))
+        return save_run(self, name, path, merge, dtype, output)
 
     def export_script(self, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
-        """Write a standalone transformers + peft + trl script that retrains run `name` from a data file.
+        """Write a standalone transformers + peft + trl script that retrains run `name` (export.export_script)."""
+        from ipylora.engine.export import export_script
 
-        Without `data`, the rows the run trained on are written beside the script (NAME.data.jsonl,
-        structured as in the table); with it, the script reads that file and splits it as the run did.
-        """
-        from ipylora import __version__
-        from ipylora.engine import export
-
-        record = export.run_record(self._run_dir(name, output))
-        start = record["train"].get("from_adapter")
-        start_dir = export.saved_adapter(self._run_dir(start, output)) if start else None
-        settings = export.script_settings(record, _model_source(record), start_dir)
-        path = Path(path)
-        if data is not None:
-            if not Path(data).exists():
-                raise UnknownNameError(f"--data {data!r} does not exist: give the file the dataset was made from.")
-            return export.write_script(settings, str(Path(data).resolve()), path, __version__, rows_file=False)
-        rows = export.write_data(self._trained_frame(record), export.data_path(path))
-        return export.write_script(settings, rows.name, path, __version__, rows_file=True)
-
-    def _run_dir(self, name: str, output: str) -> Path:
-        if name in self.adapters:
-            return Path(self.adapters[name].run_dir)
-        return Path(output) / check_name(name, "run")
-
-    def _trained_frame(self, record: dict):
-        """The rows run `record` trained on (its train split), from the dataset still in this session."""
-        described = record["dataset"]
-        dataset = self.datasets.get(described["name"])
-        keys = ("rows", "format", "fields", "template", "train_on_prompt", "response_after", "shuffle", "seed",
-                "limit", "eval", "eval_from")
-        if dataset is None or any(dataset.describe().get(k) != described.get(k) for k in keys if k in described):
-            raise UnknownNameError(f"Dataset {described['name']!r} of run {record['name']!r} is not in this session "
-                                   "as it was trained: pass --data FILE (the table it was made from).")
-        part = dataset.splits()["train"] if hasattr(dataset, "splits") else dataset
-        return part.frame
+        return export_script(self, name, path, data, output)
 
 
-def _model_source(record: dict) -> str:
-    """Where run.json's base model loads from (the embedded model is rebuilt if its cache is gone)."""
-    from ipylora.engine.models import resolve_model_id
 
-    if record.get("model") == TINY_MODEL_ID:
-        return resolve_model_id(None)[1]
-    return record.get("model_source") or resolve_model_id(record["model"])[1]
 
 
 def _memory_text(model) -> str:
