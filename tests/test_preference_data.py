@@ -250,7 +250,7 @@ def test_preview_shows_chosen_and_rejected_side_by_side_with_warnings(shell, cap
     for needle in ("1 row(s) have chosen == rejected (e.g. row 2)",
                    "1 row(s) have an empty chosen or rejected answer (e.g. row 3)",
                    "1 row(s) (25.0%) are longer than --max-length 64 tokens",
-                   "1 are left out", "<svg", "median tokens: prompt"):
+                   "1 row(s) are left out", "<svg", "median tokens: prompt"):
         assert needle in html, needle
     assert "<th>rejected</th>" in html  # the table of first rows shows the answers, not the raw cells
 

@@ -42,7 +42,7 @@ def test_a_long_row_keeps_its_answer_and_eos_and_loses_prompt_from_the_start(tin
         trained = [t for t in labels if t != IGNORE_INDEX]
         assert trained == [t for t in whole_labels if t != IGNORE_INDEX]  # every trained token survives
         assert ids[1:] == whole[-63:]  # what goes is the start of the prompt
-    assert "8 row(s) keep their answer and EOS" in report.summary()
+    assert "8 row(s) keep their answer + EOS" in report.summary()
 
 
 def test_text_trained_whole_is_cut_at_the_end_and_a_too_long_answer_is_left_out(tiny_tokenizer):
@@ -125,5 +125,5 @@ def test_preview_of_messages_shows_turns_not_the_list_repr_and_the_cut(tiny_toke
     assert "user (last turn)" in page and "<td>comment 0</td>" in page and "answer number 0 -ShawGPT" in page
     assert "{&#x27;role&#x27;" not in page and "{'role'" not in page
     assert "prompt cut from the start" in page
-    assert "8 keep their answer + EOS and lose prompt tokens from the start" in repr(rendered)
+    assert "8 row(s) keep their answer + EOS and lose prompt tokens from the start" in repr(rendered)
     assert ">rows</text>" in page  # the histogram has a count axis

@@ -341,16 +341,22 @@ class Truncation:
     def cut(self) -> int:
         return self.cut_prompt + self.cut_end
 
-    def summary(self) -> str:
-        """One line for the preview and the run ("" when nothing was cut)."""
-        parts = []
+    def parts(self, answer: str = "answer", scale=lambda count: count, approx: str = "") -> list[str]:
+        """What was cut, one phrase per kind of cut; `scale` extrapolates counts from a sample (`approx` "≈")."""
+        out = []
         if self.cut_prompt:
-            parts.append(f"{self.cut_prompt} row(s) keep their answer and EOS and lose prompt tokens from the start")
+            out.append(f"{approx}{scale(self.cut_prompt)} row(s) keep their {answer} + EOS and lose prompt tokens "
+                       "from the start")
         if self.cut_end:
-            parts.append(f"{self.cut_end} fully trained row(s) are cut at the end (they lose their EOS)")
+            out.append(f"{approx}{scale(self.cut_end)} fully trained row(s) are cut at the end (they lose their EOS)")
         if self.dropped:
-            parts.append(f"{len(self.dropped)} row(s) are left out: their answer alone is longer "
-                         f"(up to {self.longest_response} tokens with EOS)")
+            out.append(f"{approx}{scale(len(self.dropped))} row(s) are left out: their {answer} alone is longer "
+                       f"(up to {self.longest_response} tokens with EOS)")
+        return out
+
+    def summary(self, answer: str = "answer") -> str:
+        """One line for the preview and the run ("" when nothing was cut)."""
+        parts = self.parts(answer)
         if not parts:
             return ""
         return (f"--max-length {self.max_length}: " + "; ".join(parts)

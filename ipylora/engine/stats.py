@@ -135,14 +135,7 @@ def _table_warnings(dataset: LoraDataset, stats: DatasetStats, texts: list[str])
         scale = (lambda k: round(k * stats.rows / stats.measured)) if stats.estimated else (lambda k: k)
         approx = "≈" if stats.estimated else ""
         answer = "answer" if dataset.kind == "sft" else "answers"
-        how = []
-        if t.cut_prompt:
-            how.append(f"{approx}{scale(t.cut_prompt)} keep their {answer} + EOS and lose prompt tokens from the start")
-        if t.cut_end:
-            how.append(f"{approx}{scale(t.cut_end)} (trained whole) are cut at the end and lose their EOS")
-        if t.dropped:
-            how.append(f"{approx}{scale(len(t.dropped))} are left out: the {answer} alone need{'s' * (answer == 'answer')} "
-                       f"up to {t.longest_response} tokens")
+        how = t.parts(answer, scale, approx)
         out.append(f"{approx}{stats.over} row(s) ({stats.over_share:.1%}) are longer than --max-length "
                    f"{stats.max_length} tokens: " + "; ".join(how) + ". Raise --max-length or shorten them.")
     if BAD_TEXT.search("".join(texts)):  # one scan over all text; rows are located only when needed
