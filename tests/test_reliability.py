@@ -199,7 +199,7 @@ def test_oom_retries_with_half_the_micro_batch(session):
         end = session.train("c", TrainArgs(name="oom", steps=4, batch_size=8), reporter=events.append)
     finally:
         hook.remove()
-    notices = [e.message for e in events if isinstance(e, Notice)]
+    notices = [e.message for e in events if isinstance(e, Notice) and e.message.startswith("Out of memory")]
     assert notices == [
         "Out of memory at micro-batch 8: retrying with 4 x 2 accumulation steps (same batch).",
         "Out of memory at micro-batch 4: retrying with 2 x 4 accumulation steps (same batch).",

@@ -18,7 +18,7 @@ from ipylora.engine import chat as chat_module
 from ipylora.engine.adapters import Adapter
 from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
 from ipylora.engine.data import LoraDataset
-from ipylora.engine.errors import OutOfMemoryError, SessionBusyError, UnknownNameError
+from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
 from ipylora.engine.events import Event, Notice, RunEnd, StepEnd
 from ipylora.engine.notes import before_training, train_tokens
 from ipylora.engine.runs import check_name
@@ -289,8 +289,11 @@ class Session:
         from ipylora.engine import methods, models
 
         method = methods.get(args.method)
-        if method.shape != "sft":  # before any notice: a wrong shape is the one line the user sees
+        # Before any notice, so a mistake is the one line the user sees.
+        if method.shape != "sft":
             data.require(method.shape, who=f"--method {method.name}")
+        if args.early_stop and "eval" not in data.splits():
+            raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
         model_id, source = self._target_model(args.model)
         same = self.model is not None and (model_id, args.quantization) == (self.model_id, self.quantization)
         if same:
