@@ -114,13 +114,18 @@ class NotebookReporter:
         self._draw_cost = 0.0
         self._eval_loss: float | None = None
         self.last_line = ""
+        if background:
+            # Made here, in the cell's own thread: the run reports from a worker thread later (after
+            # the data check and notes, seconds after the cell returned), and widgets or display
+            # handles first shown from there are opened outside the cell (the browser logged
+            # "Exception opening new comm" for the Stop button's comms).
+            self._show_stop_button()
+            self._update_line("training in the background: preparing the data and the model...")
 
     def __call__(self, event: Event) -> None:
         now = time.monotonic()
         if isinstance(event, RunStart):
             self.name = event.name
-            if self.background:
-                self._show_stop_button()
             self._update_line(f"{event.name}: starting, {event.total_steps} steps")
         elif isinstance(event, StepEnd):
             self.curves["steps"].append(event.step)
