@@ -119,7 +119,7 @@ def test_no_long_run_notice_for_the_demo(session):
 
 def test_long_cpu_run_gets_one_line_with_a_shorter_length(session):
     long = session.dataset("long")
-    args = notes.run_args(session, long, TrainArgs(epochs=200))  # ~1,400 steps of ~700-token rows
+    args = notes.run_args(session, long, TrainArgs(epochs=1000))  # ~7,000 steps of ~700-token rows: far over 2 min on any CPU
     plan = estimate(args, long, session=session)
     assert plan.eta_s > 4 * notes.LONG_CPU_RUN_S
     message = notes.long_run_notice(session, long, args, tiny=True)
