@@ -2,16 +2,14 @@
 
 import pandas as pd
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
+
+from support import ipython_shell
 
 
 @pytest.fixture
 def shell(fresh_session, tiny_tokenizer):
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
     fresh_session._tiny_tokenizer = tiny_tokenizer
-    yield ip
+    return ipython_shell()
 
 
 def one_line_error(ip, capsys, source, *needles):

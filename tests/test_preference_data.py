@@ -7,11 +7,10 @@ import json
 
 import pandas as pd
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from ipylora.engine import DataArgs, DatasetError
 from ipylora.engine.data import LoraDataset, tokenize_segments
-from support import assert_one_line_error
+from support import assert_one_line_error, ipython_shell
 
 TRIPLES = pd.DataFrame({
     "prompt": ["What color is the sky?", "Where is the sun?"],
@@ -39,11 +38,8 @@ CONVERSATIONAL = [  # TRL's conversational preference format, the prompt implici
 
 @pytest.fixture
 def shell(fresh_session, tiny_tokenizer):
-    ip = InteractiveShell.instance()
-    ip.history_manager.enabled = False
-    ip.run_line_magic("load_ext", "ipylora")
     fresh_session._tiny_tokenizer = tiny_tokenizer
-    yield ip
+    return ipython_shell()
 
 
 def dataset(name):
