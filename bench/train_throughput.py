@@ -134,7 +134,7 @@ def run_one(spec: dict) -> dict:
     elif recipe == "trl":  # the best off-the-shelf flags: BFD packing (padding-free) + Liger
         args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], packing=True, max_length=1024,
                          use_liger_kernel=device == "cuda", gradient_checkpointing=True)
-    else:  # ipylora's engine: train.sft_config + speed.fast_settings
+    else:  # ipylora's engine: train.training_settings' choices + speed.fast_settings
         from ipylora.engine import speed
         from ipylora.engine.models import choose_precision
 

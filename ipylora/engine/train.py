@@ -87,14 +87,6 @@ def training_settings(args: TrainArgs, steps: int, precision, output_dir: str, d
     return {**settings, **fast}
 
 
-def sft_config(args: TrainArgs, steps: int, precision, output_dir: str, device: str, has_eval: bool,
-               fast: dict | None = None):
-    """The SFTConfig of an SFT run (bench/train_throughput.py builds the engine's recipe with it)."""
-    from ipylora.engine.methods.sft import SFT
-
-    return SFT().config(training_settings(args, steps, precision, output_dir, device, has_eval, fast))
-
-
 def plan_batches(model, session, lengths: list[int], args: TrainArgs,
                  packed: bool = True) -> tuple[TrainArgs, dict, dict | None]:
     """(args with batch sizes filled, TRL config overrides, the speed plan) for this device.
