@@ -14,7 +14,10 @@ process, so patches and memory peaks stay apart.
   train_dataset=text rows, peft_config=LoraConfig(...))`: TRL's defaults for everything else.
 - `engine`: `Session.train(dataset, TrainArgs(method="dpo", epochs=1))` on the resident model
   (batches sized by its token budget from free memory); `engine-b8`: the same with `--batch-size 8`,
-  TRL's default batch, to compare at the same batch and memory.
+  TRL's default batch; `engine-mtrl`: the defaults under `--memory` = the peak the `trl` row measured
+  (run it after `trl`), so the planner stays within TRL's memory.
+- `--check-packing`: on the GPU, one padded DPO batch of the 1.5B shape through the fused LM head,
+  padded vs padding-free (`engine/packed.py`, flash varlen), bf16: the largest log-prob difference.
 
 tokens/s counts real tokens (no padding): each row costs prompt + chosen + prompt + rejected tokens
 (the policy sees both sequences); the time is the whole train() call, reference log-probs included.
@@ -83,11 +86,14 @@ def run_one(spec: dict) -> dict:
         started = time.perf_counter()
         batch = int(kind.split("-b")[1]) if "-b" in kind else None  # engine-b8: TRL's default batch of 8
         end = session.train("prefs", TrainArgs(method="dpo", epochs=1, output=spec["out"], name="bench-dpo",
-                                               batch_size=batch,
+                                               batch_size=batch, memory=spec.get("memory"),
                                                lora=LoraArgs(r=LORA["r"], alpha=LORA["alpha"],
                                                              dropout=LORA["dropout"], target_modules="all-linear")))
         seconds = time.perf_counter() - started
         final_loss, steps = end.final_loss, end.step
+        plan = json.loads((Path(spec["out"]) / "bench-dpo" / "run.json").read_text()).get("speed_plan") or {}
+        extra = {"batch": plan.get("batch_size"), "checkpointing": plan.get("checkpointing"), "liger": plan.get("liger"),
+                 "attention": plan.get("attention"), "memory": spec.get("memory")}
     else:
         from datasets import Dataset
         from peft import LoraConfig
@@ -108,9 +114,41 @@ def run_one(spec: dict) -> dict:
         seconds = time.perf_counter() - started
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         final_loss, steps = (losses[-1] if losses else None), trainer.state.global_step
+        extra = {"batch": config.per_device_train_batch_size, "checkpointing": config.gradient_checkpointing}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"kind": kind, "rows": len(frame), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_gib": peak, "steps": steps, "final_loss": final_loss}
+            "peak_gib": peak, "steps": steps, "final_loss": final_loss, **extra}
+
+
+def check_packing(model_dir: str) -> dict:
+    """Padded vs padding-free log-probs of one DPO-shaped batch on the GPU (bf16, flash varlen)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ipylora.engine import speed
+    from ipylora.engine.packed import pack_padded_forward
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    speed.set_attention(model, "varlen")
+    add_fused_lm_head(model)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(100, 500, (16,), generator=g)
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids = torch.randint(10, model.config.vocab_size, (16, width), generator=g) * mask
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :80] = -100
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs.float()
+        pack_padded_forward(model)
+        packed = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs.float()
+    valid = labels[:, 1:] != -100
+    seq_padded, seq_packed = (padded * valid).sum(1), (packed * valid).sum(1)
+    return {"max_token_diff": float((padded - packed)[valid].abs().max()),
+            "max_seq_logp_rel_diff": float(((seq_padded - seq_packed).abs() / seq_padded.abs()).max()),
+            "mean_token_logp": float(padded[valid].mean())}
 
 
 def main() -> int:
@@ -118,7 +156,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few rows")
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--kinds", default="trl,engine,engine-b8")
+    parser.add_argument("--kinds", default="trl,engine-mtrl,engine,engine-b8")
+    parser.add_argument("--check-packing", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.one:
@@ -140,26 +179,35 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         save_random_qwen2(model_dir, SHAPES["tiny" if cli.smoke else "1.5b"], device="cuda" if cuda else "cpu",
                           dtype=torch.bfloat16 if cuda else torch.float32, cast=False)
+    if cli.check_packing:
+        print("packing check " + json.dumps(check_packing(str(model_dir))), flush=True)
     rows = 16 if cli.smoke else cli.rows
     results = []
     for kind in cli.kinds.split(","):
         spec = {"kind": kind, "model_dir": str(model_dir), "rows": rows, "out": str(out / kind)}
+        if kind == "engine-mtrl":
+            trl_row = next((r for r in results if r["kind"] == "trl" and r.get("peak_gib")), None)
+            spec["memory"] = round(trl_row["peak_gib"], 2) if trl_row else None
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
         result = read_result(proc.stdout) or {"kind": kind, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
         if "error" in result:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        print("row " + json.dumps(result), flush=True)  # each row as it lands: a cut call keeps the ones before
         results.append(result)
     print(f"\nDPO, Qwen2-{'tiny' if cli.smoke else '1.5B'} shape, random weights, {rows} preference rows, 1 epoch, "
           f"LoRA r{LORA['r']} all-linear, {'GPU: ' + torch.cuda.get_device_name() if cuda else 'CPU'}")
-    print(f"| {'recipe':<9} | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | {'final loss':>10} |")
-    print(f"|{'-' * 11}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    print(f"| {'recipe':<11} | batch | ckpt | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | "
+          f"{'final loss':>10} |")
+    print(f"|{'-' * 13}|-------|------|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
     for r in results:
         if "error" in r:
-            print(f"| {r['kind']:<9} | failed: {r['error'][:120]}")
+            print(f"| {r['kind']:<11} | failed: {r['error'][:120]}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"| {r['kind']:<9} | {r['steps']:>5} | {r['seconds']:>8.1f} | {r['tokens_per_s']:>9,.0f} | {peak:>8} | {loss:>10} |")
+        ckpt = {True: "on", False: "off"}.get(r.get("checkpointing"), "-")
+        print(f"| {r['kind']:<11} | {r.get('batch') or '-':>5} | {ckpt:>4} | {r['steps']:>5} | {r['seconds']:>8.1f} | "
+              f"{r['tokens_per_s']:>9,.0f} | {peak:>8} | {loss:>10} |")
     by = {r["kind"]: r for r in results if "error" not in r}
     for kind in by:
         if kind.startswith("engine") and "trl" in by:

@@ -106,3 +106,36 @@ def test_gpu_plan_is_the_one_fast_settings_makes(fresh_session, concepts):
              fast["per_device_train_batch_size"])
         seen.add(plan.checkpointing)
     assert seen == {True, False}
+
+
+def test_memory_cap_plans_under_it(fresh_session, concepts, capsys):
+    """`--memory GIB` bounds the plan: a tight cap turns checkpointing on and shrinks the step, a cap
+    below the model refuses in one line; the dry run plans the same way."""
+    from ipylora.engine import DataArgs, TrainArgs, speed
+    from ipylora.engine.errors import ConfigError
+    from ipylora.engine.estimate import estimate
+
+    session = fresh_session
+    dataset = session.add_dataset("concepts", concepts, DataArgs(prompt=PROMPT, response="{description}"))
+    from transformers import AutoConfig
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    config = AutoConfig.from_pretrained(str(tiny_model_path()))
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1536, 8960, 28  # a 1.5B shape
+    lengths = [600] * 1000
+    common = dict(free_bytes=120 * speed.GIB, resident_bytes=3 * speed.GIB, trainable_bytes=300 * 2**20,
+                  quantization=None, dropout=0.05, batch_size=None)
+    free_plan = speed.plan_batch(config, lengths, **common)
+    capped = speed.plan_batch(config, lengths, memory_cap=7 * speed.GIB, **common)
+    assert not free_plan.checkpointing and capped.checkpointing
+    assert capped.step_tokens < free_plan.step_tokens
+    assert 3 * speed.GIB + capped.budget_bytes <= 7 * speed.GIB
+    with pytest.raises(ConfigError, match=r"--memory 4 GiB is too little.*give --memory \d+ or more"):
+        speed.plan_batch(config, lengths, memory_cap=4 * speed.GIB, **common)
+    # The dry run reads --memory too: a cap far above the model plans as free memory does, one under it refuses.
+    roomy = estimate(TrainArgs(memory=100.0), dataset, device="cuda", gpu_free_bytes=8 * speed.GIB, session=session)
+    plain = estimate(TrainArgs(), dataset, device="cuda", gpu_free_bytes=8 * speed.GIB, session=session)
+    assert (roomy.batch_size, roomy.step_tokens) == (plain.batch_size, plain.step_tokens)
+    with pytest.raises(ConfigError, match="--memory 0.01 GiB is too little"):
+        estimate(TrainArgs(memory=0.01), dataset, device="cuda", gpu_free_bytes=8 * speed.GIB, session=session)

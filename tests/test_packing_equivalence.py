@@ -123,3 +123,46 @@ def test_fast_settings_is_a_no_op_on_cpu(tokenizer):
     before = model.get_base_model().config._attn_implementation
     assert speed.fast_settings(model, tokenizer, [10, 20], precision=None, device="cpu") == {}
     assert model.get_base_model().config._attn_implementation == before
+
+
+def test_packed_fused_forward_matches_padded_dpo_batch():
+    """DPO's padded chosen/rejected batch through `packed.pack_padded_forward`: the same per-token
+    log-probs, entropies and LoRA gradients as the padded forward (right padding, prompts masked)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ipylora.engine.packed import pack_padded_forward
+
+    model = _lora(_tiny_qwen2_gqa())
+    speed.set_attention(model.get_base_model(), "varlen")
+    base = model.get_base_model()
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    g = torch.Generator().manual_seed(1)
+    lengths, prompts = [9, 14, 4, 12, 17, 6], [3, 5, 0, 4, 5, 1]  # a row with no prompt: its first token is a label
+    width = max(lengths)
+    ids = torch.randint(1, 1024, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, p in enumerate(prompts):
+        labels[row, :p] = -100
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        out.log_probs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return out, grads
+
+    padded, padded_grads = run()
+    fused = base.forward
+    pack_padded_forward(base)
+    assert base.forward is not fused
+    packed, packed_grads = run()
+    assert packed.log_probs.shape == padded.log_probs.shape == (len(lengths), width - 1)
+    torch.testing.assert_close(packed.log_probs, padded.log_probs, atol=1e-5, rtol=1e-4)
+    valid = labels[:, 1:] != -100
+    torch.testing.assert_close(packed.entropy[valid], padded.entropy[valid], atol=1e-5, rtol=1e-4)
+    assert torch.equal(packed.is_top1[valid], padded.is_top1[valid])
+    assert not packed.log_probs[~valid].any()
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

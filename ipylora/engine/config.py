@@ -127,6 +127,9 @@ class TrainArgs:
     """SimPO: the target reward margin gamma (TRL's simpo_gamma; None: the method's default, 1.0 with beta 2.0)."""
     from_adapter: str | None = None
     """Start from this adapter's weights (SFT -> DPO); preference methods then use it, frozen, as the reference."""
+    memory: float | None = None
+    """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
+    activation checkpointing are planned to stay under it (None: plan from free memory)."""
     lora: LoraArgs = LoraArgs()
     """Adapter shape."""
 
@@ -225,6 +228,8 @@ def resolve(args: TrainArgs, tiny: bool, *, tokens: int | Callable[[], int] | No
         ("--dropout", args.lora.dropout, 0, 0.95, True),
         ("--gpus", args.gpus, 1, 1024, True),
     ]
+    if args.memory is not None:
+        checks.append(("--memory", args.memory, 0, 1e6, False))
     for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--early-stop", args.early_stop),
                         ("--save-every", args.save_every), ("--sample-every", args.sample_every),
                         ("--sample-max-new-tokens", args.sample_max_new_tokens)):

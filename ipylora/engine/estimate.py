@@ -187,7 +187,8 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         free, resident_bytes = _gpu_memory(session, resident, weights, 4 * shape.lora, gpu_free_bytes)
         batch = speed.plan_batch(config, lengths, free_bytes=free, resident_bytes=resident_bytes,
                                  trainable_bytes=trainable, quantization=args.quantization,
-                                 dropout=args.lora.dropout, batch_size=args.batch_size)
+                                 dropout=args.lora.dropout, batch_size=args.batch_size,
+                                 memory_cap=train.memory_cap(args))
     planned = train.planned_args(args, batch)
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro

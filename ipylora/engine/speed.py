@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ipylora.engine.errors import ConfigError
+
 VARLEN = "ipylora_varlen"
 GIB = 2**30
 # Token budget per optimizer step: past ~16k tokens a 7B step is already compute-bound.
@@ -63,12 +65,14 @@ class Plan:
 
 def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
                   batch_size: int | None = None, dropout: float = 0.0, attention: str | None = None,
-                  liger: bool | None = None, memory_budget: int | None = None, force: bool = False) -> dict:
+                  liger: bool | None = None, memory_budget: int | None = None, memory_cap: int | None = None,
+                  force: bool = False) -> dict:
     """Patch `model` (a PeftModel with its adapter attached) for speed; return SFTConfig overrides.
 
     `tokenized_lengths`: tokens per training row. `batch_size`: rows per step the user asked for
     (None: chosen from the token budget). `attention`: force "varlen", "flex" or "sdpa" (benchmarks);
-    `liger`: force Liger on/off; `memory_budget`: bytes the run may use beyond what is allocated now.
+    `liger`: force Liger on/off; `memory_budget`: bytes the run may use beyond what is allocated now;
+    `memory_cap`: bytes the whole run may hold, what is allocated now included (`--memory`).
     The returned dict has a "_plan" entry (a Plan); pop it before building the SFTConfig.
     `force` plans on CPU too (the benchmark's smoke mode); otherwise CPU gets {} and no patches.
     """
@@ -94,7 +98,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     batch = plan_batch(base.config, tokenized_lengths, free_bytes=_free_bytes() if cuda else 8 * GIB,
                        resident_bytes=torch.cuda.memory_allocated() if cuda else 0,
                        trainable_bytes=trainable_state_bytes(model), quantization=quantization, dropout=dropout,
-                       batch_size=batch_size, memory_budget=memory_budget)
+                       batch_size=batch_size, memory_budget=memory_budget, memory_cap=memory_cap)
     plan = Plan(attention, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
                 batch.budget_bytes, tuple(notes))
     overrides = {
@@ -127,17 +131,25 @@ class BatchPlan:
 
 def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: int, trainable_bytes: int,
                quantization: str | None, dropout: float, batch_size: int | None,
-               memory_budget: int | None = None) -> BatchPlan:
+               memory_budget: int | None = None, memory_cap: int | None = None) -> BatchPlan:
     """Token budget, checkpointing and batch shape from memory figures, with no model needed.
 
     `free_bytes`: GPU memory free once the model is resident (`_free_bytes`); `resident_bytes`:
     what is allocated then (weights + adapter); `trainable_bytes`: `trainable_state_bytes` of the
     adapter. A real run passes measured figures, a dry run estimated ones: one arithmetic for both.
+    `memory_cap` (`--memory`): total bytes the run may hold, the resident model included.
     """
     lengths = [int(n) for n in tokenized_lengths] or [1]
     budget = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
     if quantization and memory_budget is None:
         budget = min(budget, max(QUANTIZED_EXTRA_BYTES, resident_bytes))
+    if memory_cap is not None:
+        room = memory_cap - resident_bytes - fixed_training_bytes(trainable_bytes, quantization)
+        if room < 256 * activation_bytes_per_token(config, dropout, checkpointing=True):
+            need = (resident_bytes + fixed_training_bytes(trainable_bytes, quantization)) / GIB
+            raise ConfigError(f"--memory {memory_cap / GIB:g} GiB is too little: the model and the optimizer state "
+                              f"alone take about {need:.1f} GiB; give --memory {math.ceil(need + 1)} or more")
+        budget = min(budget, memory_cap - resident_bytes)
     budget -= fixed_training_bytes(trainable_bytes, quantization)
     per_token = activation_bytes_per_token(config, dropout, checkpointing=False)
     checkpointing = budget / per_token < MIN_STEP_TOKENS

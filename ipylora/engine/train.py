@@ -98,11 +98,16 @@ def plan_batches(model, session, lengths: list[int], args: TrainArgs,
 
     fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
                                quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout,
-                               attention=None if packed else "sdpa")
+                               attention=None if packed else "sdpa", memory_cap=memory_cap(args))
     if not packed:
         fast.pop("padding_free", None)
     plan = fast.pop("_plan", None)
     return planned_args(args, plan), fast, asdict(plan) if plan is not None else None
+
+
+def memory_cap(args: TrainArgs) -> int | None:
+    """--memory in bytes (None without it)."""
+    return int(args.memory * 2**30) if args.memory else None
 
 
 def planned_args(args: TrainArgs, plan) -> TrainArgs:

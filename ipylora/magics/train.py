@@ -28,7 +28,7 @@ def train_args(opts) -> TrainArgs:
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
         gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
-        gamma=opts.gamma, from_adapter=opts.from_adapter,
+        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
     )
 
@@ -57,6 +57,8 @@ class TrainMagics(Magics):
     @argument("--micro-batch-size", type=int, default=None,
               help="Sequences per forward pass; the rest of --batch-size is accumulated (halved on out-of-memory).")
     @argument("--max-length", type=int, default=1024, help="Longest sequence in tokens.")
+    @argument("--memory", type=float, default=None, metavar="GIB",
+              help="GPU: the most memory the run may take, model included (default: plan from free memory).")
     @argument("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 turns it off.")
     @argument("--seed", type=int, default=42, help="Seed for adapter init and data order.")
     @argument("--output", default=None, help="Folder for runs/<name>/ (default: %%config Lora.runs_dir, 'runs').")

@@ -62,9 +62,10 @@ class Method:
     uses_reference: bool = False
     """Whether it compares against a reference policy (DPO, KTO): `--from-adapter` makes that the start adapter."""
     packed: bool = False
+    """Whether its batches run padding-free on a GPU (varlen attention): SFT's collator packs them, DPO
+    packs its padded batches in the forward (engine/packed.py); the others keep padded batches and SDPA."""
     min_micro_batch: int = 1
     """Fewest rows per forward pass the trainer accepts (KTO pairs neighbours: 2); the OOM retry stops there."""
-    """Whether its trainer takes padding-free packed batches (SFT on a GPU); others get padded batches."""
 
     def defaults(self, tiny: bool) -> dict:
         """TrainArgs defaults this method changes (lr, epochs...) for the tiny model or a real one."""

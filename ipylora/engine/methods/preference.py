@@ -25,6 +25,7 @@ import dataclasses
 import re
 
 from ipylora.engine.methods import Context, Method
+from ipylora.engine.packed import pack_padded_forward
 
 PREFERENCE_METRICS = {"rewards/margins": "margin", "rewards/accuracies": "reward accuracy"}
 """What DPO, SimPO and ORPO log that the live panel shows: the chosen-rejected reward margin and
@@ -189,6 +190,7 @@ class DPO(Paired):
     summary = "direct preference optimization against a frozen reference (the base, or --from-adapter)"
     knobs = {"beta": 0.1, "loss_type": "sigmoid"}
     uses_reference = True
+    packed = True  # on a GPU: varlen attention, and each padded batch runs padding-free (engine/packed.py)
 
     def check(self, args) -> list[str]:
         problems = super().check(args)
@@ -209,11 +211,18 @@ class DPO(Paired):
             def _precompute_ref_logps(self, dataset, name, batch_size):
                 return reference_columns(self, dataset, batch_size, ("ref_chosen_logps", "ref_rejected_logps"))
 
-        args = config(DPOConfig, ctx.settings, beta=ctx.args.beta, loss_type=ctx.args.loss_type or "sigmoid",
+        # TRL 1.16 turns its own padding_free off with a warning; our packing is done below instead.
+        settings = {k: v for k, v in ctx.settings.items() if k != "padding_free"}
+        args = config(DPOConfig, settings, beta=ctx.args.beta, loss_type=ctx.args.loss_type or "sigmoid",
                       max_length=None, precompute_ref_log_probs=True)
-        return Trainer(model=ctx.model, ref_model=reference_model(ctx.model, ctx.reference), args=args,
-                       train_dataset=ctx.train_data, eval_dataset=ctx.eval_data, processing_class=ctx.tokenizer,
-                       callbacks=ctx.callbacks)
+        trainer = Trainer(model=ctx.model, ref_model=reference_model(ctx.model, ctx.reference), args=args,
+                          train_dataset=ctx.train_data, eval_dataset=ctx.eval_data, processing_class=ctx.tokenizer,
+                          callbacks=ctx.callbacks)
+        # TRL has patched both with its fused LM head by now; with varlen attention (a GPU) their padded
+        # chosen/rejected batches run as one packed row.
+        pack_padded_forward(ctx.model.get_base_model())
+        pack_padded_forward(trainer.ref_model)
+        return trainer
 
 
 # -- SimPO and ORPO (reference-free) -------------------------------------------------------------
