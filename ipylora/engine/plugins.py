@@ -21,6 +21,7 @@ READERS = "ipylora.readers"
 FORMATS = "ipylora.formats"
 TEMPLATES = "ipylora.templates"
 METHODS = "ipylora.methods"
+REWARDS = "ipylora.rewards"
 
 BUILTINS: dict[str, dict[str, str]] = {
     READERS: {
@@ -55,6 +56,12 @@ BUILTINS: dict[str, dict[str, str]] = {
         "simpo": "ipylora.engine.methods.preference:SIMPO",
         "orpo": "ipylora.engine.methods.preference:ORPO",
         "kto": "ipylora.engine.methods.kto:KTO",
+    },
+    REWARDS: {  # factories called with the text after `kind:` (engine/rewards.py)
+        "exact": "ipylora.engine.rewards:exact",
+        "contains": "ipylora.engine.rewards:contains",
+        "regex": "ipylora.engine.rewards:regex",
+        "length": "ipylora.engine.rewards:length",
     },
 }
 
