@@ -126,8 +126,9 @@ def test_fast_settings_is_a_no_op_on_cpu(tokenizer):
 
 
 def test_packed_fused_forward_matches_padded_dpo_batch():
-    """DPO's padded chosen/rejected batch through `packed.pack_padded_forward`: the same per-token
-    log-probs, entropies and LoRA gradients as the padded forward (right padding, prompts masked)."""
+    """DPO's padded chosen/rejected batch (and GRPO's left + right padded rows) through
+    `packed.pack_padded_forward`: the same per-token log-probs, entropies and LoRA gradients as the
+    padded forward, prompts masked."""
     from trl.trainer.utils import add_fused_lm_head
 
     from ipylora.engine.packed import pack_padded_forward
@@ -141,10 +142,13 @@ def test_packed_fused_forward_matches_padded_dpo_batch():
     width = max(lengths)
     ids = torch.randint(1, 1024, (len(lengths), width), generator=g)
     mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    mask[3] = mask[3].roll(2)  # GRPO's layout: left padding before the prompt, right padding after the completion
+    mask[5] = mask[5].flip(0)  # only left padding
     ids = ids * mask
     labels = ids.masked_fill(mask == 0, -100)
     for row, p in enumerate(prompts):
-        labels[row, :p] = -100
+        first = int(mask[row].argmax())
+        labels[row, :first + p] = -100
 
     def run():
         model.zero_grad()

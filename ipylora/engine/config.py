@@ -122,11 +122,21 @@ class TrainArgs:
     """Preference methods: DPO/KTO's KL strength, SimPO's reward scale, ORPO's odds-ratio weight
     (None: the method's default)."""
     loss_type: str | None = None
-    """DPO: TRL's loss_type (sigmoid, ipo, hinge, ...; None: sigmoid)."""
+    """DPO: TRL's loss_type (sigmoid, ipo, hinge, ...; None: sigmoid); GRPO: TRL's (dapo, grpo, dr_grpo, ...)."""
     gamma: float | None = None
     """SimPO: the target reward margin gamma (TRL's simpo_gamma; None: the method's default, 1.0 with beta 2.0)."""
     from_adapter: str | None = None
     """Start from this adapter's weights (SFT -> DPO); preference methods then use it, frozen, as the reference."""
+    rewards: tuple = ()
+    """GRPO: reward functions, each a callable `fn(prompts, completions, **columns) -> list[float | None]`
+    or a spec string: a name in the notebook's namespace, a built-in (`exact:COLUMN`, `contains:COLUMN`,
+    `regex:PATTERN`, `length:MIN-MAX`) or `module:function`, with an optional `:WEIGHT` (engine/rewards.py)."""
+    num_generations: int | None = None
+    """GRPO: completions sampled per prompt (a group; rewards are compared within it)."""
+    max_completion_length: int | None = None
+    """GRPO: the most tokens a sampled completion may have."""
+    temperature: float | None = None
+    """GRPO: sampling temperature of the completions."""
     memory: float | None = None
     """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
     activation checkpointing are planned to stay under it (None: plan from free memory)."""

@@ -23,6 +23,7 @@ import pandas as pd
 
 from ipylora.engine import formats, preference
 from ipylora.engine.preference import PREFERENCE_KIND, UNPAIRED_KIND
+from ipylora.engine.prompts import PROMPT_KIND
 from ipylora.engine.config import DataArgs
 from ipylora.engine.errors import DatasetError
 from ipylora.engine.templates import PLAIN, Template, get_template
@@ -49,7 +50,7 @@ class LoraDataset:
                                        self.args.prompt, self.args.response)
         self.text_mode = self.mapping.text_mode
         self.kind: str = getattr(self.mapping.format, "kind", "sft")
-        """"sft", "preference" or "unpaired-preference": the shape training methods check (`require`)."""
+        """"sft", "preference", "unpaired-preference" or "prompt": the shape training methods check (`require`)."""
         self.marker = self.args.response_after
         if self.marker is not None and not self.text_mode:
             raise DatasetError(f"--response-after splits rows of format text, but this data is "
@@ -61,6 +62,9 @@ class LoraDataset:
             self._spec = _marker_template(self._texts(), self.marker)
         self.template: Template = self._spec
         self._conversations: list | None = None
+        if self.mapping.format.name in ("messages", "sharegpt") and not any(
+                m["role"] == "assistant" for conv in self.conversations() for m in conv):
+            self.kind = PROMPT_KIND  # every row ends with a user turn: prompts to answer (GRPO)
         self._rows: list | None = None
         self._tokens: tuple | None = None
         self.truncation: Truncation | None = None
@@ -80,6 +84,11 @@ class LoraDataset:
     @property
     def columns(self) -> list[str]:
         return list(self.frame.columns)
+
+    @property
+    def is_preference(self) -> bool:
+        """Paired or unpaired preference data (DPO, SimPO, ORPO, KTO)."""
+        return self.kind in (PREFERENCE_KIND, UNPAIRED_KIND)
 
     @property
     def prompt_format(self) -> str:
@@ -106,7 +115,7 @@ class LoraDataset:
         if self._conversations is None:
             if self.marker:
                 conversations = _marker_conversations(self._texts(), self.marker, self._spec)
-            elif self.kind != "sft":  # the chosen / desirable answers
+            elif self.is_preference:  # the chosen / desirable answers
                 conversations = preference.conversations(self.preference_rows())
             else:
                 conversations = self.mapping.conversations(self.frame)
@@ -150,14 +159,21 @@ class LoraDataset:
     # -- preference data (preference.py) --------------------------------------------------------
     def require(self, kind: str, who: str = "This") -> None:
         """Refuse data of another shape in one line naming the columns and a mapping to try: `who`
-        says what needs it ("--method dpo"). Paired data also serves unpaired methods (`unpaired_rows`)."""
-        if self.kind != kind and not (kind == UNPAIRED_KIND and self.kind == PREFERENCE_KIND):
+        says what needs it ("--method dpo"). Paired data also serves unpaired methods (`unpaired_rows`),
+        every dataset with prompts serves the prompt methods, and prompt-only data trains nothing by SFT."""
+        if kind == PROMPT_KIND:
+            return  # prompts.prompt_sides says when a dataset has none (whole texts)
+        if kind == "sft" and self.kind == PROMPT_KIND:
+            raise DatasetError(f"{who} needs answers to train on, but dataset {self.name!r} holds prompts only "
+                               f"(columns {', '.join(map(str, self.columns))}): give it a response column, or train "
+                               "it with --method grpo --reward FN.")
+        if self.kind != kind and not (kind == UNPAIRED_KIND and self.kind == PREFERENCE_KIND) and kind != "sft":
             raise preference.kind_error(self.name, self.mapping, self.columns, kind, who)
 
     def preference_rows(self) -> list:
         """Every row as `preference.Preference` (paired data) or `preference.Unpaired` (unpaired)."""
         if self._rows is None:
-            if self.kind == "sft":
+            if not self.is_preference:
                 raise preference.kind_error(self.name, self.mapping, self.columns, PREFERENCE_KIND)
             self._rows = self.mapping.rows(self.frame)
         return self._rows
@@ -182,6 +198,19 @@ class LoraDataset:
         """`prompt_ids`, `completion_ids`, `label` (bool) per kept row: TRL KTOTrainer's pre-tokenized
         keys; fitted to `max_length` like `preference_tokens`. Paired data gives two rows per pair."""
         return self._preference_tokens(UNPAIRED_KIND, self.unpaired_rows(), tokenizer, max_length, rows)
+
+    def prompt_tokens(self, tokenizer, max_length: int, rows=None) -> Tokens:
+        """`prompt_ids`, `_row`, `_prompt_text` per row: the prompts GRPO samples answers to (prompts.py)."""
+        from ipylora.engine import prompts
+
+        self.template = self._spec.resolve(tokenizer)
+        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, PROMPT_KIND):
+            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+            return tokens
+        tokens = prompts.prompt_tokens(self, tokenizer, max_length, rows)
+        if rows is None:
+            self.truncation = tokens.truncation
+        return tokens
 
     def _preference_tokens(self, shape: str, all_rows: list, tokenizer, max_length: int, rows) -> Tokens:
         self.template = self._spec.resolve(tokenizer)
@@ -233,10 +262,9 @@ class LoraDataset:
         or "unpaired-preference" (`unpaired_tokens`). The train tokens are kept for the run's next call
         of that function (so they are computed once); returns the truncation report per split.
         """
-        if shape != "sft":
-            self.require(shape)
+        self.require(shape)
         build = {"sft": LoraDataset.tokenize, PREFERENCE_KIND: LoraDataset.preference_tokens,
-                 UNPAIRED_KIND: LoraDataset.unpaired_tokens}[shape]
+                 UNPAIRED_KIND: LoraDataset.unpaired_tokens, PROMPT_KIND: LoraDataset.prompt_tokens}[shape]
         reports = {}
         for split, part in self.splits().items():
             tokens = build(part, tokenizer, max_length)

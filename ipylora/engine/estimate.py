@@ -174,9 +174,8 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     tokenizer = session.tokenizer if resident else models.load_tokenizer(source, args.trust_remote_code)
     train_part, _ = train._parts(dataset)
     method = methods.get(args.method)  # what one row costs depends on the method (DPO: both answers)
-    if method.shape != "sft":
-        dataset.require(method.shape, who=f"--method {method.name}")
-    lengths = method.lengths(method.tokens(train_part, tokenizer, args.max_length))
+    dataset.require(method.shape, who=f"--method {method.name}")
+    lengths = method.lengths(method.tokens(train_part, tokenizer, args.max_length), args)
 
     dtype_bytes = 2 if cuda else 4
     weights = weight_bytes(shape, args.quantization, dtype_bytes)
@@ -189,10 +188,10 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
                                  trainable_bytes=trainable, quantization=args.quantization,
                                  dropout=args.lora.dropout, batch_size=args.batch_size,
                                  memory_cap=train.memory_cap(args))
-    planned = train.planned_args(args, batch)
+    planned = train.whole_groups(train.planned_args(args, batch), method.batch_multiple(args))
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro
-    steps = train.total_steps(len(lengths), planned)
+    steps = train.total_steps(method.examples(len(lengths), planned), planned)
     checkpointing = bool(batch and batch.checkpointing)
     largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not cuda, seed=args.seed)
     mean = sum(lengths) / max(1, len(lengths))

@@ -353,7 +353,7 @@ def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalA
         loss, loss_tokens = token_loss(model, tokens, args.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
     preference = None
-    if part.kind != "sft":
+    if part.is_preference:
         if reference is None or reference == adapter:
             preference = {"note": f"not measured for {adapter}: it is its own reference, so every margin is 0 "
                                   "(evaluate an adapter trained on this data)"}
@@ -424,7 +424,7 @@ def run_eval(session, name: str, dataset: str, split: str = "all", args=None, ou
     trained = read_json(record_path).get("train", {}) if record_path.exists() else {}
     if args.max_length is None:
         args = replace(args, max_length=trained.get("max_length") or TrainArgs.max_length)
-    reference = pick_reference(session, name, trained, output) if part.kind != "sft" else None
+    reference = pick_reference(session, name, trained, output) if part.is_preference else None
     with session._holding_model():
         session._chat_adapter(name)
         result = evaluate(session.model, session.tokenizer, part, name, args, reference=reference,

@@ -63,6 +63,10 @@ class Sample(Event):
     step: int
     prompt: str
     text: str
+    reward: float | None = None
+    """GRPO: the completion's total reward (weighted sum of the --reward functions)."""
+    detail: str = ""
+    """GRPO with several rewards: each one's value."""
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 def _chat_builder(role_key: str, content_key: str, roles: dict, column: str, other: str):
     def build(v):
-        out = []
+        out, unanswered = [], []
         for row, cell in enumerate(v[column], start=1):
             turns = _as_list(cell, row, column)
             conv = []
@@ -130,9 +130,12 @@ def _chat_builder(role_key: str, content_key: str, roles: dict, column: str, oth
                 content = turn[content_key]
                 conv.append({"role": role, "content": "" if content is None else str(content)})
             if not any(m["role"] == "assistant" for m in conv):
-                raise DatasetError(f"Row {row} of {column!r} has no assistant turn, so nothing would be trained: "
-                                   "add one or drop the row.")
+                unanswered.append(row)
             out.append(conv)
+        # Rows that all end with a user turn and answer nothing are prompts (GRPO data, prompts.py).
+        if unanswered and (len(unanswered) < len(out) or any(conv[-1]["role"] != "user" for conv in out)):
+            raise DatasetError(f"Row {unanswered[0]} of {column!r} has no assistant turn, so nothing would be trained: "
+                               "add one or drop the row.")
         return out
 
     return build
@@ -231,6 +234,8 @@ def resolve(frame: pd.DataFrame, fmt_name: str | None, columns: str | None,
         return Mapping(fmt, fields)
     candidates = [find_format(fmt_name)] if fmt_name else all_formats()
     for fmt in candidates:
+        if fmt.kind == "prompt" and not fmt_name and not explicit and len(names) == 2:
+            continue  # a two-column table is a prompt and its answer (below), as it always was
         known = set(fmt.required) | set(fmt.optional)
         unknown = [k for k in explicit if k not in known]
         if unknown and fmt_name:

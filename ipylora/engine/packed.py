@@ -24,8 +24,9 @@ def pack_padded_forward(module) -> None:
     """Make `module.forward(input_ids=, attention_mask=, labels=, fused_lm_head=True)` run padding-free.
 
     `module` is one that TRL patched with `add_fused_lm_head` (the policy's base model, or a
-    `ref_model`). Calls without the fused head (generation), with positions already given, or
-    with rows that are not right-padded go to the original forward unchanged.
+    `ref_model`). Each row's real tokens must be one block (right-padded, or left- and
+    right-padded); calls without the fused head (generation), with positions already given, or
+    with gaps inside a row go to the original forward unchanged.
     """
     from ipylora.engine.speed import VARLEN
 
@@ -49,9 +50,10 @@ def _packed_call(inner, kwargs: dict):
     ids, mask, labels = kwargs.pop("input_ids"), kwargs.pop("attention_mask"), kwargs.pop("labels")
     keep = mask.bool()
     lengths = keep.sum(dim=1)
-    width = ids.shape[1]
-    if not bool((keep == (torch.arange(width, device=keep.device) < lengths[:, None])).all()):
-        return inner(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **kwargs)  # not right-padded
+    # Each row's tokens must be one block (right padding as DPO's, left + right as GRPO's prompt + completion).
+    starts_in_row = keep & ~torch.nn.functional.pad(keep[:, :-1], (1, 0), value=False)
+    if bool((starts_in_row.sum(dim=1) > 1).any()):
+        return inner(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **kwargs)
     counts = lengths.tolist()  # one host sync: the boundaries go to the kernel as numbers
     total = sum(counts)
     starts = torch.cumsum(lengths, 0) - lengths
@@ -77,7 +79,8 @@ def _unpack(value, keep):
 
     Packed position p holds the score of label p + 1, which for a row's tokens is the padded
     layout's (row, t) -> label (row, t + 1); a row's last position scores the next row's first
-    token, masked above, so it is 0 as padding is.
+    token, masked above, so it is 0 as padding is (and for a row that ends at the last column
+    it falls in the column the shifted layout drops).
     """
     import torch
 

@@ -42,6 +42,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "alpaca": "ipylora.engine.formats:ALPACA",
         "prompt-completion": "ipylora.engine.formats:PROMPT_COMPLETION",
         "text": "ipylora.engine.formats:TEXT",
+        "prompts": "ipylora.engine.prompts:PROMPTS",
     },
     TEMPLATES: {
         "human-assistant": "ipylora.engine.templates:HUMAN_ASSISTANT",
@@ -56,6 +57,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "simpo": "ipylora.engine.methods.preference:SIMPO",
         "orpo": "ipylora.engine.methods.preference:ORPO",
         "kto": "ipylora.engine.methods.kto:KTO",
+        "grpo": "ipylora.engine.methods.grpo:GRPO",
     },
     REWARDS: {  # factories called with the text after `kind:` (engine/rewards.py)
         "exact": "ipylora.engine.rewards:exact",

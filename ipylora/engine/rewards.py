@@ -584,6 +584,17 @@ def to_spec(reward: Reward) -> str | None:
     return None if target is None else f"{target}:{reward.weight!r}"
 
 
+def record_of(spec) -> str:
+    """What run.json keeps of one `TrainArgs.rewards` entry: the spec string as given, the spec that
+    rebuilds a Reward or an importable function, else the function's name (looked up in the notebook
+    again on --resume)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Reward):
+        return to_spec(spec) or spec.spec or spec.name
+    return portable(spec) or _name_of(spec)
+
+
 def refuse_for_workers(rewards: list[Reward], gpus: int = 2) -> None:
     """Refuse rewards that `--gpus` worker processes cannot rebuild (defined in the notebook), with the fix."""
     stuck = [r for r in rewards if to_spec(r) is None]

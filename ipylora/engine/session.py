@@ -64,6 +64,8 @@ class Session:
     """Resident model + tokenizer, datasets, adapters; the engine's entry point."""
 
     def __init__(self):
+        self.namespace: dict | None = None
+        """Where `--reward NAME` is looked up: the notebook's namespace (the magics set it)."""
         self.model = None
         self.tokenizer = None
         self.model_id: str | None = None
@@ -290,8 +292,8 @@ class Session:
 
         method = methods.get(args.method)
         # Before any notice, so a mistake is the one line the user sees.
-        if method.shape != "sft":
-            data.require(method.shape, who=f"--method {method.name}")
+        data.require(method.shape, who=f"--method {method.name}")
+        method.check_data(args, data, self)
         if args.early_stop and "eval" not in data.splits():
             raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
         model_id, source = self._target_model(args.model)

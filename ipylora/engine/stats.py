@@ -55,7 +55,7 @@ class DatasetStats:
 
 def dataset_stats(dataset: LoraDataset, tokenizer, tokenizer_name: str, max_length: int, samples: int = 3,
                   sample_size: int = 1000, seed: int = 0) -> DatasetStats:
-    if dataset.kind != "sft":
+    if dataset.is_preference:
         return preference_stats(dataset, tokenizer, tokenizer_name, max_length, samples, sample_size, seed)
     n = len(dataset)
     shown = list(range(min(samples, n)))

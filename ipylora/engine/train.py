@@ -32,6 +32,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def total_steps(rows: int, args: TrainArgs) -> int:
+    """Optimizer steps of a run over `rows` training examples (a method's `examples`)."""
     if args.steps:
         return args.steps
     return max(1, math.ceil(args.epochs * math.ceil(rows / args.batch_size)))
@@ -121,6 +122,18 @@ def planned_args(args: TrainArgs, plan) -> TrainArgs:
     return replace(args, batch_size=plan.batch_size, micro_batch_size=micro)
 
 
+def whole_groups(args: TrainArgs, multiple: int) -> TrainArgs:
+    """`args` with batch_size rounded up to a multiple of `multiple` (GRPO's completions per prompt),
+    keeping the micro-batch a divisor of it."""
+    if multiple <= 1 or args.batch_size % multiple == 0:
+        return args
+    batch = math.ceil(args.batch_size / multiple) * multiple
+    micro = args.micro_batch_size
+    if micro is not None and batch % micro:
+        micro = math.gcd(batch, micro)
+    return replace(args, batch_size=batch, micro_batch_size=micro)
+
+
 def micro_batch(args: TrainArgs) -> int:
     """The largest micro-batch <= micro_batch_size that divides batch_size (the effective batch is kept)."""
     micro = min(args.micro_batch_size or args.batch_size, args.batch_size)
@@ -203,8 +216,19 @@ def overfit_note(best_step: int, best_loss: float, last_loss: float, early_stop:
             f"the best eval loss was {best_loss:.4f} at step {best_step}: {advice}")
 
 
+def recorded_args(args: TrainArgs) -> dict:
+    """run.json's "train" entry: the args without the adapter shape; rewards given as callables are
+    recorded by the spec that rebuilds them (rewards.to_spec) or their name."""
+    record = {k: v for k, v in asdict(args).items() if k != "lora"}
+    if args.rewards:
+        from ipylora.engine import rewards
+
+        record["rewards"] = [rewards.record_of(r) for r in args.rewards]
+    return record
+
+
 def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Samples, early_stop: int | None,
-              run_dir: Path, adapter: str, has_eval: bool = False, metrics: dict[str, str] | None = None):
+              run_dir: Path, adapter: str, has_eval: bool = False, metrics=None):
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
@@ -239,7 +263,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
                     step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
                     lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
                     elapsed=time.time() - started, memory_mb=_memory_mb(),
-                    metrics={label: float(logs[key]) for key, label in (metrics or {}).items() if key in logs},
+                    metrics=metrics(logs) if metrics is not None else {},
                 ))
             self._maybe_stop(control)  # a stop asked for while this step was logged ends the run here
 
@@ -332,8 +356,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     else:
         run_dir = checkpoint = None  # claimed below, once the data is known to be usable
     method = methods.get(args.method)
-    if method.shape != "sft":
-        dataset.require(method.shape, who=f"--method {method.name}")
+    dataset.require(method.shape, who=f"--method {method.name}")
     train_part, eval_part = _parts(dataset)
     train_tokens = method.tokens(train_part, session.tokenizer, args.max_length)
     train_data = _to_hf(train_tokens)
@@ -352,8 +375,9 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     if args.from_adapter:  # the run trains the start adapter's shape
         args = replace(args, lora=session.lora_args(args.from_adapter))
     model = session.attach_adapter(name, args.lora, start=args.from_adapter)
-    args, fast, plan = plan_batches(model, session, method.lengths(train_tokens), args, packed=method.packed)
-    steps = total_steps(len(train_data), args)
+    args, fast, plan = plan_batches(model, session, method.lengths(train_tokens, args), args, packed=method.packed)
+    args = whole_groups(args, method.batch_multiple(args))
+    steps = total_steps(method.examples(len(train_data), args), args)
     main = distributed.is_main()  # under torchrun only rank 0 writes the run folder
     metrics = MetricsLog(run_dir / "metrics.jsonl", append=resume) if main else None
     last: dict = {"step": 0, "loss": None, "eval_loss": None}
@@ -373,7 +397,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     record.update({
         "name": name, "status": "running", "model": session.model_id, "model_source": session.model_source,
         "quantization": args.quantization, "precision": session.precision.dtype, "device": session.device,
-        "dataset": dataset.describe(), "train": {k: v for k, v in asdict(args).items() if k != "lora"},
+        "dataset": dataset.describe(), "train": recorded_args(args),
         "lora": asdict(args.lora), "total_steps": steps, "train_rows": len(train_data),
         "truncation": {split: asdict(part.truncation) for split, part in (("train", train_part), ("eval", eval_part))
                        if part is not None and getattr(part, "truncation", None) is not None},
@@ -389,7 +413,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     emit(RunStart(name=name, total_steps=steps, run_dir=str(run_dir), rows=len(train_data)))
     status, message = "finished", ""
     callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
-                         run_dir, name, has_eval=eval_data is not None, metrics=method.metrics)
+                         run_dir, name, has_eval=eval_data is not None, metrics=method.metric_values)
     trainer = None
     try:
         settings = training_settings(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
@@ -397,7 +421,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         trainer = method.build(methods.Context(
             model=model, tokenizer=session.tokenizer, args=args, settings=settings, train_data=train_data,
             eval_data=eval_data, eval_tokens=eval_tokens, callbacks=[callback],
-            reference=args.from_adapter if method.uses_reference else None, session=session))
+            reference=args.from_adapter if method.uses_reference else None, session=session, dataset=dataset,
+            emit=emit))
         # The Trainer's own printer/progress callbacks would print from the training loop.
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -413,7 +438,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         if _is_oom(exc):
             status, message = "oom", f"out of memory at micro-batch {micro_batch(args)}; "
         else:
-            status, message = "failed", f"{type(exc).__name__}: {exc}"
+            status, message = "failed", f"{type(exc).__name__}: {exc}; "
             raise
     finally:
         if status == "early-stopped" and callback.best_state is not None:

@@ -28,7 +28,9 @@ def train_args(opts) -> TrainArgs:
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
         gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
-        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory,
+        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, rewards=tuple(opts.reward or ()),
+        num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
+        temperature=opts.temperature,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
     )
 
@@ -75,11 +77,19 @@ class TrainMagics(Magics):
     @argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
               help="With --gpus: ddp (each GPU holds the model) or fsdp (the model is sharded across GPUs).")
     @argument("--method", default="sft",
-              help="Training method: sft (default), dpo, simpo, orpo, kto (preference data), or a plugin's.")
+              help="Training method: sft (default), dpo, simpo, orpo, kto (preference data), grpo (prompts + --reward), "
+                   "or a plugin's.")
     @argument("--beta", type=float, default=None,
-              help="Preference methods: DPO/KTO KL strength (0.1), SimPO reward scale, ORPO odds-ratio weight.")
-    @argument("--loss-type", default=None, help="DPO: TRL's loss type (sigmoid, ipo, hinge, ...).")
+              help="DPO/KTO KL strength (0.1), SimPO reward scale, ORPO odds-ratio weight; GRPO KL to the reference (0).")
+    @argument("--loss-type", default=None, help="DPO: TRL's loss type (sigmoid, ipo, hinge, ...); GRPO: dapo, grpo, dr_grpo, ...")
     @argument("--gamma", type=float, default=None, help="SimPO: target reward margin gamma (default 1.0, with beta 2.0).")
+    @argument("--reward", action="append", default=None, metavar="FN[:WEIGHT]",
+              help="GRPO: a reward function (repeatable): a function in the notebook, exact:COLUMN, contains:COLUMN, "
+                   "regex:PATTERN, length:MIN-MAX or module:function, with an optional :WEIGHT.")
+    @argument("--num-generations", type=int, default=None, help="GRPO: completions sampled per prompt (default 8).")
+    @argument("--max-completion-length", type=int, default=None,
+              help="GRPO: the most tokens per sampled completion (default 256).")
+    @argument("--temperature", type=float, default=None, help="GRPO: sampling temperature (default 1.0).")
     @argument("--from-adapter", default=None, metavar="NAME",
               help="Start from adapter NAME's weights (SFT -> DPO); preference methods use it, frozen, as the reference.")
     @argument("--background", action="store_true", help="Return at once; train in a thread with a Stop button.")
@@ -104,6 +114,7 @@ class TrainMagics(Magics):
         """
         opts = parse(self.lora_train, line)
         session = get_session()
+        session.namespace = self.shell.user_ns  # --reward NAME: a function defined in the notebook
         if opts.form:
             from ipylora.ui.forms import TrainForm
 

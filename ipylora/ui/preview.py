@@ -139,7 +139,7 @@ def rows_frame(dataset, rows: int = TABLE_ROWS):
     system prompt, last user turn and answer rather than the repr of a list of dicts."""
     import pandas as pd
 
-    if dataset.kind != "sft":
+    if dataset.is_preference:
         return _preference_frame(dataset, rows)
     if dataset.mapping.format.name not in ("messages", "sharegpt"):
         return dataset.frame.head(rows)

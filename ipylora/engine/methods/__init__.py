@@ -4,8 +4,8 @@ The shared loop (`engine/train.py`) does everything that does not depend on the 
 adapter on the resident model, batch planning, run folder and run.json, events, the stop flag and
 checkpoints, OOM retry, `--gpus` workers, saving. A method only says
 
-- which dataset shape it trains on (`shape`: "sft", "preference" or "unpaired-preference",
-  checked with `LoraDataset.require`), and how a split becomes token columns (`tokens`);
+- which dataset shape it trains on (`shape`: "sft", "preference", "unpaired-preference" or
+  "prompt", checked with `LoraDataset.require`), and how a split becomes token columns (`tokens`);
 - which TRL config and trainer it builds from the loop's common settings (`build`);
 - which of the trainer's logged metrics the live panel shows (`metrics`), and its own knobs
   (`knobs`, TrainArgs fields such as beta) with their defaults and checks.
@@ -45,6 +45,10 @@ class Context:
     reference: str | None = None
     """The adapter that is the reference policy (the frozen start of `--from-adapter`), None: the base."""
     session: object = None
+    dataset: object = None
+    """The run's LoraDataset (its table's columns feed GRPO's reward functions)."""
+    emit: object = None
+    """The loop's event sink (`emit(Sample(...))` shows a sample in the live panel and metrics.jsonl)."""
 
 
 class Method:
@@ -71,6 +75,22 @@ class Method:
         """TrainArgs defaults this method changes (lr, epochs...) for the tiny model or a real one."""
         return {}
 
+    def check_data(self, args, dataset, session) -> None:
+        """Refuse, in one line, what only the data or the session can tell is wrong (GRPO: rewards
+        that name missing columns). Runs before any weights load."""
+
+    def examples(self, rows: int, args) -> int:
+        """Training examples an epoch over `rows` table rows makes (GRPO: rows x completions per prompt)."""
+        return rows
+
+    def batch_multiple(self, args) -> int:
+        """The batch size must be a multiple of this (GRPO: completions per prompt)."""
+        return 1
+
+    def metric_values(self, logs: dict) -> dict[str, float]:
+        """Live-panel label -> value of this method's metrics in one trainer log."""
+        return {label: float(logs[key]) for key, label in self.metrics.items() if key in logs}
+
     def check(self, args) -> list[str]:
         """Problems with the method's knobs in `args` (each names the flag and the fix)."""
         return []
@@ -79,8 +99,8 @@ class Method:
         """Token columns of one split (a LoraDataset), fitted into max_length."""
         raise NotImplementedError
 
-    def lengths(self, tokens: dict) -> list[int]:
-        """Tokens per training example (what one row costs), for batch planning."""
+    def lengths(self, tokens: dict, args=None) -> list[int]:
+        """Tokens per training example (what one costs), for batch planning; `args` the run's TrainArgs."""
         raise NotImplementedError
 
     def build(self, ctx: Context):

@@ -40,7 +40,7 @@ class KTO(Method):
     def tokens(self, part, tokenizer, max_length: int) -> dict:
         return part.unpaired_tokens(tokenizer, max_length)
 
-    def lengths(self, tokens: dict) -> list[int]:
+    def lengths(self, tokens: dict, args=None) -> list[int]:
         return [len(p) + len(c) for p, c in zip(tokens["prompt_ids"], tokens["completion_ids"])]
 
     def build(self, ctx: Context):

@@ -172,7 +172,7 @@ class Paired(Method):
     def tokens(self, part, tokenizer, max_length: int) -> dict:
         return part.preference_tokens(tokenizer, max_length)
 
-    def lengths(self, tokens: dict) -> list[int]:
+    def lengths(self, tokens: dict, args=None) -> list[int]:
         return pair_lengths(tokens)
 
 

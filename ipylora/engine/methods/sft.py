@@ -19,7 +19,7 @@ class SFT(Method):
     def tokens(self, part, tokenizer, max_length: int) -> dict:
         return part.tokenize(tokenizer, max_length)
 
-    def lengths(self, tokens: dict) -> list[int]:
+    def lengths(self, tokens: dict, args=None) -> list[int]:
         return [len(ids) for ids in tokens["input_ids"]]
 
     def config(self, settings: dict):
