@@ -25,6 +25,14 @@ the summed log-probability of each answer after its prompt (`answer_logps`, over
 `--from-adapter`, else the base). A pair counts when the implicit reward margin
 (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) is positive; the mean
 margin is that log-ratio difference, beta-free (DPO's reward margin is beta times it).
+
+With `rewards` (`--reward`, the specs GRPO trains with: engine/rewards.py) the model also answers
+each prompt side as chat and GRPO lay it out (`prompt_tokens`: the template's prompt, the table
+row, the last user turn), once and greedily, and each reward scores those answers with the table's
+columns for their rows: its mean (rows it returned None for left out) and the weighted total, as
+GRPO's reward curve sums it. Where those prompt ids are the ones the answer metrics use (the usual
+case), one generation serves both. Prompt-only data (the `prompts` format) has no reference answer,
+so it gets the rewards only: no loss, no overlap metrics.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ipylora.engine import rewards
 from ipylora.engine.config import GenerateArgs
 from ipylora.engine.errors import ConfigError, DatasetError, UnknownNameError
+from ipylora.engine.prompts import PROMPT_KIND, prompt_sides
 
 SPLITS = ("all", "train", "eval")
 
@@ -56,6 +66,10 @@ class EvalArgs:
     """How many of the lowest-scoring rows to keep and show."""
     max_length: int | None = None
     """Longest sequence for the eval loss, in tokens; None: the run's own max_length (run.json), else 1024."""
+    rewards: tuple = ()
+    """`--reward` specs to score greedy answers with, as `%lora_train --method grpo` takes them: a notebook
+    function's name (looked up in `session.namespace`), exact:COLUMN and the other built-ins, module:function,
+    each with an optional :WEIGHT; a callable or a (spec, weight) pair works from Python."""
 
     def check(self) -> None:
         problems = [f"{flag} {value} must be at least {low}" for flag, value, low in (
@@ -127,6 +141,9 @@ def part_examples(part, limit: int | None = None) -> list[Example]:
         examples.append(Example(row, users[-1] if users else "", prompt_side, response_side, reference,
                                 tuple(messages)))
     return examples
+
+
+PROMPT_ONLY_NOTE = "prompt-only data has no reference answers, so no loss or answer overlap: rewards only"
 
 
 def answers_note(part) -> str | None:
@@ -336,18 +353,27 @@ def pick_reference(session, name: str, trained: dict, output: str) -> str:
 
 
 def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalArgs(),
-             reference: str | None = None, beta: float | None = None) -> dict:
+             reference: str | None = None, beta: float | None = None, namespace=None) -> dict:
     """Eval loss, perplexity and generation metrics of `adapter` ("base": none) on the split `part`.
 
     `args.max_length` must be set (the caller picks the run's); rows whose answer alone does not
     fit are left out of the loss, as training leaves them out. On preference data the answers are
     scored against the chosen ones, and with a `reference` ("base" or an adapter name) the
     preference accuracy and margin are measured against it (`beta`: the run's, to scale the margin).
+    `args.rewards` score greedy answers (`reward_scores`); their names are looked up in `namespace`.
     """
-    from ipylora.engine.chat import _eval_mode, adapter_context, generate_batch
+    from ipylora.engine.chat import _eval_mode, adapter_context
 
     args.check()
     started = time.time()
+    found = check_rewards(args.rewards, part, namespace)
+    settings = {**asdict(replace(args, rewards=())), "rewards": [rewards.record_of(r) for r in found]}
+    if part.kind == PROMPT_KIND:
+        asked = reward_prompts(part, tokenizer, args)
+        scores = reward_scores(found, asked, _generate(model, tokenizer, asked["prompt_ids"], args, adapter), part)
+        return {"rows": scores["rows"], "loss_tokens": 0, "metrics": {}, "worst": [], "answers": [],
+                "note": PROMPT_ONLY_NOTE, "preference": None, "rewards": scores, "settings": settings,
+                "seconds": time.time() - started}
     tokens = part_tokens(part, tokenizer, args.max_length, args.limit)  # also resolves a `model` template
     with adapter_context(model, adapter), _eval_mode(model):
         loss, loss_tokens = token_loss(model, tokens, args.batch_size)
@@ -362,13 +388,14 @@ def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalA
             metrics.update(preference_accuracy=preference["accuracy"], preference_margin=preference["margin"])
     n = min(len(part), args.limit or len(part))
     note = answers_note(part)
+    examples = part_examples(part, args.limit) if note is None else []
+    prompts = [tokenizer(e.prompt_side)["input_ids"] for e in examples]
+    asked = reward_prompts(part, tokenizer, args) if found else {"prompt_ids": []}
+    answers = _generate(model, tokenizer, prompts + asked["prompt_ids"], args, adapter)
+    scores = reward_scores(found, asked, answers[len(prompts):], part) if found else None
     if note is not None:
         return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": [], "answers": [], "note": note,
-                "preference": preference, "settings": asdict(args), "seconds": time.time() - started}
-    examples = part_examples(part, args.limit)
-    prompts = [tokenizer(e.prompt_side)["input_ids"] for e in examples]
-    answers = generate_batch(model, tokenizer, prompts, GenerateArgs(max_new_tokens=args.max_new_tokens),
-                             adapter, batch_size=args.batch_size)
+                "preference": preference, "rewards": scores, "settings": settings, "seconds": time.time() - started}
     scorer = rouge_scorer()
     rows = []
     for example, answer in zip(examples, answers):
@@ -384,7 +411,70 @@ def evaluate(model, tokenizer, part, adapter: str | None, args: EvalArgs = EvalA
     })
     worst = sorted(rows, key=lambda r: (r["rouge_l"], r["f1"], r["row"]))[:args.worst]
     return {"rows": n, "loss_tokens": loss_tokens, "metrics": metrics, "worst": worst, "answers": rows, "note": None,
-            "preference": preference, "settings": asdict(args), "seconds": time.time() - started}
+            "preference": preference, "rewards": scores, "settings": settings, "seconds": time.time() - started}
+
+
+def _generate(model, tokenizer, prompts: list, args: EvalArgs, adapter: str | None) -> list[dict]:
+    """Greedy answers to `prompts` (token ids); a prompt that occurs twice is answered once."""
+    from ipylora.engine.chat import generate_batch
+
+    distinct = list(dict.fromkeys(tuple(ids) for ids in prompts))
+    if not distinct:
+        return []
+    answers = generate_batch(model, tokenizer, [list(ids) for ids in distinct],
+                             GenerateArgs(max_new_tokens=args.max_new_tokens), adapter, batch_size=args.batch_size)
+    found = dict(zip(distinct, answers))
+    return [found[tuple(ids)] for ids in prompts]
+
+
+# -- rewards ------------------------------------------------------------------------------------
+def check_rewards(specs, part, namespace=None) -> list:
+    """`specs` as rewards.Reward, each signature checked against `part`'s columns, before the model is touched.
+
+    Prompt-only data has nothing else to measure, so it needs a reward."""
+    found = rewards.parse(list(specs or ()), namespace)
+    if not found and part.kind == PROMPT_KIND:
+        raise ConfigError(f"Dataset {part.name!r} holds prompts only, with no reference answers to compare with: "
+                          "score the answers with --reward FN (a function in the notebook, or a built-in such as "
+                          "exact:COLUMN, contains:COLUMN, regex:PATTERN, length:MIN-MAX).")
+    rewards.check_columns(found, [str(c) for c in part.columns])
+    if found:
+        prompt_sides(part)  # whole texts have no prompt to answer: say so before the loss pass
+    return found
+
+
+def reward_prompts(part, tokenizer, args: EvalArgs):
+    """The prompts rewards score answers to: GRPO's `prompt_tokens` of the first `args.limit` rows."""
+    total = len(prompt_sides(part))
+    return part.prompt_tokens(tokenizer, args.max_length, rows=range(min(total, args.limit or total)))
+
+
+def reward_scores(found: list, asked, answers: list[dict], part) -> dict:
+    """Each reward's mean over `answers` (the greedy answers to `asked`, `reward_prompts`) and the weighted
+    total's, as GRPO logs "reward: NAME" and "reward". A reward's None rows are left out of its mean
+    (`scored` counts the rest); the total of a row leaves out its None terms, as TRL sums them."""
+    rows = list(asked["_row"])
+    frame = part.frame
+    columns = {str(c): [values[r] for r in rows] for c, values in ((c, frame[c].tolist()) for c in frame.columns)
+               if not str(c).startswith("_")}
+    texts, completions = list(asked["_prompt_text"]), [a["text"] for a in answers]
+    per_reward = [rewards.score(r, texts, completions, columns, rows) for r in found]
+    totals = rewards.combine(found, per_reward)
+    per_row = [{"row": row, "prompt": text, "answer": answer["text"], "stopped_at_eos": answer["stopped_at_eos"],
+                "answer_tokens": answer["tokens"], "total": totals[i],
+                "rewards": {r.name: values[i] for r, values in zip(found, per_reward)}}
+               for i, (row, text, answer) in enumerate(zip(rows, texts, answers))]
+    return {"rows": len(rows), "total": _mean(totals),
+            "per_reward": {r.name: {"mean": _mean(values), "weight": r.weight, "spec": rewards.record_of(r),
+                                    "scored": sum(not math.isnan(v) for v in values)}
+                           for r, values in zip(found, per_reward)},
+            "cut_prompts": asked.truncation.cut_prompt, "answers": per_row}
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean of the non-NaN values; None (JSON null) when every one is NaN."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -409,7 +499,9 @@ def run_eval(session, name: str, dataset: str, split: str = "all", args=None, ou
     appended to runs/NAME/eval.json. Returns this eval and the earlier ones.
 
     The loss is over the tokens training uses at the run's max_length (run.json), unless
-    `args.max_length` says otherwise, so it is the eval loss the run's panel showed.
+    `args.max_length` says otherwise, so it is the eval loss the run's panel showed. `args.rewards`
+    names are looked up in `session.namespace` (the notebook's, which the magics set); their means
+    go to eval.json under "rewards", the scored answers to the returned "reward_answers".
     """
     from ipylora.engine.config import TrainArgs
     from ipylora.engine.runs import read_json
@@ -417,6 +509,8 @@ def run_eval(session, name: str, dataset: str, split: str = "all", args=None, ou
     args = args or EvalArgs()
     args.check()
     part = split_part(session.dataset(dataset), split)
+    namespace = getattr(session, "namespace", None)
+    check_rewards(args.rewards, part, namespace)  # a bad --reward fails before an adapter is loaded
     if name != "base" and name not in session.adapters and (Path(output) / name / "run.json").exists():
         session.load_adapter(name, output=output)
     run_dir = session.adapter(name).run_dir if name != "base" else Path(output) / "base"
@@ -428,8 +522,12 @@ def run_eval(session, name: str, dataset: str, split: str = "all", args=None, ou
     with session._holding_model():
         session._chat_adapter(name)
         result = evaluate(session.model, session.tokenizer, part, name, args, reference=reference,
-                                          beta=trained.get("beta"))
+                          beta=trained.get("beta"), namespace=namespace)
     record = {"name": name, "model": session.model_id, "dataset": dataset, "split": split, "time": time.time(),
               **{k: result[k] for k in ("rows", "metrics", "worst", "note", "preference", "settings", "seconds")}}
+    scores = result["rewards"]
+    if scores is not None:  # the per-row answers stay out of eval.json, as the answer metrics' do
+        record["rewards"] = {k: v for k, v in scores.items() if k != "answers"}
     history = save_eval(Path(run_dir), record)
-    return {**record, "answers": result["answers"], "history": history, "path": str(Path(run_dir) / "eval.json")}
+    return {**record, "answers": result["answers"], "reward_answers": scores["answers"] if scores else [],
+            "history": history, "path": str(Path(run_dir) / "eval.json")}

@@ -1,4 +1,8 @@
-"""%lora_runs, %lora_adapters, %lora_unload: what has been trained, what is loaded, freeing memory."""
+"""%lora_runs, %lora_adapters, %lora_unload: what has been trained, what is loaded, freeing memory.
+
+`%lora_runs --plot A,B` overlays the runs' loss curves; GRPO runs among them also get their reward
+curve (the weighted total, metrics.jsonl's "reward") in a second panel under the loss.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import Image, display
 
 from ipylora.engine import get_session
-from ipylora.engine.runs import list_runs, loss_curves
+from ipylora.engine.runs import list_runs, loss_curves, read_json, read_metrics
 from ipylora.magics.args import parse
 from ipylora.magics.common import user_errors
 from ipylora.magics.settings import get_settings
@@ -25,7 +29,8 @@ class RunsMagics(Magics):
     """%lora_runs, %lora_adapters, %lora_unload."""
 
     @magic_arguments()
-    @argument("--plot", default=None, metavar="A,B,C", help="Overlay the loss curves of these runs.")
+    @argument("--plot", default=None, metavar="A,B,C",
+              help="Overlay the loss curves of these runs (and the reward curves of the GRPO ones).")
     @argument("--output", default=None, help="Runs folder (default: %%config Lora.runs_dir).")
     @line_magic
     @user_errors
@@ -40,7 +45,8 @@ class RunsMagics(Magics):
             missing = [n for n in names if n not in known]
             if missing:
                 raise UsageError(f"No run {', '.join(missing)} in {root}/ (runs: {', '.join(sorted(known)) or 'none'}).")
-            display(Image(overlay_png({n: loss_curves(root / n) for n in names})))
+            rewards = {n: reward_curve(root / n) for n in names if _method(root / n) == "grpo"}
+            display(Image(overlay_png({n: loss_curves(root / n) for n in names}, rewards)))
             return
         if not rows:
             print(f"No runs in {root}/ yet: %lora_train DATASET writes one.")
@@ -84,25 +90,59 @@ class RunsMagics(Magics):
         print(f"Unloaded {had}." if had else "No model was loaded.")
 
 
-def overlay_png(curves: dict[str, dict]) -> bytes:
+def _method(run_dir: Path) -> str | None:
+    path = run_dir / "run.json"
+    try:
+        return read_json(path).get("train", {}).get("method") if path.exists() else None
+    except (OSError, ValueError):  # a run.json cut short: no method, so loss only
+        return None
+
+
+def reward_curve(run_dir: Path) -> dict[str, list]:
+    """A GRPO run's mean reward (the weighted total) by step; after a resume, the later value for a step wins."""
+    by_step = {}
+    for event in read_metrics(run_dir):
+        value = (event.get("metrics") or {}).get("reward") if event.get("event") == "StepEnd" else None
+        if value is not None:
+            by_step[event["step"]] = value
+    return {"steps": sorted(by_step), "reward": [by_step[s] for s in sorted(by_step)]}
+
+
+def overlay_png(curves: dict[str, dict], rewards: dict[str, dict] | None = None) -> bytes:
     import io
 
+    buffer = io.BytesIO()
+    overlay_figure(curves, rewards).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def overlay_figure(curves: dict[str, dict], rewards: dict[str, dict] | None = None):
+    """Loss curves of `curves` on one panel; with `rewards` (GRPO runs), their reward curves on a second one
+    below it, each run in the same colour in both."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 3.2), dpi=80)
+    rewards = rewards or {}
+    figure = Figure(figsize=(6.4, 5.6 if rewards else 3.2), dpi=80)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for index, (name, curve) in enumerate(curves.items()):
-        color = f"C{index % 10}"
-        axes.plot(curve["steps"], curve["loss"], color=color, linewidth=1.2, label=f"{name} train")
+    axes = figure.add_subplot(2 if rewards else 1, 1, 1)
+    colors = {name: f"C{index % 10}" for index, name in enumerate(curves)}
+    for name, curve in curves.items():
+        axes.plot(curve["steps"], curve["loss"], color=colors[name], linewidth=1.2, label=f"{name} train")
         if curve["eval_steps"]:
-            axes.plot(curve["eval_steps"], curve["eval_loss"], "o--", color=color, markersize=3, label=f"{name} eval")
+            axes.plot(curve["eval_steps"], curve["eval_loss"], "o--", color=colors[name], markersize=3,
+                      label=f"{name} eval")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    if rewards:
+        below = figure.add_subplot(2, 1, 2)
+        for name, curve in rewards.items():
+            below.plot(curve["steps"], curve["reward"], color=colors.get(name), linewidth=1.2, label=name)
+        below.set_xlabel("step")
+        below.set_ylabel("reward")
+        below.grid(alpha=0.3)
+        below.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
