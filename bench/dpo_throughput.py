@@ -15,7 +15,7 @@ process, so patches and memory peaks stay apart.
 - `engine`: `Session.train(dataset, TrainArgs(method="dpo", epochs=1))` on the resident model
   (batches sized by its token budget from free memory); `engine-b8`: the same with `--batch-size 8`,
   TRL's default batch; `engine-mtrl`: the defaults under `--memory` = the peak the `trl` row measured
-  (run it after `trl`), so the planner stays within TRL's memory.
+  (run it after `trl`), so the planner stays within TRL's memory; `engine-mGIB` gives --memory GIB.
 - `--check-packing`: on the GPU, one padded DPO batch of the 1.5B shape through the fused LM head,
   padded vs padding-free (`engine/packed.py`, flash varlen), bf16: the largest log-prob difference.
 
@@ -185,6 +185,8 @@ def main() -> int:
     results = []
     for kind in cli.kinds.split(","):
         spec = {"kind": kind, "model_dir": str(model_dir), "rows": rows, "out": str(out / kind)}
+        if kind.startswith("engine-m") and kind != "engine-mtrl":  # engine-m6.34: --memory 6.34
+            spec["memory"] = float(kind[len("engine-m"):])
         if kind == "engine-mtrl":
             trl_row = next((r for r in results if r["kind"] == "trl" and r.get("peak_gib")), None)
             spec["memory"] = round(trl_row["peak_gib"], 2) if trl_row else None

@@ -175,7 +175,8 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     train_part, _ = train._parts(dataset)
     method = methods.get(args.method)  # what one row costs depends on the method (DPO: both answers)
     dataset.require(method.shape, who=f"--method {method.name}")
-    lengths = method.lengths(method.tokens(train_part, tokenizer, args.max_length), args)
+    tokens = method.tokens(train_part, tokenizer, args.max_length)
+    lengths = method.lengths(tokens, args)
 
     dtype_bytes = 2 if cuda else 4
     weights = weight_bytes(shape, args.quantization, dtype_bytes)
@@ -191,7 +192,7 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     planned = train.whole_groups(train.planned_args(args, batch), method.batch_multiple(args))
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro
-    steps = train.total_steps(method.examples(len(lengths), planned), planned)
+    steps = train.total_steps(method.examples(len(next(iter(tokens.values()))), planned), planned)
     checkpointing = bool(batch and batch.checkpointing)
     largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not cuda, seed=args.seed)
     mean = sum(lengths) / max(1, len(lengths))

@@ -93,9 +93,10 @@ class GRPO(Method):
         return part.prompt_tokens(tokenizer, max_length)
 
     def lengths(self, tokens: dict, args=None) -> list[int]:
-        # One example is one completion: its prompt and, at most, the completion cap.
+        # One example is one completion: its prompt and, at most, the completion cap, G per prompt.
         cap = args.max_completion_length if args is not None else 256
-        return [len(p) + cap for p in tokens["prompt_ids"]]
+        group = args.num_generations if args is not None else 1
+        return [len(p) + cap for p in tokens["prompt_ids"] for _ in range(group)]
 
     def examples(self, rows: int, args) -> int:
         return rows * args.num_generations
@@ -133,6 +134,12 @@ class GRPO(Method):
             def _tokenize_prompts(self, prompts):
                 # Our template's ids, not TRL's re-tokenization of the text they decode to.
                 return [list(ids_of[p]) for p in prompts], None, {}
+
+            def _generate_single_turn(self, *args, **kwargs):
+                # Under the run's autocast, as training is: the LoRA weights stay fp32 beside a bf16 base
+                # (speed.py stops PEFT's input casts), which TRL's plain generate() would feed bf16 inputs.
+                with self.accelerator.autocast():
+                    return super()._generate_single_turn(*args, **kwargs)
 
             def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
                 per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
