@@ -203,3 +203,19 @@ def test_dry_run_plans_whole_groups(shell, capsys):
     shell.run_cell("%lora_train prompts --method grpo --reward likes --num-generations 3 --dry-run")
     out = capsys.readouterr().out
     assert "batch" in out and "Traceback" not in out
+
+
+def test_panel_shows_each_completions_reward():
+    from ipylora.engine.events import RunStart
+    from ipylora.ui.live import NotebookReporter
+
+    shown = []
+    reporter = NotebookReporter()
+    reporter._samples = type("Handle", (), {"update": lambda self, content: shown.append(content)})()
+    reporter(RunStart(name="g", total_steps=2, run_dir="runs/g", rows=1))
+    reporter(Sample(step=1, prompt="say something about tea", text="yes tea is good", reward=1.0))
+    reporter(Sample(step=2, prompt="say something about tea", text="no tea is bad", reward=0.25, detail="a 0.00, b 0.50"))
+    text = repr(shown[-1])
+    assert "<th>reward</th>" in shown[-1]._repr_html_()
+    assert "reward 1.000" in text and "reward 0.250 (a 0.00, b 0.50)" in text
+    assert text.index("no tea is bad") < text.index("yes tea is good")  # newest first

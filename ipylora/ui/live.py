@@ -205,13 +205,24 @@ class NotebookReporter:
 
     def _show_samples(self) -> None:
         newest = sorted(self.samples, key=lambda s: s.step, reverse=True)[:12]
+        rewarded = any(s.reward is not None for s in newest)  # GRPO: each completion's reward beside it
+
+        def reward(s) -> str:
+            if s.reward is None:
+                return ""
+            return f"{s.reward:.3f}" + (f" ({s.detail})" if s.detail else "")
+
         rows = "".join(
-            f"<tr><td>{s.step}</td><td>{html.escape(s.prompt)}</td><td style='text-align:left'>{html.escape(s.text)}</td></tr>"
+            f"<tr><td>{s.step}</td><td>{html.escape(s.prompt)}</td><td style='text-align:left'>{html.escape(s.text)}</td>"
+            + (f"<td>{html.escape(reward(s))}</td>" if rewarded else "") + "</tr>"
             for s in newest
         )
+        head = "<th>reward</th>" if rewarded else ""
         content = Rendered(
-            f"<table><tr><th>step</th><th>prompt</th><th style='text-align:left'>sample (newest first)</th></tr>{rows}</table>",
-            "\n".join(f"step {s.step} · {s.prompt!r} -> {s.text!r}" for s in newest),
+            f"<table><tr><th>step</th><th>prompt</th><th style='text-align:left'>sample (newest first)</th>{head}</tr>"
+            f"{rows}</table>",
+            "\n".join(f"step {s.step} · {s.prompt!r} -> {s.text!r}" + (f" · reward {reward(s)}" if rewarded else "")
+                      for s in newest),
         )
         if self._samples is None:
             self._samples = display(content, display_id=True)
