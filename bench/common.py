@@ -128,3 +128,47 @@ def read_result(stdout: str) -> dict | None:
 
     line = next((x for x in stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
     return json.loads(line[len(RESULT_PREFIX):]) if line else None
+
+
+def child_main(run_one, spec_json: str) -> int:
+    """A benchmark's `--one SPEC` child: run one recipe, print its result (or its error) for the parent."""
+    import json
+    import traceback
+
+    try:
+        print_result(run_one(json.loads(spec_json)))
+    except Exception as exc:  # the parent prints the row as failed, with the first line of why
+        traceback.print_exc()
+        print_result({"kind": json.loads(spec_json)["kind"], "error": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+def qwen2_for_bench(out: Path, smoke: bool) -> Path | None:
+    """The random Qwen2 (1.5B shape on a GPU, tiny on CPU with `smoke`) in `out`, made once; None
+    (after saying why) without a GPU and without `smoke`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        print("skipped: no CUDA GPU (run with --smoke for the CPU plumbing check)")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / ("qwen2-tiny" if smoke else "qwen2-1.5b")
+    if not (model_dir / "config.json").exists():
+        save_random_qwen2(model_dir, SHAPES["tiny" if smoke else "1.5b"], device="cuda" if cuda else "cpu",
+                          dtype=torch.bfloat16 if cuda else torch.float32, cast=False)
+    return model_dir
+
+
+def run_child(script: str, spec: dict) -> dict:
+    """One recipe in its own process (`script --one SPEC`): its result, printed as a `row` line as it lands."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True)
+    result = read_result(proc.stdout) or {"kind": spec["kind"], "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    if "error" in result:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+    print("row " + json.dumps(result), flush=True)  # each row as it lands: a cut call keeps the ones before
+    return result

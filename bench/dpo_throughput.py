@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import SHAPES, lognormal_lengths, print_result, read_result, save_random_qwen2  # noqa: E402
+from bench.common import child_main, lognormal_lengths, qwen2_for_bench, run_child  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.05)
 
@@ -161,24 +159,14 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.one:
-        try:
-            print_result(run_one(json.loads(cli.one)))
-        except Exception as exc:  # the parent prints the row as failed, with the first line of why
-            traceback.print_exc()
-            print_result({"kind": json.loads(cli.one)["kind"], "error": f"{type(exc).__name__}: {exc}"})
-        return 0
+        return child_main(run_one, cli.one)
     import torch
 
     cuda = torch.cuda.is_available()
-    if not cuda and not cli.smoke:
-        print("skipped: no CUDA GPU (run with --smoke for the CPU plumbing check)")
-        return 0
     out = Path(cli.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / ("qwen2-tiny" if cli.smoke else "qwen2-1.5b")
-    if not (model_dir / "config.json").exists():
-        save_random_qwen2(model_dir, SHAPES["tiny" if cli.smoke else "1.5b"], device="cuda" if cuda else "cpu",
-                          dtype=torch.bfloat16 if cuda else torch.float32, cast=False)
+    model_dir = qwen2_for_bench(out, cli.smoke)
+    if model_dir is None:
+        return 0
     if cli.check_packing:
         print("packing check " + json.dumps(check_packing(str(model_dir))), flush=True)
     rows = 16 if cli.smoke else cli.rows
@@ -190,12 +178,7 @@ def main() -> int:
         if kind == "engine-mtrl":
             trl_row = next((r for r in results if r["kind"] == "trl" and r.get("peak_gib")), None)
             spec["memory"] = round(trl_row["peak_gib"], 2) if trl_row else None
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-        result = read_result(proc.stdout) or {"kind": kind, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-        if "error" in result:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        print("row " + json.dumps(result), flush=True)  # each row as it lands: a cut call keeps the ones before
-        results.append(result)
+        results.append(run_child(__file__, spec))
     print(f"\nDPO, Qwen2-{'tiny' if cli.smoke else '1.5B'} shape, random weights, {rows} preference rows, 1 epoch, "
           f"LoRA r{LORA['r']} all-linear, {'GPU: ' + torch.cuda.get_device_name() if cuda else 'CPU'}")
     print(f"| {'recipe':<11} | batch | ckpt | {'steps':>5} | {'seconds':>8} | {'tokens/s':>9} | {'peak GiB':>8} | "
