@@ -198,11 +198,40 @@ def test_bad_reward_values_end_the_run_in_one_line(shell, capsys, reward, needle
     assert not get_session().training
 
 
-def test_dry_run_plans_whole_groups(shell, capsys):
+def test_dry_run_plans_whole_groups_and_the_rollout_cache(shell, capsys):
+    from ipylora.engine import get_session
+    from ipylora.engine.estimate import estimate
+
     shell.run_cell("def likes(prompts, completions): return [1.0] * len(completions)")
     shell.run_cell("%lora_train prompts --method grpo --reward likes --num-generations 3 --dry-run")
     out = capsys.readouterr().out
-    assert "batch" in out and "Traceback" not in out
+    assert "batch" in out and "Traceback" not in out and "sampling the completions" in out
+    session = get_session()
+    plan = estimate(TrainArgs(method="grpo", rewards=("likes",), num_generations=3), session.dataset("prompts"),
+                    device="cuda", gpu_free_bytes=8 * 2**30, session=session)
+    assert plan.batch_size % 3 == 0 and plan.rollout_bytes > 0
+    assert ("rollout (KV cache)" in dict(plan.table())) and plan.peak_bytes >= plan.weights_bytes + plan.rollout_bytes
+
+
+def test_two_workers_train_grpo_with_a_builtin_reward(fresh_session):
+    """`--gpus 2` (gloo on CPU): the workers rebuild `exact:good` from its spec and train; the adapter is loaded."""
+    import psutil
+
+    fresh_session.add_dataset("prompts", PROMPTS)
+    events = []
+    end = fresh_session.train("prompts", TrainArgs(method="grpo", rewards=("exact:good",), name="gdist", steps=2,
+                                                   gpus=2), reporter=events.append)
+    assert end.status == "finished" and end.step == 2
+    assert [e.step for e in events if isinstance(e, StepEnd)] == [1, 2]
+    assert "reward: exact_good" in [e for e in events if isinstance(e, StepEnd)][-1].metrics
+    assert "gdist" in fresh_session.model.peft_config
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_two_workers_refuse_a_notebook_reward_in_one_line(shell, capsys):
+    shell.run_cell("def likes(prompts, completions): return [1.0] * len(completions)")
+    assert_one_line_error(shell, capsys, "%lora_train prompts --method grpo --reward likes --gpus 2",
+                          "--gpus 2", "likes", "module")
 
 
 def test_panel_shows_each_completions_reward():

@@ -204,6 +204,7 @@ def prepare_run(session, dataset: str, args) -> Path:
 
 def write_inputs(session, dataset, args, run_dir: Path) -> None:
     """run.json (config, model, data mapping) and the rows, for the workers to read."""
+    from ipylora.engine import train
     from ipylora.engine.models import resolve_model_id
 
     model_id, source = session._target_model(args.model)
@@ -217,7 +218,7 @@ def write_inputs(session, dataset, args, run_dir: Path) -> None:
         model_id = None
     record = {
         "name": args.name, "status": "launching", "model": model_id, "model_source": source,
-        "train": {**{k: v for k, v in asdict(args).items() if k != "lora"}, "model": model_id},
+        "train": {**train.recorded_args(args), "model": model_id},
         "lora": asdict(args.lora), "data_args": asdict(data_args), "dataset": dataset.describe(),
         "started": time.time(),
     }

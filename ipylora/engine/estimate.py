@@ -120,6 +120,9 @@ class Estimate:
     epochs: float
     eta_s: float
     notes: tuple[str, ...] = ()
+    rollout_bytes: int = 0
+    """Methods that sample (GRPO): the KV cache and last-step logits of one micro-batch of completions,
+    held between training steps (the peak is the larger of the two phases)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +141,8 @@ class Estimate:
             ("weights", _size(self.weights_bytes)),
             ("optimizer + adapter", _size(self.optimizer_bytes)),
             ("activations", f"{_size(self.activation_bytes)} (largest micro-batch ~{self.largest_micro_tokens:,} tokens)"),
+            *([("rollout (KV cache)", f"{_size(self.rollout_bytes)} for {self.micro_batch} completions at a time")]
+              if self.rollout_bytes else []),
             ("estimated peak", f"{_size(self.peak_bytes)} {unit}"),
             ("batch", f"{self.batch_size} rows = {self.micro_batch} per micro-batch x {self.accumulation} "
                       f"accumulation{budget}"),
@@ -200,7 +205,8 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     activations = int(largest * per_token + attention_bytes(micro, largest))
     lm_head = lm_head_bytes(config, largest, dtype_bytes)
     allowance = GPU_ALLOWANCE if cuda else CPU_ALLOWANCE
-    peak = weights + trainable + activations + lm_head + allowance
+    rollout = rollout_bytes(config, micro, max(lengths), dtype_bytes) if method.generates else 0
+    peak = weights + trainable + max(activations + lm_head, rollout) + allowance
     tokens_per_step = mean * planned.batch_size
     if cuda:
         tokens_per_s, basis = gpu_tokens_per_s(config, shape.linear, args.quantization, checkpointing, accumulation,
@@ -213,6 +219,9 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         notes.append(f"--gpus {args.gpus}: per GPU figures; steps and ETA are for one process")
     if train_part is not dataset or getattr(dataset, "eval", None) is not None:
         notes.append("eval passes are not in the ETA")
+    if method.generates:
+        notes.append("sampling the completions is not in the tokens/s or the ETA (on a GPU it took 76-92% of a "
+                     "GRPO step: bench/RESULTS.md)")
     epochs = steps * planned.batch_size / max(1, len(lengths)) if args.steps else args.epochs
     return Estimate(
         model=model_id, device=device, precision=precision, quantization=args.quantization, shape=shape,
@@ -222,8 +231,17 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         micro_batch=micro, accumulation=accumulation, step_tokens=batch.step_tokens if batch else None,
         largest_micro_tokens=int(largest), checkpointing=checkpointing, tokens_per_step=tokens_per_step,
         tokens_per_s=tokens_per_s, speed_basis=basis, steps=steps, epochs=round(epochs, 2),
-        eta_s=steps * tokens_per_step / max(tokens_per_s, 1e-9), notes=tuple(notes),
+        eta_s=steps * tokens_per_step / max(tokens_per_s, 1e-9), notes=tuple(notes), rollout_bytes=rollout,
     )
+
+
+def rollout_bytes(config, rows: int, length: int, dtype_bytes: int) -> int:
+    """Keys and values of `rows` sequences of `length` tokens in every layer, plus one decode step's fp32 logits."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = 2 * (getattr(config, "num_key_value_heads", None) or heads)
+    cache = rows * length * config.num_hidden_layers * kv * head_dim * dtype_bytes
+    return int(cache + rows * config.vocab_size * 4)
 
 
 # -- the model, without its weights ----------------------------------------------------------

@@ -68,6 +68,8 @@ class Method:
     packed: bool = False
     """Whether its batches run padding-free on a GPU (varlen attention): SFT's collator packs them, DPO
     packs its padded batches in the forward (engine/packed.py); the others keep padded batches and SDPA."""
+    generates: bool = False
+    """Whether each step samples completions (GRPO): `--dry-run` adds the rollout's KV cache."""
     min_micro_batch: int = 1
     """Fewest rows per forward pass the trainer accepts (KTO pairs neighbours: 2); the OOM retry stops there."""
 

@@ -51,6 +51,7 @@ class GRPO(Method):
     knobs = {"beta": 0.0, "loss_type": "dapo", "temperature": 1.0}
     uses_reference = True
     packed = True  # on a GPU: varlen attention, and the padded prompt + completion rows run packed
+    generates = True  # rollouts: a micro-batch of completions per generate() call (the dry run sizes its cache)
 
     def defaults(self, tiny: bool) -> dict:
         # The embedded model: 4 completions of up to 16 tokens, a high constant lr (measured in
@@ -129,17 +130,25 @@ class GRPO(Method):
             eval_data, eval_ids = _with_prompt_keys(ctx.eval_data, tokenizer, ctx.dataset.eval)
             ids_of.update(eval_ids)
         emit, reward_names = ctx.emit, [r.name for r in found]
+        rollout_rows = ctx.settings["per_device_train_batch_size"]
 
         class Trainer(GRPOTrainer):
             def _tokenize_prompts(self, prompts):
                 # Our template's ids, not TRL's re-tokenization of the text they decode to.
                 return [list(ids_of[p]) for p in prompts], None, {}
 
-            def _generate_single_turn(self, *args, **kwargs):
+            def _generate_single_turn(self, prompt_ids, *args, **kwargs):
                 # Under the run's autocast, as training is: the LoRA weights stay fp32 beside a bf16 base
                 # (speed.py stops PEFT's input casts), which TRL's plain generate() would feed bf16 inputs.
+                # A micro-batch of completions per generate() call, so the OOM retry's halving of the
+                # micro-batch halves the rollout's KV cache too.
+                completions, logprobs = [], None
                 with self.accelerator.autocast():
-                    return super()._generate_single_turn(*args, **kwargs)
+                    for start in range(0, len(prompt_ids), rollout_rows):
+                        ids, logprobs = super()._generate_single_turn(prompt_ids[start:start + rollout_rows],
+                                                                      *args, **kwargs)
+                        completions.extend(ids)
+                return completions, logprobs
 
             def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
                 per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
