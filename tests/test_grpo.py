@@ -168,6 +168,7 @@ def shell(fresh_session, tiny_tokenizer, monkeypatch):
     ("prompts --method grpo --reward regex:( --steps 1", ("regex",)),
     ("prompts --method grpo --reward likes --num-generations 1", ("--num-generations 1",)),
     ("prompts --method grpo --reward likes --beta -1", ("--beta -1",)),
+    ("prompts --method grpo --reward likes --loss-type squared", ("--loss-type 'squared'", "dr_grpo")),
     ("texts --method grpo --reward likes", ("no prompt", "--format prompts")),
     ("only --steps 2", ("prompts only", "--method grpo")),
 ])
@@ -248,3 +249,27 @@ def test_panel_shows_each_completions_reward():
     assert "<th>reward</th>" in shown[-1]._repr_html_()
     assert "reward 1.000" in text and "reward 0.250 (a 0.00, b 0.50)" in text
     assert text.index("no tea is bad") < text.index("yes tea is good")  # newest first
+
+
+def test_form_shows_grpo_knobs_and_builds_the_line(shell):
+    from ipylora.ui import TrainForm
+
+    form = TrainForm(shell=shell, dataset="prompts")
+    assert form.rewards.layout.display == "none"  # SFT reads no rewards
+    form.method.value = "grpo"
+    assert form.rewards.layout.display is None and form.gamma.layout.display == "none"
+    assert "dr_grpo" in form.loss_type.options and form.num_generations.description == "generations (8)"
+    form.rewards.value = "likes, exact:good:0.5"
+    form.num_generations.value = 4
+    form.background.value = False
+    assert form.line == "%lora_train prompts --method grpo --reward likes --reward exact:good:0.5 --num-generations 4"
+    form.method.value = "dpo"
+    assert form.rewards.layout.display == "none" and "ipo" in form.loss_type.options
+
+
+def test_trl_loss_types_are_accepted():
+    from ipylora.engine import methods
+
+    grpo = methods.get("grpo")
+    assert {"grpo", "dr_grpo", "dapo", "bnpo"} <= set(methods.grpo.loss_types())
+    assert grpo.check(TrainArgs(method="grpo", rewards=("exact:good",), loss_type="dr_grpo")) == []

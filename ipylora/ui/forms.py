@@ -56,7 +56,13 @@ class TrainForm(w.VBox):
         self.gamma = w.FloatText(-1, description="gamma", style=style)
         self.from_adapter = w.Dropdown(options=["", *sorted(get_session().adapters)], description="from adapter",
                                        style=style)
-        self.knobs = {"beta": self.beta, "loss_type": self.loss_type, "gamma": self.gamma}
+        self.rewards = w.Text(placeholder="fn, exact:answer:0.5", description="rewards", style=style)
+        self.num_generations = w.IntText(0, description="generations", style=style)
+        self.max_completion = w.IntText(0, description="max completion", style=style)
+        self.temperature = w.FloatText(0, description="temperature", style=style)
+        self.knobs = {"beta": self.beta, "loss_type": self.loss_type, "gamma": self.gamma, "rewards": self.rewards,
+                      "num_generations": self.num_generations, "max_completion_length": self.max_completion,
+                      "temperature": self.temperature}
         self.background = w.Checkbox(True, description="in the background (Stop button)", indent=False)
         self.preset = w.Dropdown(options=list(PRESETS), description="preset", style=style)
         self.shown = w.HTML()
@@ -115,6 +121,13 @@ class TrainForm(w.VBox):
             flags.append(_flag("loss-type", self.loss_type.value.strip()))
         if "gamma" in knobs and self.gamma.value >= 0:
             flags.append(_flag("gamma", self.gamma.value))
+        if "rewards" in knobs:  # GRPO: each reward spec (comma- or space-separated) as its own --reward
+            flags += [_flag("reward", spec) for spec in self.rewards.value.replace(",", " ").split()]
+        for field, flag in (("num_generations", "num-generations"), ("max_completion_length", "max-completion-length"),
+                            ("temperature", "temperature")):
+            box = self.knobs[field]
+            if field in knobs and box.value > 0 and box.value != knobs[field]:
+                flags.append(_flag(flag, box.value))
         return flags
 
     def _show_knobs(self) -> None:
@@ -122,12 +135,17 @@ class TrainForm(w.VBox):
         knobs = methods.get(self.method.value).knobs
         for field, box in self.knobs.items():
             box.layout.display = None if field in knobs else "none"
-            if field in knobs:
-                box.description = f"{field.replace('_', ' ')} ({knobs[field]})"  # the selected method's default
-        if "loss_type" in knobs and not self.loss_type.options and self.method.value == "dpo":
-            from ipylora.engine.methods.preference import dpo_loss_types
-
-            self.loss_type.options = tuple(dpo_loss_types())  # TRL's own list (imports trl: only when DPO is picked)
+            if field in knobs and field != "rewards":
+                label = {"num_generations": "generations", "max_completion_length": "max completion"}.get(field, field)
+                box.description = f"{label.replace('_', ' ')} ({knobs[field]})"  # the selected method's default
+        if "loss_type" in knobs and self.method.value in ("dpo", "grpo"):
+            # TRL's own list for the method (imports trl: only when such a method is picked).
+            if self.method.value == "dpo":
+                from ipylora.engine.methods.preference import dpo_loss_types as loss_types
+            else:
+                from ipylora.engine.methods.grpo import loss_types
+            self.loss_type.options = tuple(loss_types())
+            self.loss_type.placeholder = str(knobs["loss_type"])
 
     def _refresh(self) -> None:
         self.shown.value = f"<code>{self.line}</code>"

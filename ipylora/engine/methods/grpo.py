@@ -40,7 +40,8 @@ def loss_types() -> list[str]:
     from trl import GRPOConfig
 
     field = next(f for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
-    return re.findall(r"'([a-z_]+)'", field.metadata.get("help", "").split(".")[0])
+    supported = re.search(r"Supported values are (.*?)\.\s", field.metadata.get("help", ""))
+    return re.findall(r"'([a-z_]+)'", supported.group(1)) if supported else ["dapo", "grpo", "dr_grpo", "bnpo"]
 
 
 class GRPO(Method):
@@ -48,7 +49,9 @@ class GRPO(Method):
     shape = "prompt"
     summary = "GRPO: sample completions per prompt, score them with --reward functions, reinforce the better ones"
     metrics = GRPO_METRICS
-    knobs = {"beta": 0.0, "loss_type": "dapo", "temperature": 1.0}
+    knobs = {"beta": 0.0, "loss_type": "dapo", "temperature": 1.0, "rewards": (), "num_generations": 8,
+             "max_completion_length": 256}
+    """What the form shows (the tiny model's group and cap are smaller: `defaults`)."""
     uses_reference = True
     packed = True  # on a GPU: varlen attention, and the padded prompt + completion rows run packed
     generates = True  # rollouts: a micro-batch of completions per generate() call (the dry run sizes its cache)
