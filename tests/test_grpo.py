@@ -273,3 +273,14 @@ def test_trl_loss_types_are_accepted():
     grpo = methods.get("grpo")
     assert {"grpo", "dr_grpo", "dapo", "bnpo"} <= set(methods.grpo.loss_types())
     assert grpo.check(TrainArgs(method="grpo", rewards=("exact:good",), loss_type="dr_grpo")) == []
+
+
+def test_a_run_whose_completions_are_all_cut_says_so(trained):
+    from ipylora.engine.events import Notice
+
+    session, out, _ = trained
+    events = []
+    session.train("prompts", TrainArgs(name="capped", method="grpo", rewards=("likes_yes",), steps=3,
+                                       max_completion_length=1, output=str(out)), reporter=events.append)
+    said = [e.message for e in events if isinstance(e, Notice) and "--max-completion-length 1" in e.message]
+    assert len(said) == 1 and "raise --max-completion-length" in said[0]

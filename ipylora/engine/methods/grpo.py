@@ -134,6 +134,7 @@ class GRPO(Method):
             ids_of.update(eval_ids)
         emit, reward_names = ctx.emit, [r.name for r in found]
         rollout_rows = ctx.settings["per_device_train_batch_size"]
+        capped = _AllCapped(args.max_completion_length)
 
         class Trainer(GRPOTrainer):
             def _tokenize_prompts(self, prompts):
@@ -157,12 +158,16 @@ class GRPO(Method):
                 per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
                 if emit is not None and self.accelerator.is_main_process and self.model.training:
                     _emit_group(emit, self.state.global_step + 1, inputs, completions, per_func, weights, reward_names)
+                    capped.see(completion_ids_list, emit)
                 return per_func
 
         settings = {k: v for k, v in ctx.settings.items() if k != "padding_free"}
         grpo = config(GRPOConfig, settings, beta=args.beta, loss_type=args.loss_type or "dapo",
                       num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                      temperature=args.temperature, reward_weights=weights, log_completions=False, mask_truncated_completions=True,
+                      temperature=args.temperature, reward_weights=weights, log_completions=False,
+                      # Cut completions do not train: without this the tiny model learned to stop
+                      # emitting EOS (its completions grew to the cap); `_AllCapped` says when all are cut.
+                      mask_truncated_completions=True,
                       # Rewards are recomputed for every completion; the train split is read in our seed's order.
                       shuffle_dataset=True)
         trainer = Trainer(model=ctx.model, reward_funcs=funcs, args=grpo, train_dataset=train_data,
@@ -176,6 +181,27 @@ class GRPO(Method):
             pack_padded_forward(trainer.ref_model)
         pack_padded_forward(ctx.model.get_base_model())
         return trainer
+
+
+class _AllCapped:
+    """Says once when every completion of several batches in a row ran to --max-completion-length:
+    those are masked out of the loss (mask_truncated_completions), so the run learns nothing."""
+
+    BATCHES = 3
+
+    def __init__(self, cap: int):
+        self.cap, self.run, self.said = cap, 0, False
+
+    def see(self, completion_ids: list, emit) -> None:
+        from ipylora.engine.events import Notice
+
+        self.run = self.run + 1 if completion_ids and all(len(c) >= self.cap for c in completion_ids) else 0
+        if self.run >= self.BATCHES and not self.said:
+            self.said = True
+            emit(Notice(f"every completion of the last {self.BATCHES} batches ran to --max-completion-length "
+                        f"{self.cap} without ending: cut completions do not train, so nothing is learned; raise "
+                        "--max-completion-length, or train the answers' format first (SFT, then --from-adapter)",
+                        keep=True))
 
 
 def _with_prompt_keys(data, tokenizer, dataset):
