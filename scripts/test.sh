@@ -10,4 +10,4 @@ bash scripts/setup.sh
 (cd labextension && npm ci --no-audit --no-fund --loglevel=error && npm test --silent)
 python3 -m jupyterlab.labextensions list 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -q "ipylora v.* enabled OK" \
   || { echo "the ipylora JupyterLab extension is not installed/enabled"; exit 1; }
-IPYLORA_REQUIRE_BROWSER=1 python3 -m pytest -q "$@"
+IPYLORA_REQUIRE_BROWSER=1 python3 -m pytest -q --durations=15 "$@"
