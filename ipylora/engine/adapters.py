@@ -43,8 +43,8 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
         config.inference_mode = False
     else:
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=_targets(lora.target_modules),
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=_dropout(session.model, lora), bias="none",
+            task_type="CAUSAL_LM", target_modules=_targets(lora.target_modules),
         )
     if isinstance(session.model, PeftModel) and name in session.model.peft_config:
         if len(session.model.peft_config) == 1:
@@ -132,6 +132,23 @@ def delete(session, name: str) -> None:
     if session.active_adapter == name:
         session.active_adapter = next(iter(session.adapters), None)
     session._changed()
+
+
+def _dropout(model, lora: LoraArgs) -> float:
+    """The LoRA dropout PEFT can apply to this model's targets.
+
+    On fused MoE experts (3-D expert weights, transformers 5) PEFT's all-linear also adapts the
+    expert and router parameters (`target_parameters`, lora.ParamWrapper), which refuses any
+    dropout ("lora.ParamWrapper does not work with lora_dropout != 0"): the model default of 0.05
+    would fail every MoE run, so such runs train without dropout, as PEFT requires.
+    """
+    if lora.dropout and lora.target_modules == "all-linear" and _has_fused_experts(model):
+        return 0.0
+    return lora.dropout
+
+
+def _has_fused_experts(model) -> bool:
+    return any(p.ndim == 3 and "expert" in name for name, p in model.named_parameters())
 
 
 def _targets(spec: str):

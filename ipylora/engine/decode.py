@@ -104,6 +104,10 @@ def _plain_adapter(module) -> str | None:
         return None
     if not isinstance(module.lora_A[name], torch.nn.Linear) or not isinstance(module.lora_B[name], torch.nn.Linear):
         return None  # embedding / conv LoRA layers
+    if type(module).__name__ == "ParamWrapper":
+        # LoRA on a bare parameter (PEFT's all-linear adapts MoE experts and routers this way): the
+        # base is not a linear map of x (a router returns a tuple, experts take routing arguments).
+        return None
     return name
 
 
