@@ -103,7 +103,8 @@ def test_chat_template_is_used_for_adapters_trained_with_it(session, tiny_tokeni
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     ids = prompt_ids(tok, PromptFormat("chat"), "two", [("one", "uno")])
-    assert tok.decode(ids) == "<user>one\n<assistant>uno\n<user>two\n<assistant>"
+    # Tokenized as `--template model` training tokenized it: the tokenizer's BOS, EOS after each answer.
+    assert tok.decode(ids) == "<|bos|><user>one\n<assistant>uno<|eos|>\n<user>two\n<assistant>"
     run_json = session.adapters["c"].run_dir / "run.json"
     record = json.loads(run_json.read_text())
     try:

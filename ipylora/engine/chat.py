@@ -104,6 +104,9 @@ def conversation_ids(tokenizer, fmt: PromptFormat, messages: list[dict]) -> list
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("This tokenizer has no chat template: chat with a text template (train with "
                               "--template human-assistant) or pass --raw.")
+        ids = _model_template_ids(tokenizer, messages)
+        if ids is not None:
+            return ids
         try:
             ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # jinja errors raised by the model's own template (e.g. "no system role")
@@ -118,6 +121,23 @@ def conversation_ids(tokenizer, fmt: PromptFormat, messages: list[dict]) -> list
     if fmt.kind == "raw":
         return tokenizer("".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
     return template_prompt_ids(tokenizer, fmt.template, messages)
+
+
+def _model_template_ids(tokenizer, messages) -> list[int] | None:
+    """The prompt as `--template model` training tokenized it (span by span, the tokenizer's own BOS),
+    or None where the template refuses the conversation (the caller then says why).
+
+    apply_chat_template(tokenize=True) adds no BOS, so a template that does not write BOS itself
+    (ChatML, "User:/Assistant:" layouts) sent chat one token shorter than every trained row: GPT-2
+    and OPT, whose positions are learned, then answered 0/12 pairs they had memorised (model matrix).
+    """
+    from ipylora.engine.errors import DatasetError
+    from ipylora.engine.templates import MODEL
+
+    try:
+        return template_prompt_ids(tokenizer, MODEL.resolve(tokenizer), messages)
+    except (ConfigError, DatasetError):
+        return None
 
 
 def template_prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
