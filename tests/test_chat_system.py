@@ -115,7 +115,8 @@ def test_model_chat_template_gets_the_system_message_first(tiny_tokenizer):
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     ids = prompt_ids(tok, PromptFormat("chat"), "two", [("one", "uno")], "Be brief.")
-    assert tok.decode(ids) == "<system>Be brief.\n<user>one\n<assistant>uno\n<user>two\n<assistant>"
+    # As `--template model` training tokenized it: the tokenizer's BOS first, EOS after each trained answer.
+    assert tok.decode(ids) == "<|bos|><system>Be brief.\n<user>one\n<assistant>uno<|eos|>\n<user>two\n<assistant>"
 
 
 def test_magic_uses_the_trained_system_and_system_option_overrides(shell, session, capsys):
@@ -207,4 +208,5 @@ def test_a_chat_template_without_a_system_role_says_so(tiny_tokenizer):
                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(ConfigError, match="System role not supported.*--system none"):
         prompt_ids(tok, PromptFormat("chat"), "hi", system="Be brief.")
-    assert tok.decode(prompt_ids(tok, PromptFormat("chat"), "hi")).strip() == "hi"
+    ids = prompt_ids(tok, PromptFormat("chat"), "hi")
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]).strip() == "hi"  # BOS as training adds it
