@@ -168,8 +168,7 @@ class GRPO(Method):
                       # Cut completions do not train: without this the tiny model learned to stop
                       # emitting EOS (its completions grew to the cap); `_AllCapped` says when all are cut.
                       mask_truncated_completions=True,
-                      # Rewards are recomputed for every completion; the train split is read in our seed's order.
-                      shuffle_dataset=True)
+                      shuffle_dataset=True)  # prompts in the order of the run's --seed (data_seed), as SFT reads rows
         trainer = Trainer(model=ctx.model, reward_funcs=funcs, args=grpo, train_dataset=train_data,
                           eval_dataset=eval_data, processing_class=tokenizer, callbacks=ctx.callbacks)
         if ctx.reference is not None and args.beta:
