@@ -9,26 +9,17 @@ own topic, so it also checks that rewards see the columns of the right rows.
 
 import json
 
-import pandas as pd
 import pytest
 
 from ipylora.engine import GenerateArgs, TrainArgs
 from ipylora.engine.evaluate import EvalArgs
 from support import assert_one_line_error, ipython_shell, run_cell_output
+from test_grpo import ANSWERS, PROMPTS, TOPICS, likes_yes  # the same two-answer data and reward
 
-TOPICS = "cats dogs rain tea maps jazz salt ice".split()
-ANSWERS = pd.DataFrame([{"prompt": f"say something about {t}", "completion": f"{word} {t} is {judgement}"}
-                        for t in TOPICS for word, judgement in (("yes", "good"), ("no", "bad"))])
-PROMPTS = pd.DataFrame({"prompt": [f"say something about {t}" for t in TOPICS],
-                        "good": [f"yes {t} is good" for t in TOPICS]})  # two columns: a prompt and its answer
 TOPICAL = PROMPTS.assign(topic=TOPICS)  # three columns: prompts only, with columns for the rewards
 CELL = ("def likes_yes(prompts, completions, **columns):\n"
         "    return [1.0 if c.strip().startswith('yes') else 0.0 for c in completions]\n"
         "def word(prompts, completions): return ['good'] * len(completions)\n")
-
-
-def likes_yes(prompts, completions, **columns):
-    return [1.0 if c.strip().startswith("yes") else 0.0 for c in completions]
 
 
 @pytest.fixture(scope="module")
