@@ -160,15 +160,31 @@ def qwen2_for_bench(out: Path, smoke: bool) -> Path | None:
     return model_dir
 
 
-def run_child(script: str, spec: dict) -> dict:
-    """One recipe in its own process (`script --one SPEC`): its result, printed as a `row` line as it lands."""
+def run_child(script: str, spec: dict, timeout: float | None = None) -> dict:
+    """One recipe in its own process (`script --one SPEC`): its result, printed as a `row` line as it lands.
+
+    `timeout` (seconds): a child still running then is killed and its row says so, so that one hang
+    does not eat the whole run (None: wait for it however long it takes).
+    """
     import json
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        result = {"kind": spec["kind"], "error": f"timeout after {timeout:g}s"}
+        sys.stderr.write(_text(exc.stdout)[-3000:] + _text(exc.stderr)[-3000:])
+        print("row " + json.dumps(result), flush=True)
+        return result
     result = read_result(proc.stdout) or {"kind": spec["kind"], "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     if "error" in result:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
     print("row " + json.dumps(result), flush=True)  # each row as it lands: a cut call keeps the ones before
     return result
+
+
+def _text(output) -> str:
+    """What a timed-out child had printed (bytes, str or None, depending on how far it got)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
