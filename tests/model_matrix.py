@@ -13,8 +13,13 @@ generation config with eos = [EOS, end-of-turn], tokenizer) and returns its fold
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+DOCS_TABLE = Path(__file__).resolve().parents[1] / "docs" / "models.json"
 
 HIDDEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
@@ -112,6 +117,39 @@ FAMILIES = [
            features=("multi-query attention", "fused query_key_value")),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
+# transformers swaps only plain nn.Linear (and Conv1D) for bitsandbytes layers: Falcon's are FalconLinear.
+NOT_QUANTIZED = {"falcon"}
+
+# -- the coverage table ------------------------------------------------------------------------
+# family -> column -> [status, detail]; status is what docs/models.json must agree with ("yes",
+# "fallback", "refused", "untested"), the detail (figures) is shown but not compared.
+REPORT: dict[str, dict[str, list[str]]] = {}
+
+
+def record(family: Family, column: str, status: str, detail: str = "") -> None:
+    REPORT.setdefault(family.name, {})[column] = [status, detail]
+
+
+def write_report(report: dict) -> Path:
+    """Write what the tests saw where scripts/models_table.py --cpu reads it; returns the path."""
+    path = Path(os.environ.get("IPYLORA_MATRIX_REPORT") or Path(tempfile.gettempdir()) / "ipylora-model-matrix.json")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    for name, cells in report.items():  # a partial run (-k) adds to what an earlier one wrote
+        previous.setdefault(name, {}).update(cells)
+    path.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def disagreements(report: dict, table: Path = DOCS_TABLE) -> list[str]:
+    """Cells whose status differs from the committed table's (or that it lacks)."""
+    cpu = json.loads(table.read_text())["cpu"] if table.exists() else {}
+    stale = []
+    for name, cells in sorted(report.items()):
+        for column, (status, _) in sorted(cells.items()):
+            committed = cpu.get(name, {}).get(column, [None])[0]
+            if committed != status:
+                stale.append(f"{name} {column}: tests saw {status!r}, the table says {committed!r}")
+    return stale
 
 
 def available(family: Family) -> bool:

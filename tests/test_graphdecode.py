@@ -32,7 +32,7 @@ def hf_tokens(model, **sampling) -> list[int]:
 
 def loop_tokens(model, temperature=0.0, top_p=1.0, capture=False, **kw) -> list[int]:
     next_token = graphdecode.picker(model, temperature, top_p)
-    return graphdecode.decode(model, PROMPT, kw.pop("max_new_tokens", 24), next_token, kw.pop("eos", None),
+    return graphdecode.decode(model, PROMPT, kw.pop("max_new_tokens", 24), next_token, kw.pop("stops", ()),
                               capture=capture, **kw)
 
 
@@ -75,7 +75,7 @@ def test_stops_at_eos_and_on_request(model):
     with torch.inference_mode(), lean_lora(model):
         full = loop_tokens(model)
         eos = full[5]
-        assert loop_tokens(model, eos=eos) == full[:full.index(eos) + 1]
+        assert loop_tokens(model, stops=[eos]) == full[:full.index(eos) + 1]
         seen = []
         got = loop_tokens(model, on_token=seen.append, should_stop=lambda: len(seen) >= 3)
     assert got == seen == full[:3]

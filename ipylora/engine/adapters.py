@@ -8,6 +8,8 @@ one deleted unwraps it) and whose `adapters` table it keeps.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +59,11 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
     if not isinstance(session.model, PeftModel):
         if session.quantization:
             session.model = prepare_model_for_kbit_training(session.model, use_gradient_checkpointing=False)
-        session.model = get_peft_model(session.model, config, adapter_name=name)
+        with _quiet_fused_expert_patterns():
+            session.model = get_peft_model(session.model, config, adapter_name=name)
     else:
-        session.model.add_adapter(name, config)
+        with _quiet_fused_expert_patterns():
+            session.model.add_adapter(name, config)
     session.model.set_adapter(name)
     if start is not None:
         import torch
@@ -145,6 +149,16 @@ def _dropout(model, lora: LoraArgs) -> float:
     if lora.dropout and lora.target_modules == "all-linear" and _has_fused_experts(model):
         return 0.0
     return lora.dropout
+
+
+@contextlib.contextmanager
+def _quiet_fused_expert_patterns():
+    """Hide PEFT's false alarm on fused MoE experts: its own v4->v5 conversion gives the fused
+    `gate_up_proj` parameter double rank/alpha patterns, which its later check looks for among
+    module names only ("rank_pattern keys did not match any targeted module"); they do apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match.*gate_up_proj")
+        yield
 
 
 def _has_fused_experts(model) -> bool:

@@ -189,15 +189,24 @@ def _sampling(args: GenerateArgs) -> dict:
 
 @contextlib.contextmanager
 def _eval_mode(model):
+    """Inference mode, and no MoE router logits: TRL's trainer turns `output_router_logits` on for its
+    load-balancing loss and leaves it on, and transformers then computes that loss inside a padded
+    batched generate() with a mask as long as the whole sequence: Mixtral/Qwen3-MoE eval crashed."""
     import torch
 
     was_training = model.training
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    router = getattr(config, "output_router_logits", None)
     model.eval()
+    if router:
+        config.output_router_logits = False
     try:
         with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
+        if router:
+            config.output_router_logits = router
 
 
 def _callback_streamer(tokenizer, on_text: Callable[[str], None]):
@@ -211,13 +220,30 @@ def _callback_streamer(tokenizer, on_text: Callable[[str], None]):
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _result(tokenizer, new_tokens: list[int], started: float, first_token_s: float | None = None) -> dict:
-    eos = tokenizer.eos_token_id
-    stopped = bool(new_tokens) and new_tokens[-1] == eos
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens an answer ends at: EOS and the end-of-turn ids of the model's generation config.
+
+    Chat models list their end-of-turn token there (Gemma's <end_of_turn>, Llama 3's <|eot_id|>,
+    Qwen's <|im_end|>) and generate() stops at them; training under `--template model` trains that
+    token and EOS after it, so an answer ends at whichever comes first, as a plain generate() does.
+    """
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *configured) if i is not None))
+
+
+def _result(tokenizer, new_tokens: list[int], started: float, first_token_s: float | None = None,
+            stops: list[int] | None = None) -> dict:
+    stops = stops if stops is not None else [tokenizer.eos_token_id]
+    stopped = bool(new_tokens) and new_tokens[-1] in stops
     return {
         "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
         "tokens": len(new_tokens) - int(stopped),
         "stopped_at_eos": stopped,
+        "stop_token": new_tokens[-1] if stopped else None,
         "seconds": time.perf_counter() - started,
         "first_token_s": first_token_s,
     }
@@ -235,7 +261,7 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
             streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips, as generate() does
         try:
             return graphdecode.decode(
-                model, ids, args.max_new_tokens, next_token, tokenizer.eos_token_id,
+                model, ids, args.max_new_tokens, next_token, stop_ids(model, tokenizer),
                 on_token=(lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None,
                 should_stop=should_stop or (lambda: False), compiled=args.compile)
         finally:
@@ -253,7 +279,7 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+        eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=streamer,
         stopping_criteria=criteria, **_sampling(args))
     return output[0, len(ids):].tolist()
 
@@ -267,7 +293,7 @@ def generate(model, tokenizer, prompt_text, args: GenerateArgs, adapter: str | N
     with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         streamer = _callback_streamer(tokenizer, on_text) if on_text else None
         new_tokens = _answer_ids(model, tokenizer, ids, args, streamer)
-    return _result(tokenizer, new_tokens, started)
+    return _result(tokenizer, new_tokens, started, stops=stop_ids(model, tokenizer))
 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArgs, adapter: str | None = None,
@@ -278,7 +304,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
     check_args(args)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     results = []
     with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         for start in range(0, len(prompts), batch_size):
@@ -288,10 +314,10 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
             started = time.perf_counter()
             output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=pad, **_sampling(args))
+                                    eos_token_id=stops, pad_token_id=pad, **_sampling(args))
             for row in output[:, width:].tolist():
-                cut = row.index(eos) + 1 if eos in row else len(row)
-                results.append(_result(tokenizer, row[:cut], started))
+                cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+                results.append(_result(tokenizer, row[:cut], started, stops=stops))
     return results
 
 
@@ -352,7 +378,7 @@ class Generation:
         try:
             with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
                 new_tokens = _answer_ids(model, tokenizer, ids, args, self._streamer, should_stop)
-            self.result = _result(tokenizer, new_tokens, started, self._first_token_s)
+            self.result = _result(tokenizer, new_tokens, started, self._first_token_s, stop_ids(model, tokenizer))
             self.result["stopped_by_user"] = self._stop.is_set() and not self.result["stopped_at_eos"]
         except BaseException as exc:  # reported to the reader through wait(); the stream must still end
             self.error = exc

@@ -188,20 +188,29 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     trainable = speed.param_state_bytes(shape.lora)  # weights, grads, Adam moments, all fp32
     notes = []
     batch = None
+    packed, padded_extra = cuda, 0.0
     if cuda:
         free, resident_bytes = _gpu_memory(session, resident, weights, 4 * shape.lora, gpu_free_bytes)
-        batch = speed.plan_batch(config, lengths, free_bytes=free, resident_bytes=resident_bytes,
+        path = speed.attention_path(_model_class(config), config, device)
+        planned_lengths = lengths
+        packed = path.packed
+        if not packed:  # padded batches, as the run will train them (speed.fast_settings)
+            notes.append(path.note)
+            padded_extra = speed.padded_attention_bytes_per_token(config, path.kind, max(lengths))
+            planned_lengths = [max(lengths)] * len(lengths)
+        batch = speed.plan_batch(config, planned_lengths, free_bytes=free, resident_bytes=resident_bytes,
                                  trainable_bytes=trainable, quantization=args.quantization,
                                  dropout=args.lora.dropout, batch_size=args.batch_size,
-                                 memory_cap=train.memory_cap(args))
+                                 memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra)
     planned = train.whole_groups(train.planned_args(args, batch), method.batch_multiple(args))
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro
     steps = train.total_steps(method.examples(len(next(iter(tokens.values()))), planned), planned)
     checkpointing = bool(batch and batch.checkpointing)
-    largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not cuda, seed=args.seed)
+    largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not packed, seed=args.seed)
     mean = sum(lengths) / max(1, len(lengths))
     per_token, attention_bytes = _activation_costs(config, args.lora.dropout, checkpointing, cuda, notes)
+    per_token += padded_extra / (config.num_hidden_layers if checkpointing else 1)
     activations = int(largest * per_token + attention_bytes(micro, largest))
     lm_head = lm_head_bytes(config, largest, dtype_bytes)
     allowance = GPU_ALLOWANCE if cuda else CPU_ALLOWANCE
@@ -245,6 +254,16 @@ def rollout_bytes(config, rows: int, length: int, dtype_bytes: int) -> int:
 
 
 # -- the model, without its weights ----------------------------------------------------------
+def _model_class(config):
+    """The causal-LM class transformers builds for `config` (None for remote code it does not list)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+
+
 def _config(source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 

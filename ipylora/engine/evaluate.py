@@ -133,9 +133,15 @@ def part_examples(part, limit: int | None = None) -> list[Example]:
     pairs = part.pairs()
     suffix = getattr(part.template, "suffix", "")
     examples = []
+    conversations = part.conversations()
     for row in rows:
         prompt_side, response_side = pairs[row]
         reference = response_side[:-len(suffix)] if suffix and response_side.endswith(suffix) else response_side
+        # A chat template's response side ends with its end-of-turn text (<|im_end|>, <end_of_turn>),
+        # which chat never shows: the reference is the answer itself.
+        answer = next((m["content"] for m in reversed(conversations[row]) if m["role"] == "assistant"), None)
+        if answer and answer != reference and reference.lstrip().startswith(answer.lstrip()):
+            reference = answer
         messages = part.prompt_messages(row)
         users = [m["content"] for m in messages if m["role"] == "user"]
         examples.append(Example(row, users[-1] if users else "", prompt_side, response_side, reference,

@@ -26,7 +26,7 @@ which is how the CPU tests check the loop.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Collection
 
 from ipylora.engine.decode import capturing
 
@@ -249,11 +249,11 @@ def release(model) -> None:
             torch.cuda.empty_cache()
 
 
-def decode(model, ids: list[int], max_new_tokens: int, next_token, eos: int | None,
+def decode(model, ids: list[int], max_new_tokens: int, next_token, stops: Collection[int],
            on_token: Callable[[int], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
            compiled: bool = False, capture: bool = True) -> list[int]:
     """New token ids after prompt `ids` (greedy or sampled by `next_token`), up to `max_new_tokens`,
-    ending after `eos` or when `should_stop()` turns true; `on_token` sees each as it comes.
+    ending after a token of `stops` (EOS, end of turn) or when `should_stop()` turns true; `on_token` sees each as it comes.
     Call it in inference mode, with the adapter state (and lean_lora) the answer should use."""
     import torch
 
@@ -264,11 +264,11 @@ def decode(model, ids: list[int], max_new_tokens: int, next_token, eos: int | No
     new: list[int] = []
     while True:
         token = next_token(so_far, logits)
-        value = int(token)  # the one host sync per token: the streamer and the EOS check need it
+        value = int(token)  # the one host sync per token: the streamer and the stop check need it
         new.append(value)
         if on_token is not None:
             on_token(value)
-        if value == eos or len(new) >= max_new_tokens or should_stop():
+        if value in stops or len(new) >= max_new_tokens or should_stop():
             return new
         if so_far is not None:
             so_far = torch.cat([so_far, token.view(1, 1)], dim=1)

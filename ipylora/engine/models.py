@@ -87,10 +87,37 @@ def load_model(source: str, quantization: str | None, precision: Precision, devi
         raise ModelLoadError(_load_message(source, exc, trust_remote_code)) from None
     if not quantization:
         model.to(device)
-    elif device == "cpu":
-        _keep_4bit_layout_trainable(model)
+    else:
+        problem = _unquantized(model, source, quantization)
+        if problem:
+            del model  # before the error: its traceback keeps this frame alive
+            free_memory()
+            raise ModelLoadError(problem)
+        if device == "cpu":
+            _keep_4bit_layout_trainable(model)
     model.config.use_cache = True
     return model
+
+
+def quantized_layers(model) -> int:
+    """How many of the model's layers bitsandbytes holds quantized."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+
+
+def _unquantized(model, source: str, quantization: str) -> str | None:
+    """Why a --4bit/--8bit load must be refused: bitsandbytes replaced no layer (the full-size model would train).
+
+    transformers swaps only plain nn.Linear (and GPT-2's Conv1D) for bitsandbytes layers: Falcon's
+    FalconLinear subclass is left as it is, and the load would quietly give a 16-bit model.
+    """
+    if quantized_layers(model) == 0:
+        head = model.get_output_embeddings()
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ and m is not head})
+        return (f"--{quantization}: bitsandbytes quantized no layer of {source!r} (its layers are "
+                f"{', '.join(kinds) or 'not nn.Linear'}): load it without --{quantization}.")
+    return None
 
 
 def _keep_4bit_layout_trainable(model) -> None:

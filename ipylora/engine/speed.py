@@ -91,22 +91,28 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         _narrow_frozen_weights(base, compute_dtype)
     if precision.bf16 or precision.fp16:
         _stop_lora_input_casts(model)
-    # Without a flash kernel: SDPA with transformers' packed-sequence mask (measured at half the
-    # varlen speed on an H200). Flex attention recompiles for every new packed length: it did not
-    # finish 8 steps of the 7B shape in 110 s, so it is never chosen automatically.
-    attention = attention or ("varlen" if device != "cuda" or flash_varlen_available() else "sdpa")
-    set_attention(base, attention)
+    path = attention_path(type(base), base.config, device) if attention is None else AttentionPath(attention, True, None)
+    if path.note:
+        notes.append(path.note)
+    if path.kind != "native":
+        set_attention(base, path.kind)
     use_liger = _apply_liger(base, notes) if liger is not False else False
 
     cuda = device == "cuda"
-    batch = plan_batch(base.config, tokenized_lengths, free_bytes=_free_bytes() if cuda else 8 * GIB,
+    lengths = [int(n) for n in tokenized_lengths] or [1]
+    extra = 0.0
+    if not path.packed:  # padded batches: every row costs the longest one's tokens
+        extra = padded_attention_bytes_per_token(base.config, path.kind, max(lengths))
+        lengths = [max(lengths)] * len(lengths)
+    batch = plan_batch(base.config, lengths, free_bytes=_free_bytes() if cuda else 8 * GIB,
                        resident_bytes=torch.cuda.memory_allocated() if cuda else 0,
                        trainable_bytes=trainable_state_bytes(model), quantization=quantization, dropout=dropout,
-                       batch_size=batch_size, memory_budget=memory_budget, memory_cap=memory_cap)
-    plan = Plan(attention, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
+                       batch_size=batch_size, memory_budget=memory_budget, memory_cap=memory_cap,
+                       attention_bytes_per_token=extra)
+    plan = Plan(path.kind, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
                 batch.budget_bytes, tuple(notes))
     overrides = {
-        "padding_free": True,
+        "padding_free": path.packed,
         "per_device_train_batch_size": batch.micro_batch,
         "gradient_accumulation_steps": batch.accumulation,
         "gradient_checkpointing": batch.checkpointing,
@@ -118,6 +124,55 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         "_plan": plan,
     }
     return overrides
+
+
+@dataclass(frozen=True)
+class AttentionPath:
+    """How a family's training batches are attended: `kind` ("varlen", "sdpa", "eager", or "native"
+    for a model that keeps its own attention code), whether rows are packed, and why, if not the fast path."""
+
+    kind: str
+    packed: bool
+    note: str | None
+
+
+def attention_path(model_class, config, device: str) -> AttentionPath:
+    """The fastest attention that is exact for this model's family.
+
+    Packed rows through FlashAttention's varlen kernel, unless: the model soft-caps attention
+    logits (Gemma 2), which neither that kernel nor SDPA implement (transformers itself refuses
+    SDPA for it): eager attention over padded batches, as transformers trains it; or the model's
+    attention does not go through transformers' attention functions (Falcon), so a packed row
+    would attend across its rows: padded batches with its own attention. Sliding windows (Mistral,
+    Gemma 3) go to the varlen kernel as its window. Without a flash kernel: SDPA with
+    transformers' packed-sequence mask (measured at half the varlen speed on an H200). Flex
+    attention recompiles for every new packed length (it did not finish 8 steps of the 7B shape in
+    110 s), so it is never chosen.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    family = getattr(model_class, "__name__", "This model").removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+    if getattr(config, "attn_logit_softcapping", None):
+        return AttentionPath("eager", False, f"{family} soft-caps attention logits, which no flash or SDPA kernel "
+                                             "implements: eager attention over padded batches")
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
+        return AttentionPath("native", False, f"{family} has its own attention code (not transformers' attention "
+                                              "functions): padded batches, no packing")
+    if device != "cuda" or flash_varlen_available():
+        return AttentionPath("varlen", True, None)
+    return AttentionPath("sdpa", True, "no FlashAttention kernel on this GPU: SDPA with a packed mask")
+
+
+def padded_attention_bytes_per_token(config, kind: str, padded_length: int) -> float:
+    """Attention memory per token of a padded row that the per-token activation count leaves out.
+
+    Eager attention keeps its score matrices for backward: with soft-capping the bf16 scores,
+    their tanh, the fp32 softmax and the bf16 probabilities, ~12 bytes per head and key in every
+    layer. A model's own SDPA (Falcon) keeps no score matrix.
+    """
+    if kind != "eager":
+        return 0.0
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return 12.0 * config.num_attention_heads * padded_length * config.num_hidden_layers
 
 
 @dataclass(frozen=True)
@@ -135,13 +190,16 @@ class BatchPlan:
 
 def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: int, trainable_bytes: int,
                quantization: str | None, dropout: float, batch_size: int | None,
-               memory_budget: int | None = None, memory_cap: int | None = None) -> BatchPlan:
+               memory_budget: int | None = None, memory_cap: int | None = None,
+               attention_bytes_per_token: float = 0.0) -> BatchPlan:
     """Token budget, checkpointing and batch shape from memory figures, with no model needed.
 
     `free_bytes`: GPU memory free once the model is resident (`_free_bytes`); `resident_bytes`:
     what is allocated then (weights + adapter); `trainable_bytes`: `trainable_state_bytes` of the
     adapter. A real run passes measured figures, a dry run estimated ones: one arithmetic for both.
     `memory_cap` (`--memory`): total bytes the run may hold, the resident model included.
+    `attention_bytes_per_token`: attention memory beyond the flash path's, all layers together
+    (padded eager attention, `padded_attention_bytes_per_token`); with checkpointing one layer's.
     """
     lengths = [int(n) for n in tokenized_lengths] or [1]
     budget = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
@@ -158,10 +216,11 @@ def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: in
                               f"alone take about {need:.1f} GiB; give --memory {math.ceil(need + 1)} or more")
         budget = min(budget, memory_cap - resident_bytes)
     budget -= fixed
-    per_token = activation_bytes_per_token(config, dropout, checkpointing=False)
+    per_token = activation_bytes_per_token(config, dropout, checkpointing=False) + attention_bytes_per_token
     checkpointing = budget / per_token < MIN_STEP_TOKENS
     if checkpointing:
-        per_token = activation_bytes_per_token(config, dropout, checkpointing=True)
+        per_token = (activation_bytes_per_token(config, dropout, checkpointing=True)
+                     + attention_bytes_per_token / config.num_hidden_layers)
     step_tokens = int(max(256, min(MAX_STEP_TOKENS, budget / per_token)))
     micro = rows_for_tokens(lengths, step_tokens)
     if batch_size is None:
@@ -258,8 +317,13 @@ def _stop_lora_input_casts(model) -> None:
 def _apply_liger(base, notes: list[str]) -> bool:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         notes.append("liger-kernel not installed: RMSNorm/RoPE/SwiGLU unfused")
+        return False
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would log this and return quietly
+        notes.append(f"Liger has no kernels for {model_type}: its norms and MLP run unfused")
         return False
     try:
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
@@ -280,8 +344,8 @@ def flash_varlen_available() -> bool:
 
 
 def set_attention(model, kind: str) -> str:
-    """Switch `model` to "varlen" (ours), "flex" or "sdpa"; returns the transformers name used."""
-    name = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa"}[kind]
+    """Switch `model` to "varlen" (ours), "flex", "sdpa" or "eager"; returns the transformers name used."""
+    name = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}[kind]
     if name == VARLEN:
         register_varlen_attention()
     try:
@@ -301,9 +365,10 @@ def register_varlen_attention() -> None:
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):
-    # Packed rows carry their boundaries in cu_seq_lens; unpadded rows are plain causal. Only
-    # padded batches (generation with several prompts) need a real mask, the SDPA one.
-    if attention_mask is None or bool(attention_mask.all()):
+    # Packed training rows (no attention mask) carry their boundaries in cu_seq_lens, and the
+    # kernel applies any sliding window itself. Everything else (generation) gets the SDPA mask,
+    # which is None for plain causal rows but keeps a sliding window that the prompt exceeds.
+    if attention_mask is None:
         return None
     from transformers.masking_utils import sdpa_mask
 
@@ -330,12 +395,15 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available():
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available() and not softcap:
+        # transformers' sliding window: a query sees itself and the window - 1 tokens before it
+        windowed = {"window_size_left": int(window) - 1, "window_size_right": 0} if window else {}
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, int(max_len), int(max_len), dropout if module.training else 0.0, True, False,
-            scale=scale)[0]
+            scale=scale, **windowed)[0]
     else:
-        out = _block_causal_sdpa(q, k, v, cu, scale)
+        out = _block_causal_sdpa(q, k, v, cu, scale, window, softcap)
     return out.unsqueeze(0), None
 
 
@@ -349,15 +417,24 @@ def cu_seq_lens_from_positions(position_ids):
     return cu, int(cu.diff().max())
 
 
-def _block_causal_sdpa(q, k, v, cu, scale):
-    """Reference kernel for packed rows: SDPA under a block-diagonal causal mask (CPU, old GPUs)."""
+def _block_causal_sdpa(q, k, v, cu, scale, window: int | None = None, softcap: float | None = None):
+    """Reference kernel for packed rows (CPU, old GPUs): SDPA under a block-diagonal causal mask,
+    narrowed to a sliding window if given; with soft-capping, the eager formula transformers uses."""
     import torch
 
     n = q.shape[0]
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu.diff().long(), output_size=n)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     mask = causal & (seq[:, None] == seq[None, :])
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(0, 1)
+    if window:
+        mask = mask.triu(-(int(window) - 1))
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, tokens, head_dim)
+    if not softcap:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                               enable_gqa=k.shape[0] != q.shape[0])
+        return out.transpose(0, 1)
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    scores = torch.tanh(q @ k.transpose(1, 2) * scale / softcap) * softcap
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32)
+    return (weights.to(v.dtype) @ v).transpose(0, 1)
