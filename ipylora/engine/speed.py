@@ -325,8 +325,14 @@ def _apply_liger(base, notes: list[str]) -> bool:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would log this and return quietly
         notes.append(f"Liger has no kernels for {model_type}: its norms and MLP run unfused")
         return False
+    # Liger's MoE SwiGLU replaces the expert blocks' forward, which then finds PEFT's ParamWrapper
+    # around the fused expert weights instead of its own layout (AttributeError: 'ParamWrapper'
+    # object has no attribute 'hidden_dim', Qwen3-MoE and Mixtral on the H200): norms and RoPE only.
+    swiglu = not any(p.ndim == 3 and "expert" in name for name, p in base.named_parameters())
+    if not swiglu:
+        notes.append("Liger's SwiGLU is off: the LoRA-wrapped MoE experts keep their own forward")
     try:
-        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=swiglu,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as exc:  # an architecture Liger does not know, or an API drift
         notes.append(f"liger not applied: {type(exc).__name__}: {exc}")
