@@ -221,6 +221,16 @@ def engine_train(session, path: Path, frame, spec: dict, out: Path) -> dict:
     }
 
 
+def _captured(model) -> bool:
+    """Whether chat's last answer replayed a captured step: `graphdecode.usable` only says it was
+    tried (sliding-window caches turn capture off; a failed capture falls back uncaptured)."""
+    from ipylora.engine import graphdecode
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    graph = base.__dict__.get(graphdecode._SLOT)
+    return bool(graphdecode.usable(model) and graph is not None and graph._graph is not None)
+
+
 def engine_decode(session, prompt: str) -> dict:
     """The second chat answer's tokens/s (the first captures the decode step), and a full-length one if it was short."""
     from unittest import mock
@@ -232,7 +242,7 @@ def engine_decode(session, prompt: str) -> dict:
     session.chat(prompt, args)
     answer = session.chat(prompt, args)
     result = {"decode_engine_tok_s": answer["tokens"] / answer["seconds"], "decode_engine_tokens": answer["tokens"],
-              "captured_decode": graphdecode.usable(session.model)}
+              "captured_decode": _captured(session.model)}
     full = answer
     if answer["tokens"] < MAX_NEW and hasattr(chat_module, "stop_ids"):
         # Chat has no "ignore EOS": with no stop tokens the same loop runs its MAX_NEW tokens.

@@ -111,6 +111,8 @@ def render(table: dict) -> str:
         gpu = table["gpu"].get(name) or {}
         if gpu.get("notes"):
             lines.append(f"- GPU run notes: {'; '.join(gpu['notes'])}")
+        if gpu.get("captured_decode_why"):
+            lines.append(f"- GPU captured decode: {_yes(gpu.get('captured_decode'))} — {gpu['captured_decode_why']}")
         if gpu.get("error") and gpu.get("engine_tok_s") is not None:
             lines.append(f"- GPU: {gpu['error']}")
         lines.append("")
