@@ -192,12 +192,10 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     if cuda:
         free, resident_bytes = _gpu_memory(session, resident, weights, 4 * shape.lora, gpu_free_bytes)
         path = speed.attention_path(_model_class(config), config, device)
-        planned_lengths = lengths
         packed = path.packed
         if not packed:  # padded batches, as the run will train them (speed.fast_settings)
             notes.append(path.note)
-            padded_extra = speed.padded_attention_bytes_per_token(config, path.kind, max(lengths))
-            planned_lengths = [max(lengths)] * len(lengths)
+        planned_lengths, padded_extra = speed.padded_plan(config, path, lengths)
         batch = speed.plan_batch(config, planned_lengths, free_bytes=free, resident_bytes=resident_bytes,
                                  trainable_bytes=trainable, quantization=args.quantization,
                                  dropout=args.lora.dropout, batch_size=args.batch_size,

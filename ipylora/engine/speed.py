@@ -99,11 +99,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     use_liger = _apply_liger(base, notes) if liger is not False else False
 
     cuda = device == "cuda"
-    lengths = [int(n) for n in tokenized_lengths] or [1]
-    extra = 0.0
-    if not path.packed:  # padded batches: every row costs the longest one's tokens
-        extra = padded_attention_bytes_per_token(base.config, path.kind, max(lengths))
-        lengths = [max(lengths)] * len(lengths)
+    lengths, extra = padded_plan(base.config, path, [int(n) for n in tokenized_lengths] or [1])
     batch = plan_batch(base.config, lengths, free_bytes=_free_bytes() if cuda else 8 * GIB,
                        resident_bytes=torch.cuda.memory_allocated() if cuda else 0,
                        trainable_bytes=trainable_state_bytes(model), quantization=quantization, dropout=dropout,
@@ -160,6 +156,14 @@ def attention_path(model_class, config, device: str) -> AttentionPath:
     if device != "cuda" or flash_varlen_available():
         return AttentionPath("varlen", True, None)
     return AttentionPath("sdpa", True, "no FlashAttention kernel on this GPU: SDPA with a packed mask")
+
+
+def padded_plan(config, path: AttentionPath, lengths: list[int]) -> tuple[list[int], float]:
+    """(row lengths to plan with, attention bytes per token) for `path`: padded batches cost every
+    row the longest one's tokens, plus what their attention keeps (`padded_attention_bytes_per_token`)."""
+    if path.packed:
+        return lengths, 0.0
+    return [max(lengths)] * len(lengths), padded_attention_bytes_per_token(config, path.kind, max(lengths))
 
 
 def padded_attention_bytes_per_token(config, kind: str, padded_length: int) -> float:
