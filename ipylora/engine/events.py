@@ -92,6 +92,70 @@ class RunEnd(Event):
     """The last eval loss, or the best one when early stopping kept the best adapter."""
 
 
+@dataclass(frozen=True)
+class SweepStart(Event):
+    """A sweep begins (or resumes): its space and how trials are chosen and scored."""
+
+    sweep: str
+    total: int
+    """Trials planned (all of them, finished ones of a resumed sweep included)."""
+    search: str
+    metric: str
+    direction: str
+    """"minimize" or "maximize" (the metric's better side)."""
+    prune: str
+    space: dict
+    """Parameter -> its spec as the user wrote it (`1e-5..1e-3:log`, `8,16`)."""
+    sweep_dir: str = ""
+    done: tuple = ()
+    """A resumed sweep's trials that already ended (TrialEnd.to_dict() records), to draw them again."""
+
+
+@dataclass(frozen=True)
+class TrialStart(Event):
+    """Trial `trial` (0-based) of sweep `sweep` starts as run `run` with `params`. Its RunStart, StepEnd,
+    EvalEnd, Sample and RunEnd events follow, then its TrialEnd."""
+
+    sweep: str
+    trial: int
+    run: str
+    params: dict
+    total: int
+
+
+@dataclass(frozen=True)
+class TrialEnd(Event):
+    sweep: str
+    trial: int
+    run: str
+    params: dict
+    status: str
+    """finished | pruned | failed | stopped"""
+    score: float | None
+    steps: int
+    elapsed: float
+    pruned_at: int | None = None
+    """The step a pruned trial was cut at."""
+    message: str = ""
+    best_trial: int | None = None
+    """The best trial so far (after this one), None while no trial has a score."""
+    best_score: float | None = None
+
+
+@dataclass(frozen=True)
+class SweepEnd(Event):
+    sweep: str
+    status: str
+    """finished | stopped"""
+    trials: tuple
+    """Every trial's record, as in sweep.json."""
+    best_trial: int | None
+    best_run: str | None
+    best_score: float | None
+    sweep_dir: str
+    message: str = ""
+
+
 class Reporter(Protocol):
     def __call__(self, event: Event) -> None: ...
 
@@ -114,5 +178,26 @@ def console_reporter(every: int = 10, write: Callable[[str], None] = print) -> R
             write(f"[ipylora] {event.message}")
         elif isinstance(event, RunEnd):
             write(f"[ipylora] {event.name} {event.status} at step {event.step}: {event.message}")
+
+    return report
+
+
+def sweep_console_reporter(write: Callable[[str], None] = print) -> Reporter:
+    """Log lines for a sweep in a script or terminal: one per trial, plus start and end."""
+
+    def report(event: Event) -> None:
+        if isinstance(event, SweepStart):
+            space = " ".join(f"{k}={v}" for k, v in event.space.items())
+            write(f"[ipylora] sweep {event.sweep}: {event.total} trials, {event.search} search, {event.direction} "
+                  f"{event.metric}, pruner {event.prune}: {space}")
+        elif isinstance(event, TrialEnd):
+            score = "-" if event.score is None else f"{event.score:.4g}"
+            where = f" at step {event.pruned_at}" if event.pruned_at is not None else ""
+            write(f"[ipylora] trial {event.trial + 1} {event.run} {event.params}: {event.status}{where}, "
+                  f"score {score}, {event.steps} steps, {event.elapsed:.1f} s")
+        elif isinstance(event, SweepEnd):
+            write(f"[ipylora] sweep {event.sweep} {event.status}: {event.message}")
+        elif isinstance(event, Notice):
+            write(f"[ipylora] {event.message}")
 
     return report

@@ -60,6 +60,50 @@ class RunHandle:
         return self._future.result(timeout)
 
 
+class ModelLock:
+    """Who holds the resident model: one training or answer at a time. A sweep holds it for all of
+    its trials, and the sweep's own thread takes it again for each trial and its evals (`hold`):
+    nothing else (a chat, another training) gets in between two trials. Otherwise a plain lock,
+    which a streaming answer releases from its worker thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread that `hold`s it (a sweep's)
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self._holder is not None and self._holder == threading.get_ident():
+            self._depth += 1
+            return True
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        if self._depth:
+            self._depth -= 1
+        else:
+            self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def held_here(self) -> bool:
+        """Whether this thread holds the model for a sweep (its trials may then load and drop adapters)."""
+        return self._holder == threading.get_ident()
+
+    @contextlib.contextmanager
+    def hold(self, blocking: bool):
+        """Hold the model for this thread until the block ends; False if another holds it (and not `blocking`)."""
+        if not self._lock.acquire(blocking):
+            yield False
+            return
+        self._holder = threading.get_ident()
+        try:
+            yield True
+        finally:
+            self._holder, self._depth = None, 0
+            self._lock.release()
+
+
 class Session:
     """Resident model + tokenizer, datasets, adapters; the engine's entry point."""
 
@@ -84,7 +128,10 @@ class Session:
         self._worker: ThreadPoolExecutor | None = None
         self._tiny_tokenizer = None
         self._listeners: list = []
-        self._busy = threading.Lock()
+        self._busy = ModelLock()
+        self.sweep_state: dict | None = None
+        """The running sweep: name, trial (1-based), total."""
+        self._sweep_flag = None
         self.notices_given: set[str] = set()
         """Once-per-session notices already shown (engine/notes.py)."""
 
@@ -236,6 +283,69 @@ class Session:
         args = TrainArgs(**{**train, "lora": LoraArgs(**record["lora"])})
         return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
 
+    def sweep(self, dataset: str, sweep, base: TrainArgs = TrainArgs(), reporter=None, background: bool = False,
+              resume: bool = False):
+        """Train the trials of `sweep` (a SweepArgs) on `dataset`, one after another on the resident
+        model, and leave the best trial's adapter active (engine/sweep.py). `base`: every other
+        %lora_train setting, the same for every trial. Foreground: returns the SweepEnd event;
+        `background=True`: a RunHandle at once, the sweep in the training thread."""
+        from ipylora.engine.sweep import SweepRunner
+
+        self.dataset(dataset)
+        runner = SweepRunner(self, dataset, sweep, base, reporter, resume=resume)
+        model_id, _ = self._target_model(base.model)
+        from ipylora.engine.sweep import check_values
+
+        check_values(base, runner.space, tiny=model_id == TINY_MODEL_ID)
+        if not background:
+            return self._sweep_now(runner, blocking=False)
+        if self._busy.locked():
+            raise self._busy_error()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipylora-train")
+        self.background_run = RunHandle(runner.sweep.name, self._worker.submit(self._sweep_now, runner, True))
+        return self.background_run
+
+    def resume_sweep(self, name: str, output: str = "runs", reporter=None, background: bool = False):
+        """Continue sweep `name` from runs/NAME/sweep.json: a stopped trial from its checkpoint, then the
+        trials not run yet, in the same Optuna study."""
+        from ipylora.engine.runs import read_json
+        from ipylora.engine.sweep import SweepArgs, base_from_record
+
+        path = Path(output) / check_name(name, "sweep") / "sweep.json"
+        if not path.exists():
+            raise UnknownNameError(f"No sweep {name!r} in {output}/ (no {path}): start it with %lora_sweep DATASET --name {name} ...")
+        record = read_json(path)
+        sweep = SweepArgs(name=name, space={k: v["spec"] for k, v in record["space"].items()},
+                          trials=record["trials_planned"], search=record["search"], metric=record["metric"],
+                          prune=record["prune"], seed=record.get("seed", 42), line=record.get("line"))
+        base = replace(base_from_record(record["base"]), output=output)
+        return self.sweep(record["dataset"], sweep, base, reporter, background, resume=True)
+
+    def _sweep_now(self, runner, blocking: bool):
+        from ipylora.engine.train import StopFlag
+
+        with self._busy.hold(blocking) as held:
+            if not held:
+                raise self._busy_error()
+            flag = self._sweep_flag = StopFlag()
+            self.sweep_state = {"name": runner.sweep.name, "trial": 0, "total": runner.sweep.trials}
+
+            def watch(event):  # the session's view of which trial runs (busy messages, the lab panel)
+                from ipylora.engine.events import TrialStart
+
+                if isinstance(event, TrialStart):
+                    self.sweep_state = {**self.sweep_state, "trial": event.trial + 1}
+                if reporter is not None:
+                    reporter(event)
+
+            reporter, runner.reporter = runner.reporter, watch
+            try:
+                return runner.run(flag)
+            finally:
+                self._sweep_flag = self.sweep_state = None
+                self._changed()
+
     def _train_now(self, data, args: TrainArgs, reporter, wait: bool, resume: bool):
         from ipylora.engine import methods
         from ipylora.engine.train import StopFlag, micro_batch, run_training
@@ -327,15 +437,14 @@ class Session:
 
     def request_stop(self) -> bool:
         """Ask the running training to stop at the next step boundary; False if none runs."""
-        flag = self._stop_flag
-        if flag is None:
-            return False
-        flag.set("stopped")
-        return True
+        flags = [flag for flag in (self._stop_flag, self._sweep_flag) if flag is not None]
+        for flag in flags:
+            flag.set("stopped")
+        return bool(flags)
 
     @property
     def training(self) -> bool:
-        return self._busy.locked() and self._stop_flag is not None
+        return self._busy.locked() and (self._stop_flag is not None or self._sweep_flag is not None)
 
     def _after_run(self, name: str, run_dir: Path, dataset: LoraDataset, saved: bool) -> None:
         if saved:
@@ -436,7 +545,7 @@ class Session:
         }
 
     def _check_idle(self) -> None:
-        if self._busy.locked() and self._stop_flag is not None:
+        if self.training and not self._busy.held_here():
             raise self._busy_error()
 
     def _busy_error(self) -> SessionBusyError:
@@ -444,6 +553,10 @@ class Session:
             return SessionBusyError("An answer is being generated: press Stop in the chat, or wait for it to end.")
         state = self.run_state or {}
         where = f" (step {state.get('step', 0)}/{state.get('total', '?')})" if state else ""
+        sweep = self.sweep_state
+        if sweep:
+            return SessionBusyError(f"Sweep {sweep['name']} is running (trial {sweep['trial']}/{sweep['total']}{where}): "
+                                    "run %lora_sweep --stop or wait for it to finish.")
         return SessionBusyError(f"Training is running{where}: run %lora_train --stop or wait for it to finish.")
 
     # -- compare, evaluate, export ------------------------------------------------------------

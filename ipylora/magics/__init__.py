@@ -32,8 +32,10 @@ def register(ipython) -> None:
         cleanup.append(keep_question_marks)
     from ipylora.magics.evaluate import EvalMagics
     from ipylora.magics.export import ExportMagics
+    from ipylora.magics.sweep import SweepMagics
 
-    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics, RunsMagics, EvalMagics, ExportMagics):
+    for magics in (DatasetMagics, TrainMagics, ChatMagics, StatusMagics, RunsMagics, EvalMagics, ExportMagics,
+                   SweepMagics):
         ipython.register_magics(magics)
     try:
         from ipylora.lab.comm import register_comm_target
