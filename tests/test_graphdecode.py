@@ -131,6 +131,34 @@ def test_chat_through_the_loop_falls_back_when_capture_fails(model, monkeypatch,
     graphdecode.release(model)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "opt"])
+def test_sliding_window_and_opt_answers_equal_generate(family, tmp_path_factory):
+    """The step's cache has only full layers (a sliding layer cannot be captured) and one all-ones
+    mask over it (OPT's own would read the cache length back to the host); the model's sliding-window
+    mask still applies: 20 prompt tokens and 24 new ones span more than the 16-token window, and
+    the answer with the window taken away differs."""
+    import model_matrix
+    from transformers import AutoModelForCausalLM
+
+    path = model_matrix.build(model_matrix.BY_NAME[family], tmp_path_factory.mktemp("matrix"))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = list(range(40, 60))
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        got = graphdecode.decode(model, prompt, 24, graphdecode.picker(model, 0.0, 1.0), (), capture=False)
+        assert not any(graphdecode.step_graph(model, 44, compiled=False, capture=False).cache.is_sliding)
+        graphdecode.release(model)
+        assert got == output[0, len(prompt):].tolist()
+        if getattr(model.config, "sliding_window", None):
+            for module in (model.config, *model.modules()):
+                if getattr(module, "sliding_window", None):
+                    module.sliding_window = 10_000
+            assert graphdecode.decode(model, prompt, 24, graphdecode.picker(model, 0.0, 1.0), (),
+                                      capture=False) != got
+            graphdecode.release(model)
+
+
 class FakeCuda:
     """Stand-ins for torch.cuda's streams and graphs on CPU, to drive the capture logic end to end.
     A "capture" runs the step (a real one only records it; the prefill's cache reset makes that

@@ -6,7 +6,8 @@ compiled path (static cache + torch.compile, reduce-overhead) still spends ~0.9 
 dynamo's guard checks plus the cudagraph-tree bookkeeping and generate's own loop (118 tok/s for a
 GPU step of 4.9 ms; profile in bench/RESULTS.md).
 
-Here the prompt is prefilled eagerly into a transformers `StaticCache`; then one decode step,
+Here the prompt is prefilled eagerly into a transformers `StaticCache` (every layer a full one,
+sliding-window layers too: `full_static_cache`); then one decode step,
 model(token, position) -> next-token logits, is captured into a CUDA graph, optionally after
 torch.compile, and replayed for each new token. The host's work per token is one graph launch,
 the pick of the next token (greedy, or transformers' own logits warpers and a multinomial draw)
@@ -108,22 +109,22 @@ class StepGraph:
 
     def __init__(self, model, max_len: int, compiled: bool = False, capture: bool = True):
         import torch
-        from transformers import StaticCache
 
         self.model = _transformers_model(model)
         self.max_len, self.compiled, self.capture = max_len, compiled, capture
         self.options = (compiled, capture)  # as asked; capture turns off if it fails
         self.device = next(self.model.parameters()).device
-        self.cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        self.cache = full_static_cache(self.model.config, max_len)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.position = torch.zeros((1,), dtype=torch.long, device=self.device)
+        # An explicit all-ones mask over the whole cache: without one, some models (OPT) build it as
+        # torch.ones(cache length + 1), reading the cache's length back to the host, which a
+        # capture cannot do. Slots past the current position are masked by causality all the same.
+        self.mask = torch.ones((1, max_len), dtype=torch.long, device=self.device)
         parameters = inspect.signature(self.model.forward).parameters
         # transformers 5.x renames past_key_values to cache; both are accepted while it deprecates.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last = "logits_to_keep" in parameters
-        if any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", ())):
-            # Sliding-window layers track their length in a Python int, which a graph cannot replay.
-            self.capture = self.compiled = compiled = False
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False) if compiled else self._forward
         self._graph = None
         self._logits = None
@@ -131,8 +132,8 @@ class StepGraph:
         self.key = None
 
     def _forward(self):
-        output = self.model(input_ids=self.token, position_ids=self.position.view(1, 1), cache_position=self.position,
-                            use_cache=True, **{self._cache_arg: self.cache})
+        output = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position.view(1, 1),
+                            cache_position=self.position, use_cache=True, **{self._cache_arg: self.cache})
         return output.logits[:, -1]
 
     def ready(self, key) -> None:
@@ -171,8 +172,8 @@ class StepGraph:
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        output = self.model(input_ids=tokens, position_ids=positions.view(1, -1), cache_position=positions,
-                            use_cache=True, **{self._cache_arg: self.cache}, **extra)
+        output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions.view(1, -1),
+                            cache_position=positions, use_cache=True, **{self._cache_arg: self.cache}, **extra)
         return output.logits[:, -1]
 
     def step(self, token, position: int):
@@ -201,9 +202,13 @@ class StepGraph:
                 for _ in range(3):
                     self._step()
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            # thread_local: the notebook's main thread may touch CUDA while a chat thread captures.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                logits = self._step()
+            try:
+                # thread_local: the notebook's main thread may touch CUDA while a chat thread captures.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    logits = self._step()
+            except Exception:
+                _end_failed_capture(self.device)
+                raise
         self._graph, self._logits, self.key = graph, logits, key
 
     @staticmethod
@@ -212,6 +217,39 @@ class StepGraph:
 
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"{what} failed for this model ({reason}): {then}.", RuntimeWarning, stacklevel=3)
+
+
+def full_static_cache(config, max_len: int):
+    """transformers' StaticCache for `config` with every layer a full static one.
+
+    A sliding-window layer (Mistral, Gemma 2/3) keeps its length in a Python int and branches on it
+    (fill, then roll), which a captured graph cannot replay. A full layer keeps its length in a tensor;
+    the window still holds, since the model builds a sliding layer's mask from its config
+    (masking_utils' sliding-window mask over the whole cache, or the window argument of flash
+    attention), not from the cache's layer type. The cost is memory: a sliding layer holds
+    `max_len` tokens instead of its window's.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [StaticLayer(max_cache_len=max_len) if isinstance(layer, StaticLayer) and layer.is_sliding
+                    else layer for layer in cache.layers]
+    return cache
+
+
+def _end_failed_capture(device) -> None:
+    """Leave no capture state behind a capture that failed part-way. torch marks the CUDA generator as
+    capturing when a capture begins and unmarks it only when one ends cleanly; left marked, every
+    random op afterwards (dropout in the next training run) fails with "Offset increment outside
+    graph capture encountered unexpectedly". A small capture that succeeds ends that mode."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    scratch = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch.add_(1)
 
 
 def state_key(model) -> tuple:
