@@ -49,6 +49,13 @@ SWITCHES = {"4bit": "--4bit", "8bit": "--8bit", "trust_remote_code": "--trust-re
             "background": "--background", "wait": "--wait"}
 
 
+# What other tools call the options (PEFT, TrainingArguments, TRL), for the "did you mean".
+_OTHER_NAMES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_steps": "steps",
+                "per_device_train_batch_size": "batch_size", "max_seq_length": "max_length",
+                "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio"}
+
+
 @dataclass(frozen=True)
 class Param:
     """One dimension of the space: `choices` (a list, or one fixed value), or a range `low..high`."""
@@ -113,7 +120,8 @@ def parse_param(name: str, spec: str) -> Param:
         raise ConfigError(f"{key}={spec}: {SWITCHES[key]} is a switch that takes no value, so it cannot be swept; "
                           f"pass {SWITCHES[key]} to use it in every trial, or leave it out.")
     if key not in TUNABLE:
-        guess = difflib.get_close_matches(key, list(TUNABLE), n=1, cutoff=0.6)
+        guess = [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(key, list(TUNABLE), n=1,
+                                                                                           cutoff=0.6)
         hint = f" Did you mean {guess[0]}?" if guess else f" Sweepable: {', '.join(sorted(TUNABLE))}."
         raise ConfigError(f"{name}={spec}: {name} is not an option a sweep can vary.{hint} "
                           "Other %lora_train options (--model, --4bit, ...) apply to every trial as they are.")
@@ -431,6 +439,9 @@ class SweepRunner:
                 self._trial(trial.number, params, stop, optuna_trial=trial)
         except KeyboardInterrupt:  # between trials (a trial's own Ctrl-C ends only that trial)
             stop.set("interrupted")
+            for entry in trials:
+                if entry["status"] == "running":  # it had not started training: run again on --resume
+                    entry["status"] = "stopped"
         self.record["status"] = "stopped" if stop.is_set() else "finished"
         self.record["finished"] = time.time()
         return self._finish()

@@ -1,0 +1,172 @@
+"""Sweeps (%lora_sweep, Session.sweep): trials on the one resident model, sweep.json, pruning,
+stop/resume, flat memory over many trials, and one-line refusals of bad specs."""
+
+import json
+import math
+import threading
+
+import pytest
+
+from ipylora.engine import DataArgs, SessionBusyError, TrainArgs
+from ipylora.engine.events import RunStart, StepEnd, SweepEnd, TrialEnd, TrialStart
+from ipylora.engine.runs import list_runs, read_json
+from ipylora.engine.sweep import SweepArgs
+from support import CONCEPTS, PROMPT, assert_one_line_error, ipython_shell, live_rss
+
+ROWS = 12
+
+
+@pytest.fixture
+def session(fresh_session, concepts):
+    fresh_session.add_dataset("c", concepts.head(ROWS), DataArgs(prompt=PROMPT, response="{description}", eval=4))
+    fresh_session.add_dataset("noeval", concepts.head(8), DataArgs(prompt=PROMPT, response="{description}"))
+    return fresh_session
+
+
+def _events():
+    seen = []
+    return seen, seen.append
+
+
+def test_grid_runs_every_point_on_the_resident_model(session):
+    seen, report = _events()
+    end = session.sweep("c", SweepArgs(name="grid", space={"lr": "1e-3,3e-3,1e-2", "r": "4,8"}),
+                        TrainArgs(steps=5), reporter=report)
+    assert isinstance(end, SweepEnd) and end.status == "finished"
+    record = read_json("runs/grid/sweep.json")
+    trials = record["trials"]
+    assert len(trials) == 6 and all(t["status"] == "finished" for t in trials)
+    points = {(t["params"]["lr"], t["params"]["r"]) for t in trials}
+    assert points == {(lr, r) for lr in (1e-3, 3e-3, 1e-2) for r in (4, 8)}
+    assert record["space"] == {"lr": {"spec": "1e-3,3e-3,1e-2", "choices": [1e-3, 3e-3, 1e-2]},
+                               "r": {"spec": "4,8", "choices": [4, 8]}}
+    assert record["metric"] == "eval_loss" and record["direction"] == "minimize" and record["status"] == "finished"
+    # Each trial's score is its run's final eval loss; the best one is the lowest, and it is active.
+    for trial in trials:
+        run = read_json(f"runs/{trial['run']}/run.json")
+        assert run["status"] == "finished" and math.isclose(run["eval_loss"], trial["score"])
+        assert run["sweep"]["name"] == "grid" and run["sweep"]["params"] == trial["params"]
+        assert run["lora"]["r"] == trial["params"]["r"] and run["train"]["lr"] == trial["params"]["lr"]
+    best = min(trials, key=lambda t: t["score"])
+    assert record["best"]["run"] == best["run"] == end.best_run and session.active_adapter == best["run"]
+    # One resident model for all of them; only the best three adapters stay loaded.
+    assert session.load_count == 1
+    assert best["run"] in session.adapters and len(session.adapters) == 3
+    assert {r["name"] for r in list_runs("runs")} == {t["run"] for t in trials}
+    starts = [e for e in seen if isinstance(e, TrialStart)]
+    assert [e.trial for e in starts] == list(range(6)) and all(e.total == 6 for e in starts)
+    assert sum(isinstance(e, RunStart) for e in seen) == 6
+    ends = [e for e in seen if isinstance(e, TrialEnd)]
+    assert ends[-1].best_trial == best["trial"]
+    # The Optuna study is kept beside sweep.json.
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="grid", storage=JournalStorage(JournalFileBackend("runs/grid/optuna.log")))
+    assert sorted(t.value for t in study.trials) == sorted(t["score"] for t in trials)
+
+
+def test_tpe_with_the_median_pruner_cuts_bad_trials_where_it_says(session):
+    end = session.sweep("noeval", SweepArgs(name="tpe", space={"lr": "1e-5..3e-2:log"}, trials=8, search="tpe",
+                                            prune="median"), TrainArgs(steps=12))
+    record = read_json("runs/tpe/sweep.json")
+    assert record["metric"] == "train_loss" and len(record["trials"]) == 8
+    pruned = [t for t in record["trials"] if t["status"] == "pruned"]
+    assert pruned, [(t["params"], t["status"], t["score"]) for t in record["trials"]]
+    for trial in pruned:
+        # Cut after the warm-up quarter and before its end; the run folder says the same.
+        assert 3 <= trial["pruned_at"] < 12 and trial["steps"] == trial["pruned_at"]
+        run = read_json(f"runs/{trial['run']}/run.json")
+        assert run["status"] == "pruned" and run["step"] == trial["pruned_at"]
+    finished = [t for t in record["trials"] if t["status"] == "finished"]
+    assert end.best_run == min(finished, key=lambda t: t["score"])["run"]
+
+
+def test_stop_mid_trial_then_resume_finishes_the_rest(session):
+    at_step, checked = threading.Event(), threading.Event()
+    current = {}
+
+    def report(event):  # in the sweep's thread: hold trial 2 at step 3 while the notebook's thread acts
+        if isinstance(event, TrialStart):
+            current["trial"] = event.trial
+        if isinstance(event, StepEnd) and current.get("trial") == 1 and event.step == 3 and not at_step.is_set():
+            at_step.set()
+            checked.wait(60)
+
+    handle = session.sweep("c", SweepArgs(name="st", space={"lr": "1e-3,1e-2", "r": "4,8"}), TrainArgs(steps=6),
+                           reporter=report, background=True)
+    assert at_step.wait(300)
+    # While the sweep runs, the model is its own: training and chat are refused in one line, as for a background run.
+    with pytest.raises(SessionBusyError, match="Sweep st is running .*trial 2/4.*%lora_sweep --stop"):
+        session.train("c", TrainArgs(name="other", steps=2))
+    with pytest.raises(SessionBusyError, match="Sweep st is running"):
+        session.chat("hello")
+    assert session.request_stop()
+    checked.set()
+    end = handle.join(timeout=600)
+    assert end.status == "stopped"
+    record = read_json("runs/st/sweep.json")
+    assert [t["status"] for t in record["trials"]] == ["finished", "stopped"]
+    second = record["trials"][1]
+    assert second["steps"] == 3 and read_json(f"runs/{second['run']}/run.json")["status"] == "stopped"
+    first_score = record["trials"][0]["score"]
+
+    resumed = session.resume_sweep("st")
+    assert resumed.status == "finished"
+    record = read_json("runs/st/sweep.json")
+    assert [t["status"] for t in record["trials"]] == ["finished"] * 4
+    assert record["trials"][0]["score"] == first_score  # the finished trial is not run again
+    run = read_json(f"runs/{second['run']}/run.json")
+    assert run["resumed_from"] == 3 and run["step"] == 6  # continued from its checkpoint, not restarted
+    assert len({(t["params"]["lr"], t["params"]["r"]) for t in record["trials"]}) == 4
+    assert session.active_adapter == record["best"]["run"]
+
+
+def test_ten_trials_keep_memory_flat(session):
+    sizes = []
+
+    def report(event):
+        if isinstance(event, TrialEnd):
+            sizes.append(live_rss())
+
+    session.sweep("noeval", SweepArgs(name="mem", space={"seed": ",".join(str(s) for s in range(10))}),
+                  TrainArgs(steps=3), reporter=report)
+    assert len(sizes) == 10
+    assert max(sizes[1:]) < sizes[0] * 1.05, [round(s / sizes[0], 3) for s in sizes]
+    assert len(session.adapters) == 3
+
+
+@pytest.fixture
+def shell(monkeypatch, session):
+    return ipython_shell(monkeypatch, session)
+
+
+@pytest.mark.parametrize("line, needles", [
+    ("c --name s lr=abc", ("'abc' is not a number", "lr=1e-5..1e-3:log")),
+    ("c --name s lr=1..", ("needs both ends",)),
+    ("c --name s rank=8,16", ("not an option a sweep can vary", "Did you mean r")),
+    ("c --name s 4bit=0..1", ("--4bit is a switch", "takes no value")),
+    ("noeval --name s --metric eval_loss lr=1e-3,1e-2", ("has none", "--eval 0.1")),
+    ("c --name s lr=1e-5..1e-3:log", ("a grid needs a list",)),
+    ("c --name s --lr 1e-3 lr=1e-3,1e-2", ("both fixed (--lr) and swept",)),
+    ("c --name s --trails 3 lr=1e-3,1e-2", ("unknown option --trails", "--trials")),
+    ("c --name s --dropout 2 r=8,16", ("--dropout 2 is outside",)),
+    ("c --name s --search tpe lr=0..1e-2:log", ("must start above 0",)),
+])
+def test_bad_specs_get_one_line_with_the_fix(shell, capsys, line, needles):
+    assert_one_line_error(shell, capsys, f"%lora_sweep {line}", *needles)
+    assert not (CONCEPTS.parent / "runs").exists()
+
+
+def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys):
+    shell.run_line_magic("lora_sweep", "c --name m --steps 3 lr=1e-3,1e-2")
+    out = capsys.readouterr().out
+    assert "sweep m finished" in out and "trial 2" in out
+    record = json.loads(open("runs/m/sweep.json").read())
+    assert record["line"] == "%lora_sweep c --name m --steps 3 lr=1e-3,1e-2"
+    assert record["base"]["train"]["steps"] == 3
+    shell.run_line_magic("lora_runs", "")
+    listing = capsys.readouterr().out
+    assert "m-1" in listing and "m-2" in listing
+    assert_one_line_error(shell, capsys, "%lora_sweep c --name m lr=1e-3,1e-2", "exists", "--resume m")
