@@ -7,4 +7,8 @@ def __getattr__(name):
         from ipylora.ui import forms
 
         return getattr(forms, name)
+    if name == "SweepForm":
+        from ipylora.ui import sweep_form
+
+        return sweep_form.SweepForm
     raise AttributeError(name)

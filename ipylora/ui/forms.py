@@ -3,7 +3,8 @@
 A form never calls the engine itself: its button runs the very `%lora_train ...` /
 `%%lora_dataset ...` line it shows, so what the form does and what the notebook can reproduce
 are the same thing by construction. The training form's method selector lists the registered
-methods (plugins included) and shows only the knobs the selected one reads (`Method.knobs`).
+methods (plugins included) and shows only the knobs the selected one reads (`Method.knobs`);
+its "Sweep this" button opens a sweep form (`ipylora.ui.sweep_form`) starting from its values.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _flag(name: str, value) -> str:
 
 
 class TrainForm(w.VBox):
-    """A form for %lora_train; `.line` is the equivalent magic line, `.train()` runs it."""
+    """A form for %lora_train; `.line` is the equivalent magic line, `.train()` runs it, `.sweep()` opens a
+    sweep form from its values."""
 
     def __init__(self, shell=None, dataset: str | None = None):
         from IPython import get_ipython
@@ -67,6 +69,8 @@ class TrainForm(w.VBox):
         self.preset = w.Dropdown(options=list(PRESETS), description="preset", style=style)
         self.shown = w.HTML()
         self.button = w.Button(description="Train", button_style="primary", icon="play")
+        self.sweep_button = w.Button(description="Sweep this", icon="sliders",
+                                     tooltip="A sweep form starting from these values, each fixed: vary some")
         self.output = w.Output()
         hint = w.HTML("<small>0 or empty: the default chosen for the model (gamma: -1).</small>")
         fields = [self.dataset, self.name, self.model, self.quantization, self.r, self.alpha, self.dropout,
@@ -77,8 +81,10 @@ class TrainForm(w.VBox):
         self.method.observe(lambda _change: self._show_knobs(), names="value")
         self.preset.observe(self._apply_preset, names="value")
         self.button.on_click(lambda _button: self.train())
+        self.sweep_button.on_click(lambda _button: self.sweep())
+        self.sweep_form = None  # the SweepForm "Sweep this" opened last
         super().__init__([self.preset, w.HBox(method_fields), w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), hint,
-                          self.background, self.shown, self.button, self.output])
+                          self.background, self.shown, w.HBox([self.button, self.sweep_button]), self.output])
         self._show_knobs()
         self._refresh()
 
@@ -86,21 +92,34 @@ class TrainForm(w.VBox):
     def line(self) -> str:
         """The %lora_train line this form stands for."""
         parts = [self.dataset.value or "DATASET"]
-        text = {"name": self.name, "model": self.model, "target-modules": self.targets}
-        parts += [_flag(flag, box.value.strip()) for flag, box in text.items() if box.value.strip()]
-        if self.quantization.value != "none":
-            parts.append(f"--{self.quantization.value}")
-        numbers = {"r": self.r, "alpha": self.alpha, "lr": self.lr, "epochs": self.epochs, "steps": self.steps,
-                   "batch-size": self.batch, "eval-every": self.eval_every}
-        parts += [_flag(flag, box.value) for flag, box in numbers.items() if box.value > 0]
-        if self.dropout.value >= 0:
-            parts.append(_flag("dropout", self.dropout.value))
-        if self.max_length.value != 1024:
-            parts.append(_flag("max-length", self.max_length.value))
-        parts += self._method_flags()
+        for field, value in self.options().items():
+            if field == "quantization":
+                parts.append(f"--{value}")
+            elif field == "rewards":  # GRPO: each reward spec as its own --reward
+                parts += [_flag("reward", spec) for spec in value]
+            else:
+                parts.append(_flag(field.replace("_", "-"), value))
         if self.background.value:
             parts.append("--background")
         return "%lora_train " + " ".join(parts)
+
+    def options(self) -> dict:
+        """The options set away from their defaults, by TrainArgs field name, in the line's order."""
+        options = {}
+        for field, box in (("name", self.name), ("model", self.model), ("target_modules", self.targets)):
+            if box.value.strip():
+                options[field] = box.value.strip()
+        if self.quantization.value != "none":
+            options["quantization"] = self.quantization.value
+        numbers = {"r": self.r, "alpha": self.alpha, "lr": self.lr, "epochs": self.epochs, "steps": self.steps,
+                   "batch_size": self.batch, "eval_every": self.eval_every}
+        options.update({field: box.value for field, box in numbers.items() if box.value > 0})
+        if self.dropout.value >= 0:
+            options["dropout"] = self.dropout.value
+        if self.max_length.value != 1024:
+            options["max_length"] = self.max_length.value
+        options.update(self._method_options())
+        return options
 
     def train(self) -> None:
         """Run the shown line, exactly as if it were typed in a cell."""
@@ -108,27 +127,39 @@ class TrainForm(w.VBox):
         with self.output:
             self.shell.run_line_magic("lora_train", self.line[len("%lora_train "):])
 
-    def _method_flags(self) -> list[str]:
-        """--method and the selected method's knobs that differ from its default."""
+    def sweep(self) -> None:
+        """Show, under the form, a sweep form that starts from this form's values (each one fixed)."""
+        from IPython.display import display
+
+        from ipylora.ui.sweep_form import SweepForm
+
+        self.sweep_form = SweepForm(shell=self.shell, dataset=self.dataset.value, values=self.options())
+        self.output.clear_output()
+        with self.output:
+            display(self.sweep_form)
+
+    def _method_options(self) -> dict:
+        """method and the selected method's knobs that differ from its default."""
         name = self.method.value
-        flags = [_flag("method", name)] if name != "sft" else []
+        options = {"method": name} if name != "sft" else {}
         if self.from_adapter.value:
-            flags.append(_flag("from-adapter", self.from_adapter.value))
+            options["from_adapter"] = self.from_adapter.value
         knobs = methods.get(name).knobs
         if "beta" in knobs and self.beta.value > 0:
-            flags.append(_flag("beta", self.beta.value))
+            options["beta"] = self.beta.value
         if "loss_type" in knobs and self.loss_type.value.strip() not in ("", knobs["loss_type"]):
-            flags.append(_flag("loss-type", self.loss_type.value.strip()))
+            options["loss_type"] = self.loss_type.value.strip()
         if "gamma" in knobs and self.gamma.value >= 0:
-            flags.append(_flag("gamma", self.gamma.value))
-        if "rewards" in knobs:  # GRPO: each reward spec (comma- or space-separated) as its own --reward
-            flags += [_flag("reward", spec) for spec in self.rewards.value.replace(",", " ").split()]
-        for field, flag in (("num_generations", "num-generations"), ("max_completion_length", "max-completion-length"),
-                            ("temperature", "temperature")):
+            options["gamma"] = self.gamma.value
+        if "rewards" in knobs:  # GRPO: reward specs, comma- or space-separated
+            rewards = self.rewards.value.replace(",", " ").split()
+            if rewards:
+                options["rewards"] = rewards
+        for field in ("num_generations", "max_completion_length", "temperature"):
             box = self.knobs[field]
             if field in knobs and box.value > 0 and box.value != knobs[field]:
-                flags.append(_flag(flag, box.value))
-        return flags
+                options[field] = box.value
+        return options
 
     def _show_knobs(self) -> None:
         """Only the knobs the selected method reads are on screen; each says its default."""
