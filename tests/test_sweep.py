@@ -123,6 +123,27 @@ def test_stop_mid_trial_then_resume_finishes_the_rest(session):
     assert session.active_adapter == record["best"]["run"]
 
 
+def test_a_kernel_interrupt_ends_the_trial_and_the_sweep(session):
+    import os
+    import signal
+
+    current = {}
+
+    def report(event):  # foreground: the sweep runs in this (the main) thread, as in a notebook cell
+        if isinstance(event, TrialStart):
+            current["trial"] = event.trial
+        if isinstance(event, StepEnd) and current.get("trial") == 1 and event.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    end = session.sweep("noeval", SweepArgs(name="ki", space={"lr": "1e-3,1e-2,3e-2"}), TrainArgs(steps=5),
+                        reporter=report)
+    assert end.status == "stopped" and "--resume ki" in end.message
+    trials = read_json("runs/ki/sweep.json")["trials"]
+    assert [t["status"] for t in trials] == ["finished", "stopped"] and trials[1]["steps"] == 2
+    assert read_json(f"runs/{trials[1]['run']}/run.json")["adapter"]  # its adapter was saved
+    assert session.active_adapter == trials[0]["run"]  # the best finished trial
+
+
 def test_ten_trials_keep_memory_flat(session):
     sizes = []
 
@@ -168,5 +189,9 @@ def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys):
     assert record["base"]["train"]["steps"] == 3
     shell.run_line_magic("lora_runs", "")
     listing = capsys.readouterr().out
-    assert "m-1" in listing and "m-2" in listing
+    assert "m-1" in listing and "m-2" in listing and "m #2" in listing  # the sweep column
+    shown = []
+    shell.display_pub.publish = lambda data, **kwargs: shown.append(data)
+    shell.run_line_magic("lora_runs", "--plot m")  # a sweep's name plots all of its trials
+    assert shown and "image/png" in shown[-1]
     assert_one_line_error(shell, capsys, "%lora_sweep c --name m lr=1e-3,1e-2", "exists", "--resume m")

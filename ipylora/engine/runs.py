@@ -122,6 +122,17 @@ def loss_curves(run_dir: Path) -> dict[str, list]:
             "eval_steps": sorted(evals), "eval_loss": [evals[s] for s in sorted(evals)]}
 
 
+def sweep_trials(root: str | Path, name: str) -> list[str] | None:
+    """The runs of sweep `name` (runs/NAME/sweep.json) in trial order; None if it is not a sweep."""
+    path = Path(root) / name / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        return [trial["run"] for trial in read_json(path).get("trials", [])]
+    except (OSError, ValueError):
+        return None
+
+
 def list_runs(root: str | Path = "runs") -> list[dict]:
     """One summary per runs/<name>/run.json, newest first; survives kernel restarts."""
     rows = []
@@ -143,6 +154,7 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
             "eval_loss": record.get("eval_loss"),
             "time_s": round(record.get("elapsed") or 0.0, 1),
             "tokens_per_s": round(record.get("tokens_per_s") or 0.0),
+            "sweep": f"{record['sweep']['name']} #{record['sweep']['trial'] + 1}" if record.get("sweep") else None,
             "started": record.get("started", 0),
         })
     return sorted(rows, key=lambda row: row["started"], reverse=True)

@@ -82,7 +82,8 @@ class Param:
             return list(self.choices)
         if not self.integer:
             raise ConfigError(f"{self.name}={self.spec}: a grid needs a list of values, e.g. "
-                              f"{self.name}={_example(self.name)}, or use --search random / tpe for a range.")
+                              f"{self.name}={_example(self.name)} (or a whole-number range, {self.name}=1..5:int), "
+                              "or use --search random / tpe for a range.")
         return list(range(int(self.low), int(self.high) + 1))
 
     def suggest(self, trial):
@@ -103,9 +104,10 @@ class Param:
 
 
 def _example(name: str) -> str:
-    kind = TUNABLE.get(name, (float, False))[0]
-    return {"lr": "1e-4,2e-4,5e-4", "scheduler": "cosine,constant", "target_modules": "all-linear"}.get(
-        name, "8,16,32" if kind is int else "0.0,0.05,0.1")
+    examples = {"lr": "1e-4,2e-4,5e-4", "scheduler": "cosine,constant", "target_modules": "all-linear",
+                "epochs": "1,2,3", "alpha": "16,32", "beta": "0.05,0.1,0.5", "temperature": "0.7,1.0",
+                "max_grad_norm": "0.3,1.0", "warmup_ratio": "0.0,0.03,0.1", "loss_type": "sigmoid,ipo"}
+    return examples.get(name, "8,16,32" if TUNABLE.get(name, (float, False))[0] is int else "0.0,0.05,0.1")
 
 
 def option_name(text: str) -> str:

@@ -14,7 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import Image, display
 
 from ipylora.engine import get_session
-from ipylora.engine.runs import list_runs, loss_curves, read_json, read_metrics
+from ipylora.engine.runs import list_runs, loss_curves, read_json, read_metrics, sweep_trials
 from ipylora.magics.args import parse
 from ipylora.magics.common import user_errors
 from ipylora.magics.settings import get_settings
@@ -30,7 +30,7 @@ class RunsMagics(Magics):
 
     @magic_arguments()
     @argument("--plot", default=None, metavar="A,B,C",
-              help="Overlay the loss curves of these runs (and the reward curves of the GRPO ones).")
+              help="Overlay the loss curves of these runs (a sweep's name: all its trials; GRPO runs: their rewards too).")
     @argument("--output", default=None, help="Runs folder (default: %%config Lora.runs_dir).")
     @line_magic
     @user_errors
@@ -40,7 +40,9 @@ class RunsMagics(Magics):
         root = Path(opts.output or get_settings().runs_dir)
         rows = list_runs(root)
         if opts.plot:
-            names = [n.strip() for n in opts.plot.split(",") if n.strip()]
+            names = []
+            for name in (n.strip() for n in opts.plot.split(",") if n.strip()):
+                names += sweep_trials(root, name) or [name]  # a sweep's name: all of its trials
             known = {row["name"] for row in rows}
             missing = [n for n in names if n not in known]
             if missing:
@@ -51,7 +53,8 @@ class RunsMagics(Magics):
         if not rows:
             print(f"No runs in {root}/ yet: %lora_train DATASET writes one.")
             return
-        display(table(rows, RUN_COLUMNS))
+        swept = any(row["sweep"] for row in rows)
+        display(table(rows, RUN_COLUMNS + (["sweep"] if swept else [])))
 
     @magic_arguments()
     @argument("--use", default=None, metavar="NAME", help='Make NAME the active adapter ("base" for none).')
