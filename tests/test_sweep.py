@@ -195,3 +195,21 @@ def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys):
     shell.run_line_magic("lora_runs", "--plot m")  # a sweep's name plots all of its trials
     assert shown and "image/png" in shown[-1]
     assert_one_line_error(shell, capsys, "%lora_sweep c --name m lr=1e-3,1e-2", "exists", "--resume m")
+
+
+def test_the_forms_start_runs_the_sweep_its_line_shows(shell, session):
+    from ipylora.ui import SweepForm
+
+    form = SweepForm(shell=shell, dataset="c")
+    form.name.value = "fromform"
+    form.params["lr"].text.value = "1e-3,1e-2"  # typed: the mode follows (list)
+    form.params["r"].mode.value, form.params["r"].text.value = "list", "4 8"
+    form.params["steps"].text.value = "3"
+    form.background.value = False
+    line = form.line
+    assert line == "%lora_sweep c --name fromform lr=1e-3,1e-2 r=4,8 steps=3"
+    form.button.click()
+    record = read_json("runs/fromform/sweep.json")
+    assert record["line"] == line and record["status"] == "finished"
+    assert {name: spec["spec"] for name, spec in record["space"].items()} == form.space
+    assert len(record["trials"]) == 4 and session.active_adapter == record["best"]["run"]
