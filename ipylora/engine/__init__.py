@@ -24,6 +24,7 @@ from ipylora.engine.errors import (
     UnknownNameError,
 )
 from ipylora.engine.session import Session, get_session
+from ipylora.engine.sweep import SweepArgs
 
 __all__ = [
     "ConfigError",
@@ -36,6 +37,7 @@ __all__ = [
     "OutOfMemoryError",
     "Session",
     "SessionBusyError",
+    "SweepArgs",
     "TrainArgs",
     "UnknownNameError",
     "get_session",
