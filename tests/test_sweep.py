@@ -144,6 +144,16 @@ def test_a_kernel_interrupt_ends_the_trial_and_the_sweep(session):
     assert session.active_adapter == trials[0]["run"]  # the best finished trial
 
 
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(session):
+    end = session.sweep("noeval", SweepArgs(name="f", space={"max_length": "8,512"}), TrainArgs(steps=3))
+    trials = read_json("runs/f/sweep.json")["trials"]
+    assert sorted(t["status"] for t in trials) == ["failed", "finished"]
+    failed = next(t for t in trials if t["status"] == "failed")
+    assert failed["params"] == {"max_length": 8} and "max-length" in failed["message"] and failed["score"] is None
+    assert end.status == "finished" and end.best_run == next(t for t in trials if t["status"] == "finished")["run"]
+    assert "1 failed" in end.message
+
+
 def test_ten_trials_keep_memory_flat(session):
     sizes = []
 
