@@ -302,14 +302,11 @@ class Scorer:
         if isinstance(event, StepEnd):
             self.losses.append(event.loss)
             self.steps, self.total = event.step, event.total_steps
-            if self.metric == "train_loss" or (self.metric.startswith("eval:") and not self._has_evals):
+            if self.metric == "train_loss":
                 self._report(self.recent_loss(), event.step)
         elif isinstance(event, EvalEnd):
-            self._has_evals = True
-            if self.metric != "train_loss":
+            if self.metric != "train_loss":  # eval_loss, and the eval loss standing in for an eval:METRIC
                 self._report(event.loss, event.step)
-
-    _has_evals = False
 
     def recent_loss(self) -> float:
         """The train loss at the end of the run: the mean over its last tenth of steps (one batch's
