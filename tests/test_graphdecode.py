@@ -274,3 +274,45 @@ def test_captured_replay_equals_the_uncaptured_loop():
         with lean_lora(model):
             again = loop_tokens(model, capture=True)
     assert got == again == expected and base != expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "opt", "falcon"])
+def test_matrix_families_capture_and_replay_the_uncaptured_answer(family, tmp_path_factory):
+    """Sliding-window caches, OPT (which built its mask from the cache length) and Falcon capture,
+    and the replay answers as the uncaptured loop does."""
+    import model_matrix
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = model_matrix.build(model_matrix.BY_NAME[family], tmp_path_factory.mktemp("matrix"))
+    base = AutoModelForCausalLM.from_pretrained(path).cuda().eval()
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    prompt = list(range(40, 60))
+    with torch.inference_mode(), lean_lora(model), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected = graphdecode.decode(model, prompt, 24, graphdecode.picker(model, 0.0, 1.0), (), capture=False)
+        graphdecode.release(model)
+        got = graphdecode.decode(model, prompt, 24, graphdecode.picker(model, 0.0, 1.0), ())
+        captured = graphdecode.step_graph(model, 44, compiled=False)._graph is not None
+    graphdecode.release(model)
+    assert captured, [str(w.message) for w in caught]
+    assert got == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_failed_capture_leaves_random_ops_working(monkeypatch):
+    """A step that reads a value back to the host cannot be captured: chat warns and decodes
+    uncaptured, and dropout afterwards (the next training run) still works."""
+    model = lora_model().cuda()
+    with torch.inference_mode(), lean_lora(model):
+        expected = loop_tokens(model)
+    graphdecode.release(model)
+    forward = graphdecode.StepGraph._forward
+    monkeypatch.setattr(graphdecode.StepGraph, "_forward", lambda self: forward(self) + 0 * self.position.sum().item())
+    with torch.inference_mode(), lean_lora(model), \
+            pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        assert loop_tokens(model, capture=True) == expected
+    graphdecode.release(model)
+    dropped = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True)
+    assert 0 < int((dropped == 0).sum()) < 64

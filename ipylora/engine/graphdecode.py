@@ -27,6 +27,8 @@ which is how the CPU tests check the loop.
 from __future__ import annotations
 
 import inspect
+import types
+from contextlib import contextmanager
 from typing import Callable, Collection
 
 from ipylora.engine.decode import capturing
@@ -197,7 +199,8 @@ class StepGraph:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
-        with capturing(kernels):  # LoRA layers take their graph-friendly form (decode.py)
+        # LoRA layers take their graph-friendly form (decode.py); Falcon splits its keys by slices.
+        with capturing(kernels), _sliced_falcon_splits(self.model):
             with torch.cuda.stream(stream):
                 for _ in range(3):
                     self._step()
@@ -236,6 +239,37 @@ def full_static_cache(config, max_len: int):
     cache.layers = [StaticLayer(max_cache_len=max_len) if isinstance(layer, StaticLayer) and layer.is_sliding
                     else layer for layer in cache.layers]
     return cache
+
+
+@contextmanager
+def _sliced_falcon_splits(model):
+    """Falcon's multi-query attention splits keys and values off its fused projection with list
+    indices (`qkv[..., [-2], :]`): each call copies a small index tensor from the host, which a
+    capture refuses ("Cannot copy between CPU and CUDA tensors during CUDA graph capture"). While
+    the step is captured, its attention layers split by slices instead: the same values, as views."""
+    patched = [m for m in model.modules() if type(m).__name__ in ("FalconAttention", "FalconFlashAttention2")
+               and (getattr(m, "multi_query", False) or getattr(m, "new_decoder_architecture", False))]
+    for module in patched:
+        module._split_heads = types.MethodType(_split_by_slices, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("_split_heads", None)
+
+
+def _split_by_slices(self, fused_qkv):
+    """transformers' FalconAttention._split_heads (multi-query and new-architecture layouts), by slices."""
+    import torch
+
+    batch, length, _ = fused_qkv.shape
+    if self.new_decoder_architecture:
+        qkv = fused_qkv.view(batch, length, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
+        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
+        return tuple(x.flatten(2, 3) for x in (query, key, value))
+    qkv = fused_qkv.view(batch, length, self.num_heads + 2, self.head_dim)
+    return qkv[..., :-2, :], qkv[..., -2:-1, :], qkv[..., -1:, :]
 
 
 def _end_failed_capture(device) -> None:
