@@ -2,6 +2,7 @@
 
     python bench/models_throughput.py                               # all 15 families (H200: ~8-9 min)
     python bench/models_throughput.py --families gemma2,falcon --steps 30
+    python bench/models_throughput.py --families opt,falcon --decode-only   # chat vs generate() only
     python bench/models_throughput.py --smoke                       # CPU, the matrix's tiny shapes, seconds
 
 Each family of tests/model_matrix.py gets a random-init checkpoint of its real architecture with
@@ -9,8 +10,10 @@ its features (sliding window, soft-capping, q/k norm, MoE experts, tied embeddin
 of the family's small real models (hidden ~1024, 16-32 layers) and its real vocabulary size,
 drawn in bf16 on the GPU in seconds. The tokenizer and chat template are the tiny checkpoint's
 (`model_matrix.build`): the model's vocabulary is larger than the tokenizer's, and only the
-tokenizer's ids occur. Each family runs in its own child process (Liger patches module globals,
-memory peaks stay clean) under a time limit, and a family that fails is a row with its error.
+tokenizer's ids occur. Each family runs in two child processes, each under a time limit: the
+engine's (Liger patches module globals, memory peaks stay clean) and plain TRL's, which imports
+nothing of ipylora, so that its generate() is transformers' own. A family that fails is a row with
+its error. Rows are merged by family into the --json file (other families' rows stay).
 
 Per family:
 
@@ -21,11 +24,12 @@ Per family:
   LoRA r 16 on all linear layers, on the same rows rendered by `apply_chat_template`; tokens/s
   counts attention-mask tokens of the same steps (bench/train_throughput.py's way).
 - decode: `Session.chat` with the adapter (the second answer: the first captures the decode
-  step), and plain transformers generate() with the same adapter through PEFT (greedy, 128 new
-  tokens forced by min_new_tokens). Both are answer tokens over the whole call, prefill included.
-  A random model's answer may end early at EOS; chat cannot be told to go on, so its own count is
-  reported and, when short, one more answer with the stop tokens switched off gives the
-  like-for-like figure.
+  step), and, in the plain process, transformers generate() with the same adapter through PEFT
+  (greedy, 128 new tokens forced by min_new_tokens). Both are answer tokens over the whole call,
+  prefill included. A random model's answer may end early at EOS; chat cannot be told to go on, so
+  its own count is reported and, when short, one more answer with the stop tokens switched off
+  gives the like-for-like figure. With --decode-only no training runs: the adapter is a fresh
+  (untrained) PEFT one, r 16 on all linear layers, the same compute as a trained one.
 - packed vs padded: two rows packed into one (position ids restarting at 0) under the engine's
   attention vs each row alone under eager attention, as bf16 logits.
 """
@@ -235,7 +239,7 @@ def engine_decode(session, prompt: str) -> dict:
     """The second chat answer's tokens/s (the first captures the decode step), and a full-length one if it was short."""
     from unittest import mock
 
-    from ipylora.engine import GenerateArgs, graphdecode
+    from ipylora.engine import GenerateArgs
     from ipylora.engine import chat as chat_module
 
     args = GenerateArgs(adapter="bench", max_new_tokens=MAX_NEW)
@@ -307,11 +311,16 @@ def trl_train(path: Path, rows: list[dict], spec: dict, out: Path, dropout: floa
     return result
 
 
-def plain_decode(model, tokenizer, prompt: str) -> float:
+def plain_decode(path: Path, adapter_dir: str, tokenizer, prompt: str) -> dict:
     """generate() tokens/s with the PEFT adapter active: greedy, MAX_NEW tokens (EOS held off), transformers' own loop
-    (dynamic cache, nothing compiled or captured)."""
+    (dynamic cache, nothing compiled or captured), on a fresh base model with the adapter loaded."""
     import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
+    cuda = torch.cuda.is_available()
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = PeftModel.from_pretrained(base.to("cuda" if cuda else "cpu"), adapter_dir).eval()
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not text.startswith(tokenizer.bos_token or "\0"))
@@ -325,7 +334,11 @@ def plain_decode(model, tokenizer, prompt: str) -> float:
                                  pad_token_id=tokenizer.pad_token_id)
             _sync()
             seconds = time.perf_counter() - started
-    return (out.shape[1] - ids["input_ids"].shape[1]) / seconds
+    del model, base
+    return {"decode_plain_tok_s": (out.shape[1] - ids["input_ids"].shape[1]) / seconds,
+            "decode_plain_tokens": out.shape[1] - ids["input_ids"].shape[1],
+            # The point of the plain process: generate() on transformers + peft as they come.
+            "decode_plain_clean": not any(m == "ipylora" or m.startswith("ipylora.") for m in sys.modules)}
 
 
 def packed_check(model, rows: list[list[int]], attention: str | None) -> dict:
@@ -382,43 +395,130 @@ def _free() -> None:
 
 # -- one family ------------------------------------------------------------------------------------
 def run_one(spec: dict) -> dict:
-    """One family, start to end. Engine training comes first (the rest needs its adapter); a later
-    part that fails sets the row's error and the next part still runs."""
+    """The child process's part, by `spec["kind"]`."""
     import torch
+
+    if spec["smoke"]:
+        torch.set_num_threads(1)  # tiny matmuls: more threads made a step 20x slower on a 2-core box
+    parts = {"family": run_engine, "plain": run_plain, "decode": run_decode_engine, "decode_plain": run_decode_plain}
+    return parts[spec["kind"]](spec)
+
+
+def run_engine(spec: dict) -> dict:
+    """The engine's part of one family: checkpoint, training, chat, packed check. Training comes
+    first (the rest needs its adapter); a later part that fails sets the row's error and the next
+    part still runs. The checkpoint and the adapter stay in spec["root"] for the plain process."""
     from transformers import AutoTokenizer
 
     from ipylora.engine.session import Session
 
-    if spec["smoke"]:
-        torch.set_num_threads(1)  # tiny matmuls: more threads made a step 20x slower on a 2-core box
     family = model_matrix().BY_NAME[spec["family"]]
     result = {"family": family.name}
-    with tempfile.TemporaryDirectory(prefix=f"models-{family.name}-") as tmp:
-        out = Path(tmp)
-        path = build_checkpoint(family, out / "checkpoints", spec["smoke"])
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        frame = make_frame(tokenizer, spec["rows"], spec["smoke"])
-        rows = chat_rows(tokenizer, frame)
-        prompt = " ".join(frame.p[0].split()[:32])
-        session = Session()
-        try:
-            result.update(engine_train(session, path, frame, spec, out))
-            _part(result, "engine chat", lambda: engine_decode(session, prompt))
-        finally:
-            session.unload()
-            _free()
-        # PEFT refuses dropout on fused MoE experts (lora.ParamWrapper), which all-linear targets; the
-        # engine trains those without, as tests/test_model_matrix.py's reference does.
-        dropout = 0.0 if "MoE experts" in family.features else 0.05
-        _part(result, "trl", lambda: trl_train(path, rows, spec, out, dropout))
+    out = Path(spec["root"])
+    path = build_checkpoint(family, out / "checkpoints", spec["smoke"])
+    result["checkpoint"] = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    frame = make_frame(tokenizer, spec["rows"], spec["smoke"])
+    rows = chat_rows(tokenizer, frame)
+    session = Session()
+    try:
+        result.update(engine_train(session, path, frame, spec, out))
+        _part(result, "engine chat", lambda: engine_decode(session, _prompt(frame)))
+    finally:
+        session.unload()
         _free()
-        _part(result, "plain decode / packed check", lambda: plain_checks(path, tokenizer, result, rows, prompt))
-    result.pop("adapter_dir")  # in the folder just deleted
+    _part(result, "packed check", lambda: packed_checks(path, tokenizer, result, rows))
     return result
 
 
-def plain_checks(path: Path, tokenizer, result: dict, rows: list[dict], prompt: str) -> dict:
-    """generate() with the engine's adapter through PEFT, then the packed-logits check on the same model."""
+def run_plain(spec: dict) -> dict:
+    """Plain TRL's part of one family, in a process that imports nothing of ipylora: SFTTrainer at
+    its defaults, then generate() with the engine's adapter."""
+    from transformers import AutoTokenizer
+
+    family = model_matrix().BY_NAME[spec["family"]]
+    path = Path(spec["checkpoint"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    frame = make_frame(tokenizer, spec["rows"], spec["smoke"])
+    result = {"family": family.name}
+    # PEFT refuses dropout on fused MoE experts (lora.ParamWrapper), which all-linear targets; the
+    # engine trains those without, as tests/test_model_matrix.py's reference does.
+    dropout = 0.0 if "MoE experts" in family.features else 0.05
+    _part(result, "trl", lambda: trl_train(path, chat_rows(tokenizer, frame), spec, Path(spec["root"]), dropout))
+    _free()
+    _part(result, "plain decode", lambda: plain_decode(path, spec["adapter_dir"], tokenizer, _prompt(frame)))
+    return result
+
+
+def run_decode_engine(spec: dict) -> dict:
+    """--decode-only, the engine's part for each family: checkpoint, a fresh PEFT adapter (saved for
+    the plain process), chat's decode with it. A family that fails gets its error; the next one runs."""
+    from transformers import AutoTokenizer
+
+    from ipylora.engine.session import Session
+
+    rows = {}
+    for name in spec["families"]:
+        family = model_matrix().BY_NAME[name]
+        row = rows[name] = {"family": name, "decode_adapter": "fresh PEFT r16 all-linear (--decode-only)"}
+
+        def measure():
+            path = build_checkpoint(family, Path(spec["root"]) / "checkpoints", spec["smoke"])
+            adapter = fresh_adapter(path, Path(spec["root"]) / f"{name}-adapter")
+            frame = make_frame(AutoTokenizer.from_pretrained(path), spec["rows"], spec["smoke"])
+            session = Session()
+            try:
+                session.ensure_model(str(path))
+                session.load_adapter(str(adapter), name="bench")
+                return {"checkpoint": str(path), "adapter_dir": str(adapter),
+                        **engine_decode(session, _prompt(frame))}
+            finally:
+                session.unload()
+                _free()
+
+        _part(row, "engine chat", measure)
+    return {"kind": "decode", "rows": rows}
+
+
+def run_decode_plain(spec: dict) -> dict:
+    """--decode-only, the plain part: generate() with each family's adapter, nothing of ipylora imported."""
+    from transformers import AutoTokenizer
+
+    rows = {}
+    for name, paths in spec["paths"].items():
+        row = rows[name] = {"family": name}
+
+        def measure():
+            tokenizer = AutoTokenizer.from_pretrained(paths["checkpoint"])
+            frame = make_frame(tokenizer, spec["rows"], spec["smoke"])
+            return plain_decode(Path(paths["checkpoint"]), paths["adapter_dir"], tokenizer, _prompt(frame))
+
+        _part(row, "plain decode", measure)
+        _free()
+    return {"kind": "decode_plain", "rows": rows}
+
+
+def _prompt(frame) -> str:
+    return " ".join(frame.p[0].split()[:32])
+
+
+def fresh_adapter(path: Path, out: Path) -> Path:
+    """An untrained LoRA adapter as the TRL runs attach it (r 16, alpha 32, all linear layers), saved by PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    del model, base
+    _free()
+    return out
+
+
+def packed_checks(path: Path, tokenizer, result: dict, rows: list[dict]) -> dict:
+    """The packed-logits check on the base model with the engine's adapter through PEFT."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -428,7 +528,6 @@ def plain_checks(path: Path, tokenizer, result: dict, rows: list[dict], prompt: 
     cuda = torch.cuda.is_available()
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
     model = PeftModel.from_pretrained(base.to("cuda" if cuda else "cpu"), result["adapter_dir"]).eval()
-    checks = {"decode_plain_tok_s": plain_decode(model, tokenizer, prompt)}
     # The longest row (past Gemma 3's 512-token window) and the first one, as training tokenized them.
     texts = [r["prompt"] + r["completion"] for r in rows]
     longest = max(range(len(texts)), key=lambda i: len(texts[i]))
@@ -437,8 +536,9 @@ def plain_checks(path: Path, tokenizer, result: dict, rows: list[dict], prompt: 
     if attention is None:  # CPU: no speed plan, so the attention the engine would choose there
         attention = speed.attention_path(type(base), base.config, "cpu").kind \
             if hasattr(speed, "attention_path") else "varlen"
-    checks.update(packed_check(model, ids, attention))
+    checks = packed_check(model, ids, attention)
     checks["engine_packs"] = attention in ("varlen", "sdpa", "flex")
+    del model, base
     return checks
 
 
@@ -483,6 +583,86 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + (["", "errors:", *failed] if failed else []))
 
 
+def family_row(name: str, spec: dict, timeout: float) -> dict:
+    """One family's row: the engine's child, then plain TRL's child on its checkpoint and adapter."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"models-{name}-") as root:
+        common = {**spec, "family": name, "root": root}
+        engine = _row(run_child(__file__, {**common, "kind": "family"}, timeout=timeout))
+        plain = {}
+        if engine.get("adapter_dir"):
+            plain = _row(run_child(__file__, {**common, "kind": "plain", "checkpoint": engine["checkpoint"],
+                                              "adapter_dir": engine["adapter_dir"]}, timeout=timeout))
+    result = {"family": name, **engine, **{k: v for k, v in plain.items() if k != "error"}}
+    if plain.get("error"):
+        result.setdefault("error", plain["error"])
+    for key in ("checkpoint", "adapter_dir"):  # in the folder just deleted
+        result.pop(key, None)
+    result["decode_adapter"] = "the engine run's"
+    if result.get("engine_tok_s") and result.get("trl_tok_s"):
+        result["ratio"] = result["engine_tok_s"] / result["trl_tok_s"]
+    result["wall_s"] = round(time.time() - started, 1)
+    return result
+
+
+def decode_rows(names: list[str], spec: dict, timeout: float) -> list[dict]:
+    """--decode-only: one engine child decodes every family, then one plain child generates for each."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="models-decode-") as root:
+        common = {**spec, "families": names, "root": root}
+        engine = run_child(__file__, {**common, "kind": "decode"}, timeout=timeout * len(names))
+        rows = engine.get("rows") or {n: {"family": n, "error": engine.get("error", "?")} for n in names}
+        paths = {n: {k: r[k] for k in ("checkpoint", "adapter_dir")} for n, r in rows.items() if r.get("adapter_dir")}
+        plain = run_child(__file__, {**common, "kind": "decode_plain", "paths": paths},
+                          timeout=timeout * max(1, len(paths))) if paths else {}
+    results = []
+    for name in names:
+        row, other = _row(rows.get(name, {})), _row((plain.get("rows") or {}).get(name, {}))
+        if plain.get("error") and name in paths:
+            other.setdefault("error", plain["error"])
+        result = {**row, **{k: v for k, v in other.items() if k != "error"}, "family": name}
+        if other.get("error"):
+            result.setdefault("error", other["error"])
+        for key in ("checkpoint", "adapter_dir"):
+            result.pop(key, None)
+        results.append(result)
+    print(f"decode rows: {time.time() - started:.0f} s")
+    return results
+
+
+def _row(result: dict) -> dict:
+    result = dict(result)
+    result.pop("kind", None)
+    if "error" in result:  # one line: the child's traceback went to stderr
+        result["error"] = (str(result["error"]).strip().splitlines() or ["?"])[0][:300]
+    return result
+
+
+# Decode figures a --decode-only row replaces (and notes about the older in-process baseline it drops).
+DECODE_KEYS = ("decode_engine_tok_s", "decode_engine_tokens", "decode_engine_full_tok_s", "captured_decode",
+               "captured_decode_why", "decode_capture_tried", "decode_plain_tok_s", "decode_plain_tokens",
+               "decode_plain_clean", "decode_adapter")
+
+
+def merge_rows(out: Path, results: list[dict], update: bool) -> None:
+    """Write `results` into the list in `out` by family: a full row replaces the family's row; with
+    `update` (--decode-only) only the decode figures change, and its error (if any) is added."""
+    rows = {r["family"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
+    for result in results:
+        if update and result["family"] in rows:
+            row = {k: v for k, v in rows[result["family"]].items() if k not in DECODE_KEYS}
+            if result.get("error"):
+                row["decode_error"] = result.pop("error")
+            else:
+                row.pop("decode_error", None)
+            rows[result["family"]] = {**row, **result}
+        else:
+            rows[result["family"]] = result
+    order = [f.name for f in model_matrix().FAMILIES]
+    merged = sorted(rows.values(), key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: the matrix's tiny shapes, 4 steps")
@@ -490,8 +670,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 30, smoke 4)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of tokens/s (default 10, smoke 1)")
     parser.add_argument("--timeout", type=float, default=150, help="seconds per family before its child is killed")
-    parser.add_argument("--json", default=None, help="where the list of per-family results goes (default "
+    parser.add_argument("--json", default=None, help="the list of per-family results, merged by family (default "
                         "bench/results/models_gpu.json, with --smoke bench/results/models_smoke.json)")
+    parser.add_argument("--decode-only", action="store_true", help="chat decode and plain generate() only, with a "
+                        "fresh adapter (no training); updates the decode figures of the families' rows")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -514,20 +696,16 @@ def main() -> int:
         parser.error(f"--warmup {warmup} must be at least 1 and below --steps {steps}")
     out = Path(args.json or ROOT / "bench" / "results" / f"models_{'smoke' if args.smoke else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    results, begun = [], time.time()
-    for name in names:
-        started = time.time()
-        spec = {"kind": "family", "family": name, "smoke": args.smoke, "steps": steps, "warmup": warmup,
-                "rows": SMOKE_ROWS if args.smoke else ROWS}
-        result = {"family": name, **run_child(__file__, spec, timeout=args.timeout)}
-        result.pop("kind", None)
-        if "error" in result:  # one line: the child's traceback went to stderr
-            result["error"] = (str(result["error"]).strip().splitlines() or ["?"])[0][:300]
-        if result.get("engine_tok_s") and result.get("trl_tok_s"):
-            result["ratio"] = result["engine_tok_s"] / result["trl_tok_s"]
-        result["wall_s"] = round(time.time() - started, 1)
-        results.append(result)
-        out.write_text(json.dumps(results, indent=1) + "\n")  # as it goes: a cut run keeps what it measured
+    spec = {"smoke": args.smoke, "steps": steps, "warmup": warmup, "rows": SMOKE_ROWS if args.smoke else ROWS}
+    begun = time.time()
+    if args.decode_only:
+        results = decode_rows(names, spec, args.timeout)
+        merge_rows(out, results, update=True)
+    else:
+        results = []
+        for name in names:
+            results.append(family_row(name, spec, args.timeout))
+            merge_rows(out, results[-1:], update=False)  # as it goes: a cut run keeps what it measured
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU smoke"
     print(f"\n{device} · {steps} steps, tokens/s over the last {steps - warmup} · decode {MAX_NEW} new tokens\n")
     print(table(results))

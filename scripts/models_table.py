@@ -46,7 +46,9 @@ model reloads with plain transformers to the same greedy tokens; **export** `%lo
 **dry-run** `--dry-run` plans the path the run takes; **resume** a stopped run resumes to its last
 step; **varlen** packed rows (padding-free) attend only within themselves on the attention the engine
 picks, or the fallback it takes. GPU columns: the engine's training tokens/s at its defaults against
-plain TRL's defaults on a ~0.5B random-init shape of the family, decode tokens/s with an adapter, and
+plain TRL's defaults on a ~0.5B random-init shape of the family, decode tokens/s with an adapter (chat's
+captured step against plain transformers + PEFT generate() in a process that imports nothing of
+ipylora; * marks a generate() figure taken in the engine's own process, not a clean baseline), and
 whether Liger kernels and the captured decode step apply.
 """
 
@@ -80,8 +82,8 @@ def render(table: dict) -> str:
         lines.append(f"| {name} | {features} | " + " | ".join(marks) + " |")
     lines += ["", "## GPU (H200, ~0.5B random-init shapes)", ""]
     if table.get("gpu"):
-        lines += [f"Command: `{table.get('gpu_command', 'python bench/models_throughput.py')}` (figures and "
-                  "method in bench/RESULTS.md).", "",
+        lines += [f"Command: `{table.get('gpu_command', 'python bench/models_throughput.py')}` (figures, "
+                  "method and the earlier runs whose rows are kept: bench/RESULTS.md).", "",
                   "| family | params | engine tok/s | TRL tok/s | x TRL | peak GiB engine / TRL | "
                   "decode tok/s chat / generate() | attention | Liger | captured decode | packed = alone (bf16) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -97,7 +99,7 @@ def render(table: dict) -> str:
                 f"| {name}", _num(row.get("params"), "{:.2f}B", 1e-9), _num(row.get("engine_tok_s")),
                 _num(row.get("trl_tok_s")), _num(row.get("ratio"), "{:.1f}x"),
                 f"{_num(row.get('engine_peak_gib'), '{:.1f}')} / {_num(row.get('trl_peak_gib'), '{:.1f}')}",
-                f"{_num(decode)} / {_num(row.get('decode_plain_tok_s'))}",
+                _decode(decode, row),
                 str(row.get("attention", "-")), _yes(row.get("liger")), _yes(row.get("captured_decode")),
                 _packed(name, row)]) + " |")
     else:
@@ -113,6 +115,8 @@ def render(table: dict) -> str:
             lines.append(f"- GPU run notes: {'; '.join(gpu['notes'])}")
         if gpu.get("captured_decode_why"):
             lines.append(f"- GPU captured decode: {_yes(gpu.get('captured_decode'))} — {gpu['captured_decode_why']}")
+        if gpu.get("decode_adapter"):
+            lines.append(f"- GPU decode adapter: {gpu['decode_adapter']}")
         if gpu.get("error") and gpu.get("engine_tok_s") is not None:
             lines.append(f"- GPU: {gpu['error']}")
         lines.append("")
@@ -121,6 +125,15 @@ def render(table: dict) -> str:
 
 def _num(value, fmt: str = "{:,.0f}", scale: float = 1.0) -> str:
     return "-" if value is None else fmt.format(value * scale)
+
+
+def _decode(engine, row: dict) -> str:
+    """Chat's tokens/s / generate()'s, and how many times faster chat is where generate() ran clean."""
+    plain = row.get("decode_plain_tok_s")
+    if not row.get("decode_plain_clean"):
+        return f"{_num(engine)} / {_num(plain)}{'*' if plain is not None else ''}"
+    return f"{_num(engine)} / {_num(plain)} ({engine / plain:.0f}x)" if engine and plain else \
+        f"{_num(engine)} / {_num(plain)}"
 
 
 def _yes(value) -> str:
