@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# trackers: tests/test_trackers.py reads back TensorBoard, W&B and MLflow runs (~55 s more here, mlflow-skinny).
+"$PY" -m pip install -q -e ".[test,trackers]"

@@ -140,6 +140,10 @@ class TrainArgs:
     memory: float | None = None
     """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
     activation checkpointing are planned to stay under it (None: plan from free memory)."""
+    report_to: str = "none"
+    """Experiment trackers the Trainer logs to, comma-separated: tensorboard, wandb, mlflow, trackio, or none
+    (engine/trackers.py: TensorBoard in runs/<name>/tb, W&B offline without a login or network, MLflow to
+    runs/mlflow.db unless MLFLOW_TRACKING_URI is set)."""
     lora: LoraArgs = LoraArgs()
     """Adapter shape."""
 
@@ -224,6 +228,10 @@ def resolve(args: TrainArgs, tiny: bool, *, tokens: int | Callable[[], int] | No
         problems.append(f"--strategy {args.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if args.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {args.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    from ipylora.engine import trackers
+
+    problems += trackers.problems(args.report_to)  # unknown or not installed: before any weights load
+    args = replace(args, report_to=trackers.normalized(args.report_to))
     checks = [
         ("--lr", args.lr, 0, 1, False),
         ("--epochs", args.epochs, 0, 1e6, False),

@@ -27,6 +27,7 @@ from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError
 from ipylora.engine.events import EvalEnd, Event, Notice, RunEnd, RunStart, Sample, StepEnd
 from ipylora.engine.runs import MetricsLog, check_name, claim_run_dir, read_json, replace_dir, write_json
+from ipylora.engine.trackers import Trackers, trainer_settings
 
 CHECKPOINTS = "checkpoints"
 
@@ -68,7 +69,7 @@ def training_settings(args: TrainArgs, steps: int, precision, output_dir: str, d
         save_total_limit=2,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every if has_eval else None,
-        report_to="none",
+        **trainer_settings(args.report_to, args.name),  # --report-to: the Trainer's own integrations
         ddp_backend=distributed.ddp_backend(device),
         ddp_find_unused_parameters=False,  # every LoRA weight is used: skip DDP's extra graph walk
         disable_tqdm=True,
@@ -385,6 +386,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     def emit(event: Event) -> None:
         if metrics is not None:
             metrics.write(event.to_dict())
+        trackers(event)
         if isinstance(event, StepEnd):
             last.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s)
         elif isinstance(event, EvalEnd):
@@ -407,6 +409,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         record["resumed_from"] = int(checkpoint.name.split("-")[-1])
     if plan is not None:
         record["speed_plan"] = plan
+    trackers = Trackers(args.report_to, run_dir, name, record, emit, main)
     if main:
         write_json(run_dir / "run.json", record)
     started = time.time()
@@ -418,11 +421,14 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     try:
         settings = training_settings(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
                                      eval_data is not None, fast)
-        trainer = method.build(methods.Context(
-            model=model, tokenizer=session.tokenizer, args=args, settings=settings, train_data=train_data,
-            eval_data=eval_data, eval_tokens=eval_tokens, callbacks=[callback],
-            reference=args.from_adapter if method.uses_reference else None, session=session, dataset=dataset,
-            emit=emit))
+        trackers.open({k: record[k] for k in ("model", "dataset", "train", "lora")})
+        with trackers.building():
+            trainer = method.build(methods.Context(
+                model=model, tokenizer=session.tokenizer, args=args, settings=settings, train_data=train_data,
+                eval_data=eval_data, eval_tokens=eval_tokens, callbacks=[callback],
+                reference=args.from_adapter if method.uses_reference else None, session=session, dataset=dataset,
+                emit=emit))
+        trackers.attach(trainer)
         # The Trainer's own printer/progress callbacks would print from the training loop.
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -471,6 +477,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
                       elapsed=elapsed + record.get("elapsed_before", 0.0), adapter=str(adapter) if adapter else None,
                       finished=time.time())
         record["elapsed_before"] = record["elapsed"]
+        trackers.close(status, last["step"])
         if main:
             write_json(run_dir / "run.json", record)
         emit(end)

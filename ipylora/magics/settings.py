@@ -23,6 +23,8 @@ class Lora(Configurable):
     runs_dir = Unicode("runs", help="Folder that holds runs/<name>/.").tag(config=True)
     quantization = Enum([None, "4bit", "8bit"], default_value=None, allow_none=True,
                         help="Quantization when no --4bit/--8bit flag is given.").tag(config=True)
+    report_to = Unicode("none", help="Experiment trackers when %lora_train has no --report-to: tensorboard, wandb, "
+                        "mlflow, trackio (comma-separated) or none.").tag(config=True)
 
     def load_project(self, start: Path | None = None) -> Path | None:
         """Apply [tool.ipylora] from the nearest pyproject.toml to traits %config did not set."""

@@ -25,6 +25,7 @@ def train_args(opts) -> TrainArgs:
         steps=opts.steps, batch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
         max_length=opts.max_length,
         max_grad_norm=opts.max_grad_norm, seed=opts.seed, output=opts.output or settings.runs_dir,
+        report_to=opts.report_to or settings.report_to,
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
         gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
@@ -72,6 +73,9 @@ class TrainMagics(Magics):
     @argument("--sample", action="append", default=None, metavar="PROMPT",
               help="A prompt to answer during training (repeatable).")
     @argument("--sample-every", type=int, default=None, help="Steps between samples.")
+    @argument("--report-to", default=None, metavar="TRACKERS",
+              help="Log to tensorboard, wandb, mlflow or trackio (comma-separated; default: %%config Lora.report_to, "
+                   "'none'); local when offline: runs/NAME/tb, W&B offline, runs/mlflow.db.")
     @argument("--gpus", type=int, default=1, metavar="N",
               help="Train on N GPUs in torchrun worker processes outside the kernel (metrics stream back here).")
     @argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
