@@ -22,7 +22,7 @@ LOCAL = ("127.0.0.1", "::1", "localhost")
 def offline(monkeypatch):
     """No network and no tracker login: connections to non-local addresses raise, and are listed."""
     attempts = []
-    connect = socket.socket.connect
+    connect, create = socket.socket.connect, socket.create_connection
 
     def refuse(self, address):
         if isinstance(address, tuple) and address[0] not in LOCAL:
@@ -34,9 +34,8 @@ def offline(monkeypatch):
         if address[0] not in LOCAL:
             attempts.append(address)
             raise OSError(f"network blocked by the test: {address}")
-        return socket._create_connection(address, *args, **kwargs)
+        return create(address, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "_create_connection", socket.create_connection, raising=False)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", create_connection)
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_IDENTITY_TOKEN_FILE",
