@@ -1,12 +1,12 @@
 """Every family of the model matrix at ~0.5B parameters on a GPU: the engine vs plain TRL, training and chat.
 
-    python bench/models_throughput.py                               # all 15 families (H200: ~8-9 min)
+    python bench/models_throughput.py                               # all 16 families (H200: ~9-10 min)
     python bench/models_throughput.py --families gemma2,falcon --steps 30
     python bench/models_throughput.py --families opt,falcon --decode-only   # chat vs generate() only
     python bench/models_throughput.py --smoke                       # CPU, the matrix's tiny shapes, seconds
 
 Each family of tests/model_matrix.py gets a random-init checkpoint of its real architecture with
-its features (sliding window, soft-capping, q/k norm, MoE experts, tied embeddings), at the shape
+its features (sliding window, soft-capping, q/k norm, MoE experts, attention sinks, tied embeddings), at the shape
 of the family's small real models (hidden ~1024, 16-32 layers) and its real vocabulary size,
 drawn in bf16 on the GPU in seconds. The tokenizer and chat template are the tiny checkpoint's
 (`model_matrix.build`): the model's vocabulary is larger than the tokenizer's, and only the
@@ -68,7 +68,7 @@ def _sliding(pattern: int, layers: int) -> list[str]:
 # The family's small real models, scaled to ~0.5B where the real one is larger: hidden size,
 # heads / kv heads, MLP ratio, vocabulary, windows and features as published (Llama 3.2, Qwen2.5-
 # 0.5B, Qwen3-0.6B, Mistral 7B, Mixtral 8x7B, Gemma 2 2B, Gemma 3 1B, Phi-3-mini, SmolLM3-3B,
-# OLMo-2-1B, GPT-2 medium, Pythia-410m, OPT-350m, Falcon-7B). GPT-2 and OPT keep their real
+# OLMo-2-1B, gpt-oss-20b, GPT-2 medium, Pythia-410m, OPT-350m, Falcon-7B). GPT-2 and OPT keep their real
 # dropout (the tiny matrix turns it off only so that 2-layer models memorise).
 SHAPES = {
     "llama3": dict(vocab_size=128256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -108,6 +108,12 @@ SHAPES = {
     "olmo2": dict(vocab_size=100352, hidden_size=1024, intermediate_size=4096, num_hidden_layers=20,
                   num_attention_heads=16, num_key_value_heads=16, rope_theta=500000.0, max_position_embeddings=4096,
                   tie_word_embeddings=False),
+    # gpt-oss-20b (hidden 2880, 24 layers, 64 / 8 heads of 64, 32 experts top-4, window 128, YaRN):
+    # its vocabulary, heads of 64 at the same 8:1 grouping, alternating layers; 8 experts top-2.
+    "gpt-oss": dict(vocab_size=201088, hidden_size=1024, intermediate_size=512, num_hidden_layers=12,
+                    num_attention_heads=16, num_key_value_heads=2, head_dim=64, num_local_experts=8,
+                    num_experts_per_tok=2, sliding_window=128, layer_types=_sliding(2, 12),
+                    max_position_embeddings=131072, tie_word_embeddings=False),
     "gpt2": dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024),
     "gpt-neox": dict(vocab_size=50304, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                      num_attention_heads=16, max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False),

@@ -43,6 +43,12 @@ PHI3 = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% end
 OLMO2 = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}"
          "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# gpt-oss's "harmony" layout, final channel only: a turn is <|start|>role<|message|>...<|end|>, the
+# assistant's answer goes to the final channel and the last one closes with <|return|> (its real
+# template does the same; what it adds, a system prompt and the analysis channel, is left out).
+HARMONY = ("{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final{% endif %}"
+           "<|message|>{{ m.content }}{{ '<|return|>' if m.role == 'assistant' and loop.last else '<|end|>' }}"
+           "{% endfor %}{% if add_generation_prompt %}<|start|>assistant<|channel|>final<|message|>{% endif %}")
 PLAIN = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n"
          "{% elif m.role == 'assistant' %}Assistant: {{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}"
          "{% if add_generation_prompt %}Assistant:{% endif %}")
@@ -99,6 +105,17 @@ FAMILIES = [
            CHATML, "<|im_end|>", ("<|im_start|>",), features=("NoPE layers", "tied embeddings")),
     Family("olmo2", "Olmo2Config", {**HIDDEN, **INIT}, OLMO2, specials=("<|user|>", "<|assistant|>"),
            features=("q/k norm", "post-norm")),
+    # Its experts are fused 3-D parameters with biases, its router has a bias, every attention layer
+    # has a learned sink per head; intermediate 64 as the MoE families' expert width.
+    Family("gpt-oss", "GptOssConfig", {**HIDDEN, **INIT, "intermediate_size": 64, "head_dim": 16,
+                                       "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
+                                       "layer_types": ["sliding_attention", "full_attention"],
+                                       # YaRN at its real ratio (131072 / 4096), scaled to this context
+                                       "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                           "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                                           "original_max_position_embeddings": 16}},
+           HARMONY, "<|return|>", ("<|start|>", "<|message|>", "<|end|>", "<|channel|>"), slow=True,
+           features=("attention sinks", "hybrid sliding/full", "MoE experts", "expert biases")),
     # GPT-2 and OPT configs default to dropout 0.1 inside the model, which at this size and step count
     # keeps both the engine and plain peft + trl from memorising anything (0/12): off, as for the others.
     Family("gpt2", "GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0,

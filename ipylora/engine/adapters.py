@@ -48,6 +48,7 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=_dropout(session.model, lora), bias="none",
             task_type="CAUSAL_LM", target_modules=_targets(lora.target_modules),
         )
+        config.target_parameters = _expert_parameters(session.model, lora)
     if isinstance(session.model, PeftModel) and name in session.model.peft_config:
         if len(session.model.peft_config) == 1:
             session.model = session.model.unload()
@@ -149,6 +150,27 @@ def _dropout(model, lora: LoraArgs) -> float:
     if lora.dropout and lora.target_modules == "all-linear" and _has_fused_experts(model):
         return 0.0
     return lora.dropout
+
+
+def _expert_parameters(model, lora: LoraArgs) -> list[str] | None:
+    """The fused expert weights all-linear adapts where PEFT's all-linear leaves them out.
+
+    PEFT turns all-linear into the fused experts (`target_parameters`) only for the families whose
+    experts were nn.Linear before transformers 5 (Mixtral, Qwen2/3-MoE). gpt-oss's were 3-D
+    parameters from the start, so all-linear would adapt its attention alone and no MLP weight:
+    here its expert projections (gate_up_proj, down_proj) are added as PEFT's target_parameters;
+    their biases and the router stay frozen.
+    """
+    if lora.target_modules != "all-linear" or not _has_fused_experts(model):
+        return None
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # a PEFT without the conversion: what it adapts is left as it is
+        return None
+    if _MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None)) in _MOE_TARGET_MODULE_MAPPING:
+        return None  # PEFT's conversion adapts them itself
+    return sorted({name.rsplit(".", 1)[-1] for name, p in model.named_parameters()
+                   if p.ndim == 3 and "expert" in name}) or None
 
 
 @contextlib.contextmanager

@@ -137,7 +137,9 @@ def attention_path(model_class, config, device: str) -> AttentionPath:
 
     Packed rows through FlashAttention's varlen kernel, unless: the model soft-caps attention
     logits (Gemma 2), which neither that kernel nor SDPA implement (transformers itself refuses
-    SDPA for it): eager attention over padded batches, as transformers trains it; or the model's
+    SDPA for it): eager attention over padded batches, as transformers trains it; likewise if it
+    adds learned attention sinks to the softmax (gpt-oss), which the varlen kernel does not take
+    and transformers gives no SDPA path (`has_attention_sinks`); or the model's
     attention does not go through transformers' attention functions (Falcon), so a packed row
     would attend across its rows: padded batches with its own attention. Sliding windows (Mistral,
     Gemma 3) go to the varlen kernel as its window. Without a flash kernel: SDPA with
@@ -150,12 +152,29 @@ def attention_path(model_class, config, device: str) -> AttentionPath:
     if getattr(config, "attn_logit_softcapping", None):
         return AttentionPath("eager", False, f"{family} soft-caps attention logits, which no flash or SDPA kernel "
                                              "implements: eager attention over padded batches")
+    if has_attention_sinks(model_class, config):
+        return AttentionPath("eager", False, f"{family} adds learned attention sinks to the softmax, which the flash "
+                                             "varlen kernel does not implement: eager attention over padded batches")
     if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
         return AttentionPath("native", False, f"{family} has its own attention code (not transformers' attention "
                                               "functions): padded batches, no packing")
     if device != "cuda" or flash_varlen_available():
         return AttentionPath("varlen", True, None)
     return AttentionPath("sdpa", True, "no FlashAttention kernel on this GPU: SDPA with a packed mask")
+
+
+def has_attention_sinks(model_class, config) -> bool:
+    """Whether the family hands learned attention sinks to its attention function (gpt-oss's `sinks`,
+    passed as `s_aux`). transformers has no config flag for it: the modeling code that passes them
+    is the sign (read once per plan; gpt-oss by its model type where the source is not there)."""
+    import inspect
+    import sys
+
+    module = sys.modules.get(getattr(model_class, "__module__", None) or "")
+    try:
+        return "s_aux=" in inspect.getsource(module)
+    except (TypeError, OSError):
+        return getattr(config, "model_type", None) == "gpt_oss"
 
 
 def padded_plan(config, path: AttentionPath, lengths: list[int]) -> tuple[list[int], float]:
@@ -171,7 +190,8 @@ def padded_attention_bytes_per_token(config, kind: str, padded_length: int) -> f
 
     Eager attention keeps its score matrices for backward: with soft-capping the bf16 scores,
     their tanh, the fp32 softmax and the bf16 probabilities, ~12 bytes per head and key in every
-    layer. A model's own SDPA (Falcon) keeps no score matrix.
+    layer; with attention sinks (gpt-oss) less is kept (its bf16 softmax), planned the same, on the
+    safe side. A model's own SDPA (Falcon) keeps no score matrix.
     """
     if kind != "eager":
         return 0.0
@@ -405,15 +425,17 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available() and not softcap:
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    # attention_path never packs a family with sinks; forced here (benchmarks), the reference kernel honours them
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available() and not softcap \
+            and sinks is None:
         # transformers' sliding window: a query sees itself and the window - 1 tokens before it
         windowed = {"window_size_left": int(window) - 1, "window_size_right": 0} if window else {}
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, int(max_len), int(max_len), dropout if module.training else 0.0, True, False,
             scale=scale, **windowed)[0]
     else:
-        out = _block_causal_sdpa(q, k, v, cu, scale, window, softcap)
+        out = _block_causal_sdpa(q, k, v, cu, scale, window, softcap, sinks)
     return out.unsqueeze(0), None
 
 
@@ -427,9 +449,10 @@ def cu_seq_lens_from_positions(position_ids):
     return cu, int(cu.diff().max())
 
 
-def _block_causal_sdpa(q, k, v, cu, scale, window: int | None = None, softcap: float | None = None):
+def _block_causal_sdpa(q, k, v, cu, scale, window: int | None = None, softcap: float | None = None, sinks=None):
     """Reference kernel for packed rows (CPU, old GPUs): SDPA under a block-diagonal causal mask,
-    narrowed to a sliding window if given; with soft-capping, the eager formula transformers uses."""
+    narrowed to a sliding window if given; with soft-capping or attention sinks (one logit per head
+    that joins every row's softmax and is dropped after it), the eager formula transformers uses."""
     import torch
 
     n = q.shape[0]
@@ -439,12 +462,17 @@ def _block_causal_sdpa(q, k, v, cu, scale, window: int | None = None, softcap: f
     if window:
         mask = mask.triu(-(int(window) - 1))
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, tokens, head_dim)
-    if not softcap:
+    if not softcap and sinks is None:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=k.shape[0] != q.shape[0])
         return out.transpose(0, 1)
     groups = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    scores = torch.tanh(q @ k.transpose(1, 2) * scale / softcap) * softcap
-    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32)
+    scores = q @ k.transpose(1, 2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, n, 1)], -1)
+    weights = scores.softmax(-1, dtype=torch.float32)[..., :n]
     return (weights.to(v.dtype) @ v).transpose(0, 1)
