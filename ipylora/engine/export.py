@@ -129,7 +129,7 @@ SCRIPT = Path(__file__).with_name("export_script.py")
 SCRIPT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text", "preference", "unpaired-preference")
 SCRIPT_METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
 TRAIN_KEYS = ("lr", "scheduler", "warmup_ratio", "epochs", "steps", "batch_size", "micro_batch_size",
-              "max_grad_norm", "max_length", "seed", "method", "beta", "loss_type", "gamma")
+              "max_grad_norm", "max_length", "seed", "method", "beta", "loss_type", "gamma", "loraplus_ratio", "neftune")
 
 
 def data_path(script: Path) -> Path:
