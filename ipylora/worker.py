@@ -30,14 +30,13 @@ def load_inputs(run_dir: Path):
     """(TrainArgs, LoraDataset, the launch record) from a run folder written by the kernel."""
     import pandas as pd
 
-    from ipylora.engine.config import DataArgs, LoraArgs, TrainArgs
+    from ipylora.engine.config import DataArgs, args_from_record
     from ipylora.engine.data import LoraDataset
     from ipylora.engine.distributed import LAUNCH
     from ipylora.engine.runs import read_json
 
     record = read_json(run_dir / LAUNCH if (run_dir / LAUNCH).exists() else run_dir / "run.json")
-    train = {**record["train"], "samples": tuple(record["train"].get("samples") or ())}
-    args = TrainArgs(**{**train, "lora": LoraArgs(**record["lora"])})
+    args = args_from_record(record["train"], record["lora"])
     frame = pd.read_parquet(run_dir / "data.parquet")
     if (run_dir / "eval.parquet").exists():
         frame = {"train": frame, "eval": pd.read_parquet(run_dir / "eval.parquet")}

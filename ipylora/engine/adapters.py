@@ -46,9 +46,14 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
     else:
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=_dropout(session.model, lora), bias="none",
-            task_type="CAUSAL_LM", target_modules=_targets(lora.target_modules),
+            task_type="CAUSAL_LM", target_modules=_targets(lora.target_modules), use_dora=lora.dora,
+            use_rslora=lora.rslora, init_lora_weights=_init(lora.init), modules_to_save=_names(lora.modules_to_save),
         )
         config.target_parameters = _expert_parameters(session.model, lora)
+    if _has_saved_modules(session.model):
+        # Another adapter's --modules-to-save copies are Linear layers too: all-linear (or a
+        # pattern) would put this adapter's LoRA inside them.
+        config.exclude_modules = r".*\.(modules_to_save\..*|original_module)"
     if isinstance(session.model, PeftModel) and name in session.model.peft_config:
         if len(session.model.peft_config) == 1:
             session.model = session.model.unload()
@@ -60,12 +65,14 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
     if not isinstance(session.model, PeftModel):
         if session.quantization:
             session.model = prepare_model_for_kbit_training(session.model, use_gradient_checkpointing=False)
-        with _quiet_fused_expert_patterns():
+        with _quiet_fused_expert_patterns(), _targets_checked(config):
             session.model = get_peft_model(session.model, config, adapter_name=name)
     else:
-        with _quiet_fused_expert_patterns():
+        with _quiet_fused_expert_patterns(), _targets_checked(config):
             session.model.add_adapter(name, config)
     session.model.set_adapter(name)
+    if start is None and lora.init == "loftq":
+        _loftq(session, name)
     if start is not None:
         import torch
 
@@ -75,8 +82,110 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
                 if "lora_" in param_name and f".{start}." in param_name:
                     params[param_name.replace(f".{start}.", f".{name}.")].copy_(param)
     for param_name, param in session.model.named_parameters():
-        param.requires_grad = "lora_" in param_name and f".{name}." in param_name
+        param.requires_grad = _trained_by(param_name, name)
     return session.model
+
+
+# Inits that start from the base weights' SVD (PiSSA) or QR (OLoRA): PEFT moves the adapter's start
+# out of the base (W_res = W - s B0 A0), which on a resident base shared by every adapter must not outlive the run.
+RESIDUAL_INITS = ("pissa", "olora")
+INITIAL = "initial-adapter"
+
+
+def keep_initial(model, name: str, run_dir: Path) -> Path:
+    """Save a PiSSA/OLoRA adapter's start (once per run: a resumed run keeps the first one), so that the
+    run saves a plain LoRA of what training changed (PEFT's path_initial_model_for_weight_conversion)
+    and the base can be restored (`restore_base`)."""
+    import shutil
+    import tempfile
+
+    folder = run_dir / INITIAL
+    if (folder / "adapter_config.json").exists():
+        return folder
+    config = model.peft_config[name]
+    init, config.init_lora_weights = config.init_lora_weights, True  # the start loads as a plain adapter
+    try:
+        with tempfile.TemporaryDirectory(prefix=".initial-", dir=run_dir) as tmp:
+            model.save_pretrained(tmp, selected_adapters=[name])
+            saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
+            shutil.copytree(saved, folder)
+    finally:
+        config.init_lora_weights = init
+    return folder
+
+
+def restore_base(session, name: str, initial: Path, saved: Path | None) -> None:
+    """After a PiSSA/OLoRA run: put the adapter's start back into the base weights (W = W_res + s B0 A0),
+    and replace the residual adapter by the plain LoRA the run saved, the one any base loads."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    start = load_file(str(initial / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for module_name, module in session.model.named_modules():
+            if not (hasattr(module, "lora_A") and name in module.lora_A):
+                continue
+            a, b = start[f"{module_name}.lora_A.weight"].float(), start[f"{module_name}.lora_B.weight"].float()
+            weight = module.get_base_layer().weight
+            delta = module.scaling[name] * (b @ a)
+            weight += (delta.T if getattr(module, "fan_in_fan_out", False) else delta).to(weight.dtype)
+    model = session.model
+    if len(model.peft_config) == 1:
+        session.model = model = model.unload()
+    else:
+        model.set_adapter(next(n for n in model.peft_config if n != name))
+        model.delete_adapter(name)
+    if saved is not None:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(saved), adapter_name=name)
+        else:
+            session.model = PeftModel.from_pretrained(model, str(saved), adapter_name=name)
+        session.model.set_adapter(name)
+
+
+def _trained_by(param_name: str, adapter: str) -> bool:
+    """Whether parameter `param_name` belongs to adapter `adapter`: its LoRA matrices (and DoRA
+    magnitudes), and its full copies of --modules-to-save modules."""
+    return (("lora_" in param_name and f".{adapter}." in param_name)
+            or f".modules_to_save.{adapter}." in param_name)
+
+
+def _init(init: str | None):
+    """PEFT's init_lora_weights for --init (None: PEFT's default, Kaiming A and zero B). LoftQ starts
+    as the default and is replaced after the adapter exists (`_loftq`), the way PEFT documents it
+    for an already quantized 4-bit base."""
+    return True if init in (None, "loftq") else init
+
+
+def _loftq(session, name: str) -> None:
+    """LoftQ on the 4-bit path: the adapter's A and B are set so that base + adapter approximate the
+    unquantized weights, read from the model's safetensors file (PEFT's replace_lora_weights_loftq)."""
+    from peft import replace_lora_weights_loftq
+
+    source = Path(session.model_source or "")
+    if not any(source.glob("*.safetensors")):
+        raise ConfigError(f"--init loftq reads the unquantized weights from the model's safetensors files, and "
+                          f"{session.model_id} has none in {source or 'a local folder'}: use a local checkpoint "
+                          "saved in safetensors, or drop --init loftq.")
+    replace_lora_weights_loftq(session.model, model_path=str(source), adapter_name=name)
+
+
+def _names(spec: str | None) -> list[str] | None:
+    return [t.strip() for t in spec.split(",") if t.strip()] if spec else None
+
+
+@contextlib.contextmanager
+def _targets_checked(config):
+    """PEFT's own refusal of targets that match nothing, as one line that says what to pass."""
+    try:
+        yield
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+            raise ConfigError(f"--target-modules {config.target_modules!r} matches no layer of this model "
+                              f"({str(exc).splitlines()[0][:160]}): pass all-linear, names such as q_proj,v_proj, "
+                              r"or a regular expression over module paths such as '.*\.(q|v)_proj'.") from None
+        raise
 
 
 def lora_args(session, name: str) -> LoraArgs:
@@ -86,8 +195,11 @@ def lora_args(session, name: str) -> LoraArgs:
     # PEFT stores "all-linear" resolved to full module paths; it matches names by suffix, so the
     # layer names say the same thing shorter.
     targets = targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+    init = config.init_lora_weights
     return LoraArgs(r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
-                    target_modules=targets)
+                    target_modules=targets, dora=bool(config.use_dora), rslora=bool(config.use_rslora),
+                    init=init if isinstance(init, str) else None,
+                    modules_to_save=",".join(config.modules_to_save) if config.modules_to_save else None)
 
 
 def load(session, source: str, name: str | None = None, output: str = "runs") -> str:
@@ -183,9 +295,18 @@ def _quiet_fused_expert_patterns():
         yield
 
 
+def _has_saved_modules(model) -> bool:
+    from peft.utils import ModulesToSaveWrapper
+
+    return any(isinstance(module, ModulesToSaveWrapper) for module in model.modules())
+
+
 def _has_fused_experts(model) -> bool:
     return any(p.ndim == 3 and "expert" in name for name, p in model.named_parameters())
 
 
 def _targets(spec: str):
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+    """PEFT's target_modules: "all-linear", a regular expression (a string PEFT matches in full), or names."""
+    from ipylora.engine.config import is_pattern
+
+    return spec if spec == "all-linear" or is_pattern(spec) else [t.strip() for t in spec.split(",") if t.strip()]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from ipylora.engine.errors import ConfigError
 
 QUANTIZATIONS = (None, "4bit", "8bit")
+INITS = (None, "gaussian", "pissa", "olora", "loftq")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 STRATEGIES = ("ddp", "fsdp")
 
@@ -62,7 +63,17 @@ class LoraArgs:
     dropout: float | None = None
     """Dropout on the LoRA input."""
     target_modules: str | None = None
-    """Comma-separated module names, or "all-linear"."""
+    """Comma-separated module names, "all-linear", or a regular expression over module paths
+    (PEFT matches it in full, e.g. `.*\.(q|v)_proj`)."""
+    dora: bool = False
+    """DoRA: a learned magnitude per output and LoRA on the direction (PEFT's use_dora)."""
+    rslora: bool = False
+    """rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)."""
+    init: str | None = None
+    """How the adapter starts: None (PEFT's default, B = 0), gaussian, pissa, olora (from the base
+    weights' SVD / QR; the base is restored after training), loftq (4-bit base only)."""
+    modules_to_save: str | None = None
+    """Comma-separated modules trained in full beside the adapter, e.g. "embed_tokens,lm_head"."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,13 @@ class TrainArgs:
     """GRPO: the most tokens a sampled completion may have."""
     temperature: float | None = None
     """GRPO: sampling temperature of the completions."""
+    loraplus_ratio: float | None = None
+    """LoRA+: the B matrices learn this many times faster than the A matrices (PEFT's LoRA+ optimizer; ~16)."""
+    neftune: float | None = None
+    """NEFTune: noise of this alpha on the input embeddings while training (the Trainer's neftune_noise_alpha; ~5)."""
+    add_tokens: tuple[str, ...] = ()
+    """New special tokens added to the tokenizer; their embedding rows are trained with the adapter and the
+    tokenizer is saved beside it."""
     memory: float | None = None
     """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
     activation checkpointing are planned to stay under it (None: plan from free memory)."""
@@ -193,6 +211,48 @@ def tiny_epochs(tokens: int) -> float:
     return max(TINY_MIN_EPOCHS, float(round(full * TINY_REFERENCE_TOKENS / tokens)))
 
 
+def _variant_problems(args: TrainArgs) -> list[str]:
+    """The LoRA variants' own refusals (what they need, what they cannot be combined with)."""
+    import re
+
+    lora, problems = args.lora, []
+    if lora.init not in INITS:
+        problems.append(f"--init {lora.init!r} is not one of {', '.join(i for i in INITS if i)}")
+    elif lora.init == "loftq" and args.quantization != "4bit":
+        problems.append("--init loftq initialises an adapter for a 4-bit base: add --4bit (or use --init pissa on a "
+                        "16-bit one)")
+    elif lora.init in ("pissa", "olora") and args.quantization:
+        problems.append(f"--init {lora.init} rewrites the base weights, which a {args.quantization} base cannot take: "
+                        "drop --4bit/--8bit, or use --init loftq with --4bit")
+    if lora.init in ("pissa", "olora", "loftq") and lora.dora:
+        problems.append(f"--dora starts from the base weights itself: drop --init {lora.init} (or --dora)")
+    targets = lora.target_modules
+    if targets and is_pattern(targets):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(f"--target-modules {targets!r} is not a valid regular expression ({exc})")
+    for token in args.add_tokens:
+        if not token.strip():
+            problems.append('--add-tokens has an empty token name: give names like "<think>,</think>"')
+            break
+    return problems
+
+
+def is_pattern(targets: str) -> bool:
+    """Whether --target-modules is a regular expression (PEFT's string form) rather than a list of names."""
+    return targets != "all-linear" and any(c in targets for c in "*+?[]()|^$\\")
+
+
+def args_from_record(train: dict, lora: dict) -> TrainArgs:
+    """TrainArgs from run.json's "train" and "lora" entries (a --resume, a worker, a sweep's base);
+    lists come back as tuples, and keys this version does not know are left out."""
+    known = {f.name for f in fields(TrainArgs)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in train.items() if k in known and k != "lora"}
+    shape = {k: v for k, v in lora.items() if k in {f.name for f in fields(LoraArgs)}}
+    return TrainArgs(**values, lora=LoraArgs(**shape))
+
+
 def _fill(value, defaults):
     return replace(value, **{f.name: defaults[f.name] for f in fields(value)
                              if getattr(value, f.name) is None and f.name in defaults})
@@ -226,6 +286,7 @@ def resolve(args: TrainArgs, tiny: bool, *, tokens: int | Callable[[], int] | No
         problems.append(f"quantization {args.quantization!r} is not one of 4bit, 8bit")
     if args.strategy not in STRATEGIES:
         problems.append(f"--strategy {args.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    problems += _variant_problems(args)
     if args.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {args.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     from ipylora.engine import trackers
@@ -248,6 +309,10 @@ def resolve(args: TrainArgs, tiny: bool, *, tokens: int | Callable[[], int] | No
     ]
     if args.memory is not None:
         checks.append(("--memory", args.memory, 0, 1e6, False))
+    if args.loraplus_ratio is not None:
+        checks.append(("--loraplus-ratio", args.loraplus_ratio, 0, 1e4, False))
+    if args.neftune is not None:
+        checks.append(("--neftune", args.neftune, 0, 1e4, False))
     for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--early-stop", args.early_stop),
                         ("--save-every", args.save_every), ("--sample-every", args.sample_every),
                         ("--sample-max-new-tokens", args.sample_max_new_tokens)):

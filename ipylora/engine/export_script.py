@@ -432,6 +432,20 @@ def config(config_class, settings, **knobs):
     return config_class(**{k: v for k, v in settings.items() if k in fields}, **knobs)
 
 
+def lora_config(LoraConfig, lora):
+    """The run's adapter: shape, targets (names, all-linear, or a regular expression PEFT matches in
+    full) and variant (DoRA, rsLoRA, init, modules trained in full)."""
+    targets = lora["target_modules"]
+    if targets != "all-linear" and not any(c in targets for c in "*+?[]()|^$\\"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    init = lora.get("init")
+    saved = [m.strip() for m in (lora.get("modules_to_save") or "").split(",") if m.strip()] or None
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
+                      task_type="CAUSAL_LM", target_modules=targets, use_dora=bool(lora.get("dora")),
+                      use_rslora=bool(lora.get("rslora")), init_lora_weights=True if init in (None, "loftq") else init,
+                      modules_to_save=saved)
+
+
 def trainer_for(model, settings, data, tokenizer, callbacks):
     """The run's TRL trainer, told to take our token columns as they are."""
     method, train = SETTINGS["method"], SETTINGS["train"]
@@ -601,14 +615,14 @@ def main():
     if SETTINGS["quantization"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = SETTINGS["lora"]
-    targets = lora["target_modules"]
     if cli.from_adapter:  # start from that adapter's weights and shape
         model = PeftModel.from_pretrained(model, cli.from_adapter, is_trainable=True)
     else:
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none", task_type="CAUSAL_LM",
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-        ))
+        model = get_peft_model(model, lora_config(LoraConfig, lora))
+        if lora.get("init") == "loftq":  # LoftQ on an already 4-bit base, as PEFT documents it
+            from peft import replace_lora_weights_loftq
+
+            replace_lora_weights_loftq(model, model_path=cli.model)
 
     cuda = torch.cuda.is_available()
     callback = progress(steps)
@@ -621,12 +635,27 @@ def main():
             fp16=cuda and dtype == torch.float16, use_cpu=not cuda, gradient_checkpointing=False,
             logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
             seed=train["seed"], data_seed=train["seed"], dataloader_num_workers=0, remove_unused_columns=False,
+            neftune_noise_alpha=train.get("neftune"),
         )
         trainer = trainer_for(model, settings, data, tokenizer, [callback])
         trainer.remove_callback(PrinterCallback)  # one line per 10% (above), not one dict per step
         trainer.remove_callback(ProgressCallback)
+        if train.get("loraplus_ratio"):  # LoRA+: B learns loraplus_ratio times faster than A
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+            kwargs.pop("lr", None)
+            trainer.optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=train["lr"],
+                                                          loraplus_lr_ratio=train["loraplus_ratio"], **kwargs)
+        residual = lora.get("init") in ("pissa", "olora") and not cli.from_adapter
+        if residual:  # PiSSA/OLoRA rewrite the base: keep the start to save a plain LoRA of the change
+            model.save_pretrained(Path(scratch) / "initial", selected_adapters=["default"])
+            model.peft_config["default"].init_lora_weights = True  # the saved start loads as a plain adapter
         trainer.train()
-    model.save_pretrained(cli.output, selected_adapters=["default"])  # not TRL's frozen "ref" copy
+        # Not TRL's frozen "ref" copy; a PiSSA/OLoRA adapter as a plain LoRA that loads on the original base.
+        model.save_pretrained(cli.output, selected_adapters=["default"],
+                              **({"path_initial_model_for_weight_conversion": str(Path(scratch) / "initial")}
+                                 if residual else {}))
     compare(callback.losses[-1])
     print(f"adapter saved to {cli.output}")
 

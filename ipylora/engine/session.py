@@ -16,7 +16,7 @@ from pathlib import Path
 from ipylora.engine import adapters, conversation, graphdecode
 from ipylora.engine import chat as chat_module
 from ipylora.engine.adapters import Adapter
-from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, resolve
+from ipylora.engine.config import DataArgs, GenerateArgs, LoraArgs, TrainArgs, args_from_record, resolve
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError, OutOfMemoryError, SessionBusyError, UnknownNameError
 from ipylora.engine.events import Event, Notice, RunEnd, StepEnd
@@ -279,8 +279,7 @@ class Session:
         if not path.exists():
             raise UnknownNameError(f"No run {name!r} in {output}/ to resume: %lora_runs lists the runs.")
         record = launch_record(path.parent) or read_json(path)
-        train = {**record["train"], "samples": tuple(record["train"].get("samples") or ())}
-        args = TrainArgs(**{**train, "lora": LoraArgs(**record["lora"])})
+        args = args_from_record(record["train"], record["lora"])
         return self.train(record["dataset"]["name"], args, reporter, background, wait, resume=True)
 
     def sweep(self, dataset: str, sweep, base: TrainArgs = TrainArgs(), reporter=None, background: bool = False,

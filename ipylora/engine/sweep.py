@@ -36,9 +36,11 @@ def _tunable() -> dict[str, tuple[type, bool]]:
     kinds = {"lr": float, "epochs": float, "steps": int, "batch_size": int, "micro_batch_size": int,
              "warmup_ratio": float, "scheduler": str, "max_grad_norm": float, "max_length": int, "seed": int,
              "beta": float, "gamma": float, "loss_type": str, "num_generations": int,
-             "max_completion_length": int, "temperature": float, "eval_every": int, "early_stop": int}
+             "max_completion_length": int, "temperature": float, "eval_every": int, "early_stop": int,
+             "loraplus_ratio": float, "neftune": float}
     table = {name: (kind, False) for name, kind in kinds.items()}
-    table.update({"r": (int, True), "alpha": (float, True), "dropout": (float, True), "target_modules": (str, True)})
+    table.update({"r": (int, True), "alpha": (float, True), "dropout": (float, True), "target_modules": (str, True),
+                  "init": (str, True)})
     return table
 
 
@@ -46,7 +48,7 @@ TUNABLE = _tunable()
 """The options a sweep can vary, by name (as `%lora_train`'s flags, with `_` for `-`)."""
 # %lora_train switches: they take no value, so there is nothing to sweep over.
 SWITCHES = {"4bit": "--4bit", "8bit": "--8bit", "trust_remote_code": "--trust-remote-code",
-            "background": "--background", "wait": "--wait"}
+            "background": "--background", "wait": "--wait", "dora": "--dora", "rslora": "--rslora"}
 
 
 # What other tools call the options (PEFT, TrainingArguments, TRL), for the "did you mean".
@@ -368,10 +370,9 @@ def _recorded_base(base: TrainArgs) -> dict:
 
 
 def base_from_record(record: dict) -> TrainArgs:
-    train = {**record["train"], "samples": tuple(record["train"].get("samples") or ()),
-             "rewards": tuple(record["train"].get("rewards") or ())}
-    return TrainArgs(**{k: v for k, v in train.items() if k in {f.name for f in fields(TrainArgs)}},
-                     lora=LoraArgs(**record["lora"]))
+    from ipylora.engine.config import args_from_record
+
+    return args_from_record(record["train"], record["lora"])
 
 
 def best_of(trials: list[dict], study_direction: str) -> dict | None:

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ipylora.engine import methods
+from ipylora.engine import adapters, methods
 from ipylora.engine.config import GenerateArgs, TrainArgs
 from ipylora.engine.data import LoraDataset
 from ipylora.engine.errors import ConfigError
@@ -78,6 +78,7 @@ def training_settings(args: TrainArgs, steps: int, precision, output_dir: str, d
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
+        neftune_noise_alpha=args.neftune,
     )
     if args.strategy == "fsdp" and args.gpus > 1:
         # accelerate applies FSDP to GPU ranks only: CPU (gloo) ranks run DDP. Not yet run on GPUs.
@@ -376,6 +377,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     if args.from_adapter:  # the run trains the start adapter's shape
         args = replace(args, lora=session.lora_args(args.from_adapter))
     model = session.attach_adapter(name, args.lora, start=args.from_adapter)
+    residual = args.lora.init in adapters.RESIDUAL_INITS and not args.from_adapter
+    initial = adapters.keep_initial(model, name, run_dir) if residual and distributed.is_main() else None
     args, fast, plan = plan_batches(model, session, method.lengths(train_tokens, args), args, packed=method.packed)
     args = whole_groups(args, method.batch_multiple(args))
     steps = total_steps(method.examples(len(train_data), args), args)
@@ -434,6 +437,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        if args.loraplus_ratio:
+            trainer.optimizer = loraplus_optimizer(trainer, model, args)
         with _SigintToFlag(flag):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if flag.is_set():
@@ -461,7 +466,9 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
             free_memory()
         saving = last["step"] > 0 and status != "oom" and main
-        adapter = _save_adapter(model, name, run_dir, full_state) if saving else None
+        adapter = _save_adapter(model, name, run_dir, full_state, initial) if saving else None
+        if initial is not None:  # the resident base is every adapter's: give it its weights back
+            adapters.restore_base(session, name, initial, adapter)
         elapsed = time.time() - started
         message += f"adapter saved to {adapter}" if adapter else "no step finished, nothing saved"
         if callback.overfit:
@@ -487,6 +494,18 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     return end
 
 
+def loraplus_optimizer(trainer, model, args: TrainArgs):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the optimizer the Trainer would make, with the B
+    matrices' learning rate `args.loraplus_ratio` times the A matrices'. The Trainer builds its
+    scheduler on it and saves/restores its state in checkpoints as it would its own."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model, optimizer_cls, lr=args.lr, loraplus_lr_ratio=args.loraplus_ratio,
+                                     loraplus_weight_decay=trainer.args.weight_decay, **kwargs)
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -510,9 +529,11 @@ def _gathered_state(trainer, status: str) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None) -> Path:
+def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None, initial: Path | None = None) -> Path:
+    """The adapter into runs/NAME/adapter; `initial`: a PiSSA/OLoRA start, saved as the plain LoRA of the change."""
+    convert = {"path_initial_model_for_weight_conversion": str(initial)} if initial is not None else {}
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict)
+        model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict, **convert)
         # PEFT writes a non-"default" adapter into a subfolder named after it.
         saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
         final = run_dir / "adapter"

@@ -32,8 +32,15 @@ def train_args(opts) -> TrainArgs:
         gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, rewards=tuple(opts.reward or ()),
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
         temperature=opts.temperature,
-        lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules),
+        loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune, add_tokens=_listed(opts.add_tokens),
+        lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules,
+                      dora=opts.dora, rslora=opts.rslora, init=opts.init, modules_to_save=opts.modules_to_save),
     )
+
+
+def _listed(text: str | None) -> tuple[str, ...]:
+    """--add-tokens "<a>,<b>" -> ("<a>", "<b>"), an empty name kept so that the engine names the mistake."""
+    return tuple(part.strip() for part in text.split(",")) if text is not None else ()
 
 
 @magics_class
@@ -49,7 +56,20 @@ class TrainMagics(Magics):
     @argument("--r", type=int, default=None, help="LoRA rank.")
     @argument("--alpha", type=float, default=None, help="LoRA alpha.")
     @argument("--dropout", type=float, default=None, help="LoRA dropout.")
-    @argument("--target-modules", default=None, help='Comma-separated module names, or "all-linear".')
+    @argument("--target-modules", default=None,
+              help='Comma-separated module names, "all-linear", or a regular expression over module paths.')
+    @argument("--dora", action="store_true", help="DoRA: learn a magnitude per output beside the LoRA direction.")
+    @argument("--rslora", action="store_true", help="rsLoRA: scale by alpha/sqrt(r) (steadier at high ranks).")
+    @argument("--init", default=None, choices=("gaussian", "pissa", "olora", "loftq"),
+              help="Adapter init: gaussian, pissa or olora (from the base weights), loftq (with --4bit).")
+    @argument("--loraplus-ratio", type=float, default=None, metavar="R",
+              help="LoRA+: B matrices learn R times faster than A (PEFT's LoRA+ optimizer; 16 is typical).")
+    @argument("--modules-to-save", default=None, metavar="A,B",
+              help="Modules trained in full beside the adapter, e.g. embed_tokens,lm_head.")
+    @argument("--add-tokens", default=None, metavar='"<a>,<b>"',
+              help="New special tokens: added to the tokenizer, their embeddings trained, saved with the adapter.")
+    @argument("--neftune", type=float, default=None, metavar="ALPHA",
+              help="NEFTune: noise on the input embeddings while training (alpha 5 is typical).")
     @argument("--lr", type=float, default=None, help="Peak learning rate.")
     @argument("--scheduler", default=None, help="constant, linear, cosine or constant_with_warmup.")
     @argument("--warmup-ratio", type=float, default=None, help="Share of steps for learning-rate warmup.")

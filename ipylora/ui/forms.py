@@ -46,6 +46,16 @@ class TrainForm(w.VBox):
         self.alpha = w.FloatText(0, description="LoRA alpha", style=style)
         self.dropout = w.FloatText(-1, description="LoRA dropout", style=style)
         self.targets = w.Text(placeholder="all-linear", description="target modules", style=style)
+        self.dora = w.Checkbox(False, description="DoRA", indent=False, layout=w.Layout(width="80px"))
+        self.rslora = w.Checkbox(False, description="rsLoRA", indent=False, layout=w.Layout(width="90px"))
+        self.init = w.Dropdown(options=["default", "gaussian", "pissa", "olora", "loftq"], description="init",
+                               style=style)
+        self.loraplus = w.FloatText(0, description="LoRA+ ratio", style=style)
+        self.neftune = w.FloatText(0, description="NEFTune alpha", style=style)
+        self.modules_to_save = w.Text(placeholder="embed_tokens,lm_head", description="train in full", style=style)
+        self.add_tokens = w.Text(placeholder="<think>,</think>", description="add tokens", style=style)
+        self.variants = [self.dora, self.rslora, self.init, self.loraplus, self.neftune, self.modules_to_save,
+                         self.add_tokens]
         self.lr = w.FloatText(0, description="learning rate", style=style)
         self.epochs = w.FloatText(0, description="epochs", style=style)
         self.steps = w.IntText(0, description="steps", style=style)
@@ -76,14 +86,19 @@ class TrainForm(w.VBox):
         fields = [self.dataset, self.name, self.model, self.quantization, self.r, self.alpha, self.dropout,
                   self.targets, self.lr, self.epochs, self.steps, self.batch, self.max_length, self.eval_every]
         method_fields = [self.method, self.from_adapter, *self.knobs.values()]
-        for field in [*fields, *method_fields, self.background]:
+        for field in [*fields, *method_fields, *self.variants, self.background]:
             field.observe(lambda _change: self._refresh(), names="value")
         self.method.observe(lambda _change: self._show_knobs(), names="value")
         self.preset.observe(self._apply_preset, names="value")
         self.button.on_click(lambda _button: self.train())
         self.sweep_button.on_click(lambda _button: self.sweep())
         self.sweep_form = None  # the SweepForm "Sweep this" opened last
-        super().__init__([self.preset, w.HBox(method_fields), w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), hint,
+        variants = w.Accordion([w.VBox([w.HBox([self.dora, self.rslora, self.init]), w.HBox([self.loraplus, self.neftune]),
+                                        w.HBox([self.modules_to_save, self.add_tokens])])])
+        variants.set_title(0, "LoRA variant")
+        variants.selected_index = None
+        super().__init__([self.preset, w.HBox(method_fields), w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), variants,
+                          hint,
                           self.background, self.shown, w.HBox([self.button, self.sweep_button]), self.output])
         self._show_knobs()
         self._refresh()
@@ -97,6 +112,8 @@ class TrainForm(w.VBox):
                 parts.append(f"--{value}")
             elif field == "rewards":  # GRPO: each reward spec as its own --reward
                 parts += [_flag("reward", spec) for spec in value]
+            elif value is True:  # a switch: --dora
+                parts.append(f"--{field.replace('_', '-')}")
             else:
                 parts.append(_flag(field.replace("_", "-"), value))
         if self.background.value:
@@ -118,6 +135,15 @@ class TrainForm(w.VBox):
             options["dropout"] = self.dropout.value
         if self.max_length.value != 1024:
             options["max_length"] = self.max_length.value
+        options.update({field: True for field, box in (("dora", self.dora), ("rslora", self.rslora)) if box.value})
+        if self.init.value != "default":
+            options["init"] = self.init.value
+        for field, box in (("loraplus_ratio", self.loraplus), ("neftune", self.neftune)):
+            if box.value > 0:
+                options[field] = box.value
+        for field, box in (("modules_to_save", self.modules_to_save), ("add_tokens", self.add_tokens)):
+            if box.value.strip():
+                options[field] = box.value.strip()
         options.update(self._method_options())
         return options
 

@@ -38,7 +38,8 @@ def _listed(name: str, value) -> bool:
 
 
 def _flag(name: str, value) -> str:
-    return f"--{name.replace('_', '-')} {shlex.quote(str(value))}"
+    flag = f"--{name.replace('_', '-')}"
+    return flag if value is True else f"{flag} {shlex.quote(_text(value))}"  # a switch (--dora) takes no value
 
 
 def _text(value) -> str:
