@@ -1,13 +1,15 @@
-"""Taking a run out of the notebook: the adapter, a merged model, or a script that retrains it.
+"""Taking a run out of the notebook: the adapter, a merged model, a GGUF file, or a script that retrains it.
 
 Everything works from the run folder (`run.json` + `adapter/`), so it also works after a kernel
 restart. The merged model is built on a fresh copy of the base on the CPU, never on the resident
 one (merging would destroy it): a run trained on a 4-bit base is loaded 4-bit, dequantized to
 the target dtype, and only then merged, so the merged weights are the ones the adapter was trained
-against plus its update, never re-quantized. The exported script repeats the run's exact
-recipe with transformers + peft + trl alone: same tokenization and loss mask, same SFTConfig,
-same seed; a preference run (DPO, SimPO, ORPO, KTO) the same prompt/answer tokens, TRL trainer,
-beta / loss_type / gamma and reference (the base, or the --from-adapter folder it started from).
+against plus its update, never re-quantized. A GGUF file is that merged model written by gguf.py
+(for llama.cpp, Ollama, LM Studio) with the training template inside and an Ollama Modelfile
+beside it. The exported script repeats the run's exact recipe with transformers + peft + trl
+alone: same tokenization and loss mask, same SFTConfig, same seed; a preference run (DPO, SimPO,
+ORPO, KTO) the same prompt/answer tokens, TRL trainer, beta / loss_type / gamma and reference
+(the base, or the --from-adapter folder it started from).
 """
 
 from __future__ import annotations
@@ -79,13 +81,13 @@ def merged_dtype(record: dict, dtype: str | None) -> str:
     return DTYPES[dtype]
 
 
-def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None, tokenizer=None,
-                trust_remote_code: bool = False) -> Path:
-    """Write base + adapter merged into plain weights at `path` (loadable without peft)."""
+def merged_model(run_dir: Path, source: str, dtype: str | None = None, trust_remote_code: bool = False):
+    """Base + adapter of the run merged into plain weights, in memory on the CPU (a 4-bit or 8-bit
+    base loaded as trained, then dequantized, before the merge)."""
     import torch
     from peft import PeftModel
 
-    from ipylora.engine.models import Precision, load_model, load_tokenizer
+    from ipylora.engine.models import Precision, load_model
 
     record = run_record(run_dir)
     adapter = saved_adapter(run_dir)
@@ -108,6 +110,15 @@ def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None
         if hasattr(merged.config, attribute):
             delattr(merged.config, attribute)
     merged.config.dtype = dtype_name
+    return merged
+
+
+def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None, tokenizer=None,
+                trust_remote_code: bool = False) -> Path:
+    """Write base + adapter merged into plain weights at `path` (loadable without peft)."""
+    from ipylora.engine.models import load_tokenizer
+
+    merged = merged_model(run_dir, source, dtype, trust_remote_code)
     path = Path(path)
     tmp = _fresh_dir(path)
     try:
@@ -118,6 +129,39 @@ def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def gguf_path(path: Path, name: str, quant: str) -> Path:
+    """PATH itself when it names a .gguf file, else PATH/NAME-QUANT.gguf (the Modelfile goes beside it)."""
+    path = Path(path)
+    return path if path.suffix == ".gguf" else path / f"{name}-{quant}.gguf"
+
+
+def save_gguf(run_dir: Path, path: Path, source: str, quant: str = "f16", tokenizer=None,
+              trust_remote_code: bool = False):
+    """Write base + adapter merged as one GGUF file (weights, tokenizer, the training template as its
+    chat template, the trained EOS) and an Ollama Modelfile beside it; returns gguf.GGUFFiles.
+
+    The quant and the architecture are checked before anything is loaded, so a refusal is instant.
+    """
+    from transformers import AutoConfig
+
+    from ipylora.engine import gguf
+    from ipylora.engine.chat import trained_system
+    from ipylora.engine.models import load_tokenizer
+    from ipylora.engine.templates import get_template
+
+    record = run_record(run_dir)
+    saved_adapter(run_dir)
+    quant = gguf.check_quant(quant)
+    gguf.check_architecture(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+    data = record["dataset"]
+    template = get_template(data["template"])
+    system = trained_system(data).text
+    tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
+    merged = merged_model(run_dir, source, None, trust_remote_code)  # the trained precision; gguf converts
+    return gguf.write_gguf(merged, tokenizer, gguf_path(path, record["name"], quant), quant, template, system,
+                           record["name"])
 
 
 # -- the standalone script --------------------------------------------------------------------
@@ -240,15 +284,24 @@ def write_script(settings: dict, data_ref: str, path: Path, version: str, rows_f
 
 
 # -- from the session ----------------------------------------------------------------------
-def save_run(session, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs") -> Path:
-    """Write adapter `name` to `path` (PEFT format), or with `merge` the base + adapter as one plain model."""
+def save_run(session, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs",
+             gguf: bool = False, quant: str | None = None):
+    """Write adapter `name` to `path` (PEFT format), with `merge` the base + adapter as one plain model,
+    with `gguf` as one GGUF file + Ollama Modelfile (`quant`: f16, bf16, q8_0, q4_0; returns
+    gguf.GGUFFiles)."""
+    if quant is not None and not gguf:
+        raise ConfigError(f"--quant {quant} is for --gguf files: add --gguf, or drop --quant.")
+    if gguf and (merge or dtype):
+        raise ConfigError("--gguf writes merged weights in its own --quant type: drop --merge/--dtype, or drop --gguf.")
     run_dir = run_dir_of(session, name, output)
-    if not merge:
+    if not merge and not gguf:
         return save_adapter(run_dir, Path(path))
     record = run_record(run_dir)
     tokenizer = session.tokenizer if session.model_id == record.get("model") else None
-    return save_merged(run_dir, Path(path), model_source(record), dtype, tokenizer,
-                              bool(record.get("train", {}).get("trust_remote_code")))
+    trust = bool(record.get("train", {}).get("trust_remote_code"))
+    if gguf:
+        return save_gguf(run_dir, Path(path), model_source(record), quant or "f16", tokenizer, trust)
+    return save_merged(run_dir, Path(path), model_source(record), dtype, tokenizer, trust)
 
 
 def export_script(session, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
