@@ -83,6 +83,19 @@ def test_tpe_with_the_median_pruner_cuts_bad_trials_where_it_says(session):
     assert end.best_run == min(finished, key=lambda t: t["score"])["run"]
 
 
+def test_a_point_tried_before_is_not_trained_again(session):
+    session.sweep("noeval", SweepArgs(name="rep", space={"lr": "1e-3,1e-2"}, trials=5, search="random"),
+                  TrainArgs(steps=3))
+    trials = read_json("runs/rep/sweep.json")["trials"]
+    assert len(trials) == 5
+    trained = [t for t in trials if "repeat_of" not in t]
+    assert len(trained) == len({t["params"]["lr"] for t in trials}) == 2
+    for repeat in (t for t in trials if "repeat_of" in t):
+        first = trials[repeat["repeat_of"]]
+        assert repeat["score"] == first["score"] and repeat["run"] == first["run"] and repeat["steps"] == 0
+    assert len(list_runs("runs")) == 2
+
+
 def test_stop_mid_trial_then_resume_finishes_the_rest(session):
     at_step, checked = threading.Event(), threading.Event()
     current = {}

@@ -436,7 +436,11 @@ class SweepRunner:
             while not stop.is_set() and len(trials) < self.sweep.trials:
                 trial = self.study.ask()
                 params = {name: param.suggest(trial) for name, param in self.space.items()}
-                self._trial(trial.number, params, stop, optuna_trial=trial)
+                same = next((t for t in trials if t["params"] == params and t["status"] in ("finished", "pruned")), None)
+                if same is not None:
+                    self._repeat(trial, params, same)
+                else:
+                    self._trial(trial.number, params, stop, optuna_trial=trial)
         except KeyboardInterrupt:  # between trials (a trial's own Ctrl-C ends only that trial)
             stop.set("interrupted")
             for entry in trials:
@@ -513,6 +517,31 @@ class SweepRunner:
         self._emit(TrialEnd(sweep=self.sweep.name, trial=number, run=run, params=params, status=status,
                             score=score, steps=entry["steps"], elapsed=entry["elapsed"], pruned_at=entry["pruned_at"],
                             message=entry["message"], best_trial=best and best["trial"],
+                            best_score=best and best["score"]))
+
+    def _repeat(self, trial, params: dict, same: dict) -> None:
+        """A point the search already tried (TPE and random repeat points of a list space): the trial
+        gets that trial's result without training it again, as Optuna's FAQ advises."""
+        import optuna
+
+        from ipylora.engine.events import TrialEnd, TrialStart
+
+        self._emit(TrialStart(sweep=self.sweep.name, trial=trial.number, run=same["run"], params=params,
+                              total=self.sweep.trials))
+        entry = {"trial": trial.number, "run": same["run"], "params": params, "status": same["status"],
+                 "score": same["score"], "steps": 0, "total_steps": 0, "elapsed": 0.0, "pruned_at": same.get("pruned_at"),
+                 "message": f"the same point as trial {same['trial'] + 1}: its result, not trained again",
+                 "repeat_of": same["trial"]}
+        self.record["trials"].append(entry)
+        if same["status"] == "finished":
+            self.study.tell(trial.number, same["score"])
+        else:
+            self.study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        best = best_of(self.record["trials"], self.direction)
+        self._write()
+        self._emit(TrialEnd(sweep=self.sweep.name, trial=trial.number, run=same["run"], params=params,
+                            status=same["status"], score=same["score"], steps=0, elapsed=0.0,
+                            pruned_at=entry["pruned_at"], message=entry["message"], best_trial=best and best["trial"],
                             best_score=best and best["score"]))
 
     def _train(self, run: str, params: dict, report, again: dict | None):

@@ -286,6 +286,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
                     flag.set("early-stopped")
                     control.should_training_stop = True
             emit(EvalEnd(step=state.global_step, loss=loss, best=self.best_loss, best_step=self.best_step))
+            self._maybe_stop(control)  # a stop this eval led to (a sweep's pruner) ends the run at this step
             # Early stopping that fires now already keeps the best adapter and says so.
             if not self.overfit and not stopping and self.best_step is not None and overfitting(self.evals):
                 self.overfit = overfit_note(self.best_step, self.best_loss, loss, early_stop)
@@ -296,7 +297,8 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
             stopping = self.agreed if distributed.world_size() > 1 else flag.is_set()
             if stopping and not control.should_training_stop:
                 control.should_training_stop = True
-                control.should_save = True  # a resumable checkpoint at the step we stop on
+                # A resumable checkpoint at the step we stop on; a pruned trial is not meant to go on.
+                control.should_save = flag.reason != "pruned"
 
     return Callback()
 
