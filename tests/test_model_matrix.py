@@ -227,7 +227,7 @@ def test_eval_scores_the_answers_chat_gives(family, pairs):
 # Families whose exported script is run here (a BOS-writing template with its own end-of-turn
 # token; no BOS, no template tokens and Conv1D layers); every family's is written and compiled.
 # Running all sixteen would cost ~10 s of imports each.
-SCRIPT_RUNS = {"gemma2", "gpt2"}
+SCRIPT_RUNS = {"gemma2", "gpt2", "gpt-oss"}  # gpt-oss: fused experts, expert parameters beyond all-linear
 
 
 def test_exported_script_retrains_the_run(family, tmp_path):

@@ -311,10 +311,12 @@ def export_script(session, name: str, path: str, data: str | None = None, output
     structured as in the table); with it, the script reads that file and splits it as the run did.
     """
     from ipylora import __version__
-    record = run_record(run_dir_of(session, name, output))
+    run_dir = run_dir_of(session, name, output)
+    record = run_record(run_dir)
     start = record["train"].get("from_adapter")
     start_dir = saved_adapter(run_dir_of(session, start, output)) if start else None
     settings = script_settings(record, model_source(record), start_dir)
+    settings["peft"] = adapter_targets(run_dir)
     path = Path(path)
     if data is not None:
         if not Path(data).exists():
@@ -322,6 +324,29 @@ def export_script(session, name: str, path: str, data: str | None = None, output
         return write_script(settings, str(Path(data).resolve()), path, __version__, rows_file=False)
     rows = write_data(trained_frame(session, record), data_path(path))
     return write_script(settings, rows.name, path, __version__, rows_file=True)
+
+
+# What the engine resolved for the model beyond --target-modules and --dropout (adapters.py): fused
+# MoE expert parameters (target_parameters, with their rank/alpha patterns), no dropout on them
+# (PEFT refuses any), another adapter's saved modules left out. The script takes them from the
+# adapter the run saved, so that it trains what the notebook trained.
+ADAPTER_TARGET_KEYS = ("target_modules", "target_parameters", "lora_dropout", "rank_pattern", "alpha_pattern",
+                       "exclude_modules")
+
+
+def adapter_targets(run_dir: Path) -> dict | None:
+    """The saved adapter's resolved targets (ADAPTER_TARGET_KEYS), or None without a saved adapter."""
+    from ipylora.engine.runs import adapter_dir, read_json
+
+    folder = adapter_dir(Path(run_dir))
+    if folder is None:
+        return None
+    config = read_json(folder / "adapter_config.json")
+    targets = {k: config.get(k) for k in ADAPTER_TARGET_KEYS if config.get(k) not in (None, {}, [])}
+    for key in ("target_modules", "target_parameters"):  # PEFT writes sets as lists in no fixed order
+        if isinstance(targets.get(key), list):
+            targets[key] = sorted(targets[key])
+    return targets
 
 
 def run_dir_of(session, name: str, output: str) -> Path:

@@ -440,10 +440,16 @@ def lora_config(LoraConfig, lora):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     init = lora.get("init")
     saved = [m.strip() for m in (lora.get("modules_to_save") or "").split(",") if m.strip()] or None
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
-                      task_type="CAUSAL_LM", target_modules=targets, use_dora=bool(lora.get("dora")),
-                      use_rslora=bool(lora.get("rslora")), init_lora_weights=True if init in (None, "loftq") else init,
-                      modules_to_save=saved)
+    config = dict(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
+                  task_type="CAUSAL_LM", target_modules=targets, use_dora=bool(lora.get("dora")),
+                  use_rslora=bool(lora.get("rslora")), init_lora_weights=True if init in (None, "loftq") else init,
+                  modules_to_save=saved)
+    if SETTINGS.get("peft") and init not in ("pissa", "olora"):
+        # The layers and expert parameters the notebook's adapter was trained on, as it saved them
+        # (for MoE models more than all-linear gives, and no dropout on expert parameters).
+        config.update(SETTINGS["peft"])
+        config.pop("exclude_modules", None)  # another adapter's modules in the notebook, not here
+    return LoraConfig(**config)
 
 
 def trainer_for(model, settings, data, tokenizer, callbacks):

@@ -571,11 +571,13 @@ class Session:
 
         return run_eval(self, name, dataset, split, args, output)
 
-    def save(self, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs") -> Path:
-        """Write adapter `name` to `path` (PEFT format), or with `merge` base + adapter as one model (export.save_run)."""
+    def save(self, name: str, path: str, merge: bool = False, dtype: str | None = None, output: str = "runs",
+             gguf: bool = False, quant: str | None = None):
+        """Write adapter `name` to `path` (PEFT format), with `merge` base + adapter as one model, with `gguf`
+        as one GGUF file and an Ollama Modelfile (`quant`: f16, bf16, q8_0, q4_0) (export.save_run)."""
         from ipylora.engine.export import save_run
 
-        return save_run(self, name, path, merge, dtype, output)
+        return save_run(self, name, path, merge, dtype, output, gguf=gguf, quant=quant)
 
     def export_script(self, name: str, path: str, data: str | None = None, output: str = "runs") -> Path:
         """Write a standalone transformers + peft + trl script that retrains run `name` (export.export_script)."""

@@ -6,7 +6,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ipylora.engine import get_session
-from ipylora.engine.export import data_path, save_run
+from ipylora.engine.export import data_path
 from ipylora.magics.args import parse
 from ipylora.magics.common import user_errors
 
@@ -38,9 +38,8 @@ class ExportMagics(Magics):
         """
         opts = parse(self.lora_save, line)
         if opts.gguf or opts.quant:
-            # Session.save has no GGUF arguments yet: the engine's export.save_run is the same call.
-            files = save_run(get_session(), opts.name, opts.path, merge=opts.merge, dtype=opts.dtype,
-                             output=opts.output, gguf=opts.gguf, quant=opts.quant)
+            files = get_session().save(opts.name, opts.path, merge=opts.merge, dtype=opts.dtype, output=opts.output,
+                                       gguf=opts.gguf, quant=opts.quant)
             print(f"GGUF ({files.quant}) saved to {files.gguf}, Modelfile beside it: run it with llama.cpp "
                   f"(llama-cli -m {files.gguf}), or with Ollama: ollama create {opts.name} -f {files.modelfile}")
             for note in files.notes:
