@@ -111,7 +111,6 @@ def test_the_exported_script_rebuilds_a_variant(session, output, tmp_path):
     (TrainArgs(quantization="4bit", lora=LoraArgs(init="pissa")), "rewrites the base weights"),
     (TrainArgs(lora=LoraArgs(init="pissa", dora=True)), "--dora starts from the base weights"),
     (TrainArgs(lora=LoraArgs(target_modules=r".*(q_proj")), "not a valid regular expression"),
-    (TrainArgs(add_tokens=("<a>", " ")), "--add-tokens has an empty token name"),
     (TrainArgs(loraplus_ratio=0.0), "--loraplus-ratio 0 is outside"),
     (TrainArgs(lora=LoraArgs(init="svd")), "--init 'svd' is not one of"),
 ])

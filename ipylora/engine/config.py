@@ -64,7 +64,7 @@ class LoraArgs:
     """Dropout on the LoRA input."""
     target_modules: str | None = None
     """Comma-separated module names, "all-linear", or a regular expression over module paths
-    (PEFT matches it in full, e.g. `.*\.(q|v)_proj`)."""
+    (PEFT matches it in full, e.g. `.*[.](q|v)_proj`)."""
     dora: bool = False
     """DoRA: a learned magnitude per output and LoRA on the direction (PEFT's use_dora)."""
     rslora: bool = False
@@ -152,9 +152,6 @@ class TrainArgs:
     """LoRA+: the B matrices learn this many times faster than the A matrices (PEFT's LoRA+ optimizer; ~16)."""
     neftune: float | None = None
     """NEFTune: noise of this alpha on the input embeddings while training (the Trainer's neftune_noise_alpha; ~5)."""
-    add_tokens: tuple[str, ...] = ()
-    """New special tokens added to the tokenizer; their embedding rows are trained with the adapter and the
-    tokenizer is saved beside it."""
     memory: float | None = None
     """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
     activation checkpointing are planned to stay under it (None: plan from free memory)."""
@@ -232,10 +229,6 @@ def _variant_problems(args: TrainArgs) -> list[str]:
             re.compile(targets)
         except re.error as exc:
             problems.append(f"--target-modules {targets!r} is not a valid regular expression ({exc})")
-    for token in args.add_tokens:
-        if not token.strip():
-            problems.append('--add-tokens has an empty token name: give names like "<think>,</think>"')
-            break
     return problems
 
 

@@ -32,15 +32,10 @@ def train_args(opts) -> TrainArgs:
         gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, rewards=tuple(opts.reward or ()),
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
         temperature=opts.temperature,
-        loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune, add_tokens=_listed(opts.add_tokens),
+        loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules,
                       dora=opts.dora, rslora=opts.rslora, init=opts.init, modules_to_save=opts.modules_to_save),
     )
-
-
-def _listed(text: str | None) -> tuple[str, ...]:
-    """--add-tokens "<a>,<b>" -> ("<a>", "<b>"), an empty name kept so that the engine names the mistake."""
-    return tuple(part.strip() for part in text.split(",")) if text is not None else ()
 
 
 @magics_class
@@ -66,8 +61,6 @@ class TrainMagics(Magics):
               help="LoRA+: B matrices learn R times faster than A (PEFT's LoRA+ optimizer; 16 is typical).")
     @argument("--modules-to-save", default=None, metavar="A,B",
               help="Modules trained in full beside the adapter, e.g. embed_tokens,lm_head.")
-    @argument("--add-tokens", default=None, metavar='"<a>,<b>"',
-              help="New special tokens: added to the tokenizer, their embeddings trained, saved with the adapter.")
     @argument("--neftune", type=float, default=None, metavar="ALPHA",
               help="NEFTune: noise on the input embeddings while training (alpha 5 is typical).")
     @argument("--lr", type=float, default=None, help="Peak learning rate.")
