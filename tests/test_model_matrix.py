@@ -175,11 +175,15 @@ def test_chat_stops_at_the_end_of_turn_token(family, pairs):
     end_of_turn = model_matrix.end_of_turn_id(fam, session.tokenizer)
     token = fam.end_of_turn or session.tokenizer.eos_token
     model_matrix.record(fam, "template", "yes", f"trains {token}")
-    if not memorised:  # Qwen3-MoE at this size: neither the engine nor peft + trl memorise any pair
-        model_matrix.record(fam, "chat stops", "untested", f"no pair memorised in {STEPS} steps")
-        pytest.skip(f"{fam.name} memorised no pair in {STEPS} steps, so no answer shows where it stops")
-    assert all(a["stopped_at_eos"] and a["stop_token"] == end_of_turn for a in memorised), \
-        [(a["text"], a["stop_token"]) for a in memorised]
+    # Every answer that ended before the length cap ended at the family's end-of-turn id, and every
+    # memorised one did end there. (OPT at this size memorises 0-2 pairs from one run to the next, but
+    # its answers stop all the same.)
+    stopped = [a for a in answers if a["stopped_at_eos"]]
+    assert all(a["stopped_at_eos"] for a in memorised), [a["text"] for a in memorised]
+    if not stopped:
+        model_matrix.record(fam, "chat stops", "untested", f"no answer ended within its cap after {STEPS} steps")
+        pytest.skip(f"{fam.name}: no answer ended within its cap, so none shows where it stops")
+    assert all(a["stop_token"] == end_of_turn for a in stopped), [(a["text"], a["stop_token"]) for a in stopped]
     model_matrix.record(fam, "chat stops", "yes", f"at {token}")
 
 

@@ -203,7 +203,7 @@ def test_bad_specs_get_one_line_with_the_fix(shell, capsys, line, needles):
     assert not (CONCEPTS.parent / "runs").exists()
 
 
-def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys):
+def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys, monkeypatch):
     shell.run_line_magic("lora_sweep", "c --name m --steps 3 lr=1e-3,1e-2")
     out = capsys.readouterr().out
     assert "sweep m finished" in out and "trial 2" in out
@@ -214,7 +214,7 @@ def test_magic_line_runs_the_sweep_and_lists_its_trials(shell, capsys):
     listing = capsys.readouterr().out
     assert "m-1" in listing and "m-2" in listing and "m #2" in listing  # the sweep column
     shown = []
-    shell.display_pub.publish = lambda data, **kwargs: shown.append(data)
+    monkeypatch.setattr(shell.display_pub, "publish", lambda data, **kwargs: shown.append(data))
     shell.run_line_magic("lora_runs", "--plot m")  # a sweep's name plots all of its trials
     assert shown and "image/png" in shown[-1]
     assert_one_line_error(shell, capsys, "%lora_sweep c --name m lr=1e-3,1e-2", "exists", "--resume m")

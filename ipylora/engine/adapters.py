@@ -181,7 +181,7 @@ def _targets_checked(config):
     try:
         yield
     except ValueError as exc:
-        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+        if "target" in str(exc).lower():  # "Target modules ... not found", "No modules were targeted ..."
             raise ConfigError(f"--target-modules {config.target_modules!r} matches no layer of this model "
                               f"({str(exc).splitlines()[0][:160]}): pass all-linear, names such as q_proj,v_proj, "
                               r"or a regular expression over module paths such as '.*\.(q|v)_proj'.") from None
