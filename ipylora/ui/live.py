@@ -95,6 +95,23 @@ def _memory(mb: float) -> str:
     return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
 
 
+def stop_button(description: str, tooltip: str):
+    """A Stop button that asks the session to stop at the next step and then says it is stopping."""
+    import ipywidgets
+
+    from ipylora.engine import get_session
+
+    button = ipywidgets.Button(description=description, icon="stop", button_style="danger", tooltip=tooltip)
+
+    def stop(_button):
+        if get_session().request_stop():
+            button.description = "stopping..."
+            button.disabled = True
+
+    button.on_click(stop)
+    return button
+
+
 class NotebookReporter:
     """Turns training events into an in-place panel. `background=True` adds a working Stop button."""
 
@@ -174,19 +191,7 @@ class NotebookReporter:
                 self.stop_button.description = event.status
 
     def _show_stop_button(self) -> None:
-        import ipywidgets
-
-        from ipylora.engine import get_session
-
-        self.stop_button = ipywidgets.Button(description="Stop", icon="stop", button_style="danger",
-                                             tooltip="Stop at the next step and save the adapter")
-
-        def stop(_button):
-            if get_session().request_stop():
-                self.stop_button.description = "stopping..."
-                self.stop_button.disabled = True
-
-        self.stop_button.on_click(stop)
+        self.stop_button = stop_button("Stop", "Stop at the next step and save the adapter")
         display(self.stop_button)
 
     def _draw(self, step: int, total: int, status: str = "") -> None:

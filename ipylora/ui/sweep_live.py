@@ -21,7 +21,7 @@ from pathlib import Path
 from IPython.display import display
 
 from ipylora.engine.events import EvalEnd, Event, Notice, RunStart, StepEnd, SweepEnd, SweepStart, TrialEnd, TrialStart
-from ipylora.ui.live import duration
+from ipylora.ui.live import duration, stop_button
 from ipylora.ui.render import Rendered
 
 # More trials than this and the legend names only the best one (the colours still tell them apart).
@@ -329,19 +329,7 @@ class SweepReporter:
                 f"loss {e.loss:.4f}{eval_part} · ETA {duration(e.eta_s)}{self._best_part()}")
 
     def _show_stop_button(self) -> None:
-        import ipywidgets
-
-        from ipylora.engine import get_session
-
-        self.stop_button = ipywidgets.Button(description="Stop sweep", icon="stop", button_style="danger",
-                                             tooltip="Stop the running trial at its next step and end the sweep")
-
-        def stop(_button):
-            if get_session().request_stop():
-                self.stop_button.description = "stopping..."
-                self.stop_button.disabled = True
-
-        self.stop_button.on_click(stop)
+        self.stop_button = stop_button("Stop sweep", "Stop the running trial at its next step and end the sweep")
         display(self.stop_button)
 
     def _update_line(self, text: str) -> None:
