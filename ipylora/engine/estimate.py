@@ -18,6 +18,7 @@ on CPU from a ~0.2 s matmul probe and constants measured here. Both are estimate
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -442,13 +443,19 @@ def cpu_tokens_per_s(config, linear: int, accumulation: int, micro: int, micro_t
 
     `micro_tokens`: tokens a padded micro-batch computes on (rows x longest row), on average.
     """
-    probe = matmul_probe()
+    probe = cpu_flops()
     # Attention scores and their backward (~12 s^2 h per row and layer) matter for long padded rows.
     seq = micro_tokens / max(micro, 1)
     attention = 12 * seq * micro_tokens * config.hidden_size * config.num_hidden_layers
     step_s = accumulation * (CPU_STEP_S + CPU_LAYER_S * config.num_hidden_layers
                              + (4 * linear * micro_tokens + attention) / (probe * CPU_EFFICIENCY))
     return tokens_per_step / step_s, f"CPU: matmul probe {probe / 1e9:,.0f} GFLOP/s, rough"
+
+
+@functools.cache
+def cpu_flops() -> float:
+    """`matmul_probe`, once per process: every CPU run's estimate used to cost 0.24 s (a sweep's every trial)."""
+    return matmul_probe()
 
 
 def matmul_probe(seconds: float = 0.2) -> float:

@@ -174,6 +174,26 @@ def _load_message(source: str, exc: Exception, trust_remote_code: bool) -> str:
     return f"Could not load {source!r}: {text}"
 
 
+def keep_resident() -> None:
+    """Take what is alive now (the resident model, its adapters, the libraries imported) out of the
+    cyclic collector's sight; called as each run starts.
+
+    accelerate runs a full `gc.collect()` as every training starts; with a model resident it walks
+    every object alive (~600k in the embedded model's session, more for deep models): 0.4 s of each
+    sweep trial, measured. Frozen objects are still freed by reference counting (a dropped adapter,
+    a finished run's data); `release_resident` hands them back to the collector when the model goes.
+    What a run builds after this (its trainer, whose cycles hold the optimizer) stays collectable.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def release_resident() -> None:
+    """Undo `keep_resident` and free the dropped model's memory (its cycles included)."""
+    gc.unfreeze()
+    free_memory()
+
+
 def free_memory() -> None:
     import torch
 

@@ -200,13 +200,13 @@ class Session:
         self._drop_model()
 
     def _drop_model(self) -> None:
-        from ipylora.engine.models import free_memory
+        from ipylora.engine.models import release_resident
 
         self.model = self.tokenizer = None
         self.model_id = None
         self.adapters.clear()
         self.active_adapter = None
-        free_memory()
+        release_resident()
         self._changed()
 
     # -- adapters ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ callback) is caught too: the adapter is saved either way and the resident model 
 from __future__ import annotations
 
 import math
+import re
 import signal
 import tempfile
 import threading
@@ -253,6 +254,10 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
                 self.agreed = distributed.agree_to_stop(flag, run_dir)
             if has_eval and state.global_step == steps:
                 control.should_evaluate = True  # the final eval loss is the saved adapter's
+            if state.global_step >= steps and not flag.is_set() and state.global_step % args.save_steps:
+                # The Trainer checkpoints every run's last step (optimizer state and all: 0.2 s on the tiny
+                # model, seconds on 7B, each sweep trial); a finished run keeps its adapter instead.
+                control.should_save = False
             self._maybe_stop(control)
             if samples.due(state.global_step, steps) and distributed.is_main():  # rank 0 reports them
                 for sample in samples(model, state.global_step):
@@ -348,9 +353,11 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     from transformers import set_seed
 
     from ipylora.engine import distributed
+    from ipylora.engine.models import keep_resident
 
     name = check_name(args.name, "run")
     flag = flag or StopFlag()
+    keep_resident()
     if resume:
         run_dir = Path(args.output) / name
         checkpoint = last_checkpoint(run_dir)
@@ -439,6 +446,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        trainer.get_decay_parameter_names = decay_parameter_names
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
         with _SigintToFlag(flag):
@@ -494,6 +502,28 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             metrics.close()
         session._after_run(name, run_dir, dataset, saved=adapter is not None)
     return end
+
+
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+"""Trainer.get_decay_parameter_names' name rule, as one pattern."""
+
+
+def decay_parameter_names(model) -> set[str]:
+    """The Trainer's weight-decay rule (no biases, no norm weights) over the trained parameters only.
+
+    transformers walks every module of the model and returns a list that create_optimizer then
+    searches once per parameter: 0.3 s of every run on a 28-layer model, measured, for a split
+    that only the trained parameters (the adapter's) take part in.
+    """
+    from torch import nn
+
+    names = set()
+    for name, param in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if param.requires_grad and not NO_DECAY.search(name.lower()) \
+                and not isinstance(model.get_submodule(owner) if owner else model, nn.LayerNorm):
+            names.add(name)
+    return names
 
 
 def loraplus_optimizer(trainer, model, args: TrainArgs):
