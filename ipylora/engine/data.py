@@ -66,7 +66,8 @@ class LoraDataset:
                 m["role"] == "assistant" for conv in self.conversations() for m in conv):
             self.kind = PROMPT_KIND  # every row ends with a user turn: prompts to answer (GRPO)
         self._rows: list | None = None
-        self._tokens: tuple | None = None
+        self._tokens: tuple | None = None  # (key, tokens) computed ahead of their use; see _reuse
+        self._keep = False  # tokens_kept()
         self.truncation: Truncation | None = None
         self.eval: LoraDataset | None = None
         if held_out is not None:
@@ -204,24 +205,24 @@ class LoraDataset:
         from ipylora.engine import prompts
 
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, PROMPT_KIND):
-            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, PROMPT_KIND))) is not None:
             return tokens
         tokens = prompts.prompt_tokens(self, tokenizer, max_length, rows)
         if rows is None:
             self.truncation = tokens.truncation
+            self._remember((id(tokenizer), len(tokenizer), max_length, PROMPT_KIND), tokens)
         return tokens
 
     def _preference_tokens(self, shape: str, all_rows: list, tokenizer, max_length: int, rows) -> Tokens:
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, shape):
-            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, shape))) is not None:
             return tokens
         picked = all_rows if rows is None else [all_rows[i] for i in _indices(rows, len(all_rows))]
         build = preference.preference_tokens if shape == PREFERENCE_KIND else preference.unpaired_tokens
         tokens = build(picked, self.template, tokenizer, max_length)
         if rows is None:
             self.truncation = tokens.truncation
+            self._remember((id(tokenizer), len(tokenizer), max_length, shape), tokens)
         return tokens
 
     def segments(self, rows=None, template: Template | None = None) -> list[list[tuple[str, bool]]]:
@@ -247,12 +248,12 @@ class LoraDataset:
         how: a row too long keeps its answer and EOS; one whose answer alone is too long is left out,
         so the lists can be shorter than the rows)."""
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and self._tokens is not None and self._tokens[0] == (id(tokenizer), max_length, "sft"):
-            tokens, self._tokens = self._tokens[1], None  # what check_trainable() just tokenized
+        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, "sft"))) is not None:
             return tokens
         tokens = tokenize_segments(self.segments(rows), tokenizer, max_length, self.args.train_on_prompt)
         if rows is None:
             self.truncation = tokens.truncation  # what the last run's tokens lost (run.json records it)
+            self._remember((id(tokenizer), len(tokenizer), max_length, "sft"), tokens)
         return tokens
 
     def check_trainable(self, tokenizer, max_length: int, shape: str = "sft") -> dict[str, Truncation]:
@@ -281,8 +282,36 @@ class LoraDataset:
                     f"be trained. Raise --max-length to at least {report.shortest_response + 1}, or shorten the answers.")
             reports[split] = report
             if split == "train":
-                part._tokens = ((id(tokenizer), max_length, shape), tokens)
+                part._tokens = ((id(tokenizer), len(tokenizer), max_length, shape), tokens)
         return reports
+
+    @contextmanager
+    def tokens_kept(self):
+        """Within: every split keeps the tokens it last computed for the next run's use (a sweep's trials
+        train on the same tokens; the tiny model's 6-trial sweep retokenized 0.05 s a trial). Outside,
+        only `check_trainable`'s train tokens are kept, for one use: a large dataset's token lists
+        are big, and a run's own copy is freed when it ends."""
+        parts = list(self.splits().values())
+        for part in parts:
+            part._keep = True
+        try:
+            yield self
+        finally:
+            for part in parts:
+                part._keep, part._tokens = False, None
+
+    def _reuse(self, key: tuple):
+        """The tokens cached under `key` (the tokenizer, its length, max_length and shape), else None."""
+        if self._tokens is None or self._tokens[0] != key:
+            return None
+        tokens = self._tokens[1]
+        if not self._keep:
+            self._tokens = None
+        return tokens
+
+    def _remember(self, key: tuple, tokens) -> None:
+        if self._keep:
+            self._tokens = (key, tokens)
 
     def describe(self) -> dict:
         """What the run records about its data (run.json); chat rebuilds its prompt from `template`."""

@@ -428,24 +428,25 @@ class SweepRunner:
                               metric=self.sweep.metric, direction=self.direction, prune=self.sweep.prune,
                               space={name: param.spec for name, param in self.space.items()},
                               sweep_dir=str(self.folder), done=done))
-        try:
-            for unfinished in [t for t in trials if t["status"] in ("stopped", "running")]:
-                if stop.is_set():
-                    break
-                self._trial(unfinished["trial"], unfinished["params"], stop, again=unfinished)
-            while not stop.is_set() and len(trials) < self.sweep.trials:
-                trial = self.study.ask()
-                params = {name: param.suggest(trial) for name, param in self.space.items()}
-                same = next((t for t in trials if t["params"] == params and t["status"] in ("finished", "pruned")), None)
-                if same is not None:
-                    self._repeat(trial, params, same)
-                else:
-                    self._trial(trial.number, params, stop, optuna_trial=trial)
-        except KeyboardInterrupt:  # between trials (a trial's own Ctrl-C ends only that trial)
-            stop.set("interrupted")
-            for entry in trials:
-                if entry["status"] == "running":  # it had not started training: run again on --resume
-                    entry["status"] = "stopped"
+        with self.session.dataset(self.dataset).tokens_kept():  # every trial trains on the same tokens
+            try:
+                for unfinished in [t for t in trials if t["status"] in ("stopped", "running")]:
+                    if stop.is_set():
+                        break
+                    self._trial(unfinished["trial"], unfinished["params"], stop, again=unfinished)
+                while not stop.is_set() and len(trials) < self.sweep.trials:
+                    trial = self.study.ask()
+                    params = {name: param.suggest(trial) for name, param in self.space.items()}
+                    same = next((t for t in trials if t["params"] == params and t["status"] in ("finished", "pruned")), None)
+                    if same is not None:
+                        self._repeat(trial, params, same)
+                    else:
+                        self._trial(trial.number, params, stop, optuna_trial=trial)
+            except KeyboardInterrupt:  # between trials (a trial's own Ctrl-C ends only that trial)
+                stop.set("interrupted")
+                for entry in trials:
+                    if entry["status"] == "running":  # it had not started training: run again on --resume
+                        entry["status"] = "stopped"
         self.record["status"] = "stopped" if stop.is_set() else "finished"
         self.record["finished"] = time.time()
         return self._finish()

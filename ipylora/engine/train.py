@@ -13,6 +13,7 @@ callback) is caught too: the adapter is saved either way and the resident model 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import signal
@@ -564,7 +565,7 @@ def _gathered_state(trainer, status: str) -> dict | None:
 def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None, initial: Path | None = None) -> Path:
     """The adapter into runs/NAME/adapter; `initial`: a PiSSA/OLoRA start, saved as the plain LoRA of the change."""
     convert = {"path_initial_model_for_weight_conversion": str(initial)} if initial is not None else {}
-    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp, _no_model_card(model, name):
         model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict, **convert)
         # PEFT writes a non-"default" adapter into a subfolder named after it.
         saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
@@ -573,6 +574,21 @@ def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = Non
             saved = saved.rename(run_dir / f".adapter-new-{time.time_ns()}")
         replace_dir(saved, final)
     return final
+
+
+@contextlib.contextmanager
+def _no_model_card(model, name: str):
+    """PEFT writes its model card (README.md) into the save folder's root, which for an adapter not
+    named "default" is not the adapter's folder and is thrown away here; rendering it compiles a
+    Jinja template on every save (35-70 ms of each run, measured). So, for those, it is skipped."""
+    if name == "default":
+        yield
+        return
+    model.create_or_update_model_card = lambda output_dir: None
+    try:
+        yield
+    finally:
+        del model.create_or_update_model_card
 
 
 def _versions() -> dict:
