@@ -264,6 +264,24 @@ def part_b(kind: str, records: list[dict], end: dict, wall: float) -> dict:
 
 
 # -- main --------------------------------------------------------------------------------------------
+def print_profile(profiler, path: str, trials: int, top: int = 45) -> None:
+    """Save the profile to `path` and print the functions with the most cumulative time per trial
+    (the engine's, PEFT's, transformers', TRL's and accelerate's, not the model's forward/backward)."""
+    import io
+    import pstats
+
+    profiler.dump_stats(path)
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (file, line, func), (_, calls, _, cumulative, _) in stats.stats.items():
+        if any(part in file for part in ("ipylora", "peft", "transformers", "trl", "accelerate", "datasets")) \
+                and not any(skip in func for skip in ("forward", "backward", "training_step", "compute_loss")):
+            rows.append((cumulative / trials, calls / trials, f"{file.rsplit('site-packages/', 1)[-1]}:{line}({func})"))
+    log(f"profile ({path}): cumulative s per trial, calls per trial")
+    for cumulative, calls, where in sorted(rows, reverse=True)[:top]:
+        log(f"  {cumulative:7.3f} {calls:8.1f}  {where}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
@@ -281,6 +299,8 @@ def main() -> int:
     parser.add_argument("--space-a", default=None, help='(A) space as JSON, e.g. {"lr": "1e-4,2e-4", "r": "8,16"}')
     parser.add_argument("--space-b", default=None, help="(B) space as JSON (12 points for the comparison)")
     parser.add_argument("--json", default=None, help="write every figure (per-trial gaps included) to this file")
+    parser.add_argument("--profile", default=None,
+                        help="cProfile the engine half of (A) into this .prof file and print where the trials' time goes")
     cli = parser.parse_args()
     if cli.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -339,7 +359,16 @@ def main() -> int:
         save()
     if "engine" in parts:
         log(f"(A) engine: Session.sweep, {trials_a} trials")
+        profiler = None
+        if cli.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         records, end, wall = engine_sweep(session, "bench-a", space_a, base_a)
+        if profiler is not None:
+            profiler.disable()
+            print_profile(profiler, cli.profile, trials_a)
         result["a"].append({**summarize("engine", records, wall), "best_score": end["best_score"]})
         save()
     if result["a"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ipylora.engine import decode, graphdecode
 from ipylora.engine.config import LoraArgs
 from ipylora.engine.errors import ConfigError, UnknownNameError
+from ipylora.engine.models import base_memo
 from ipylora.engine.runs import check_name
 
 
@@ -73,7 +74,7 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
             session.model.add_adapter(name, config)
     session.model.set_adapter(name)
     if start is None and lora.target_modules == "all-linear" and not saved_modules:
-        _memo(session.model, "all-linear", lambda: session.model.peft_config[name].target_modules)
+        base_memo(session.model, "all-linear", lambda: session.model.peft_config[name].target_modules)
     if start is None and lora.init == "loftq":
         _loftq(session, name)
     if start is not None:
@@ -304,7 +305,7 @@ def _has_saved_modules(model) -> bool:
 
 
 def _has_fused_experts(model) -> bool:
-    return _memo(model, "fused-experts",
+    return base_memo(model, "fused-experts",
                  lambda: any(p.ndim == 3 and "expert" in name for name, p in model.named_parameters()))
 
 
@@ -315,21 +316,10 @@ def _resolved_targets(model, spec: str):
     each adapter attached to a 28-layer model (each sweep trial), measured. Fused MoE experts keep
     PEFT's own resolution (its conversion reads all-linear itself)."""
     if spec == "all-linear" and not _has_fused_experts(model):
-        known = _memo(model, "all-linear")
+        known = base_memo(model, "all-linear")
         if known is not None:
             return set(known)
     return _targets(spec)
-
-
-def _memo(model, key: str, compute=None):
-    """What `compute()` says about the base model under `model` (a PeftModel or the base itself), worked
-    out once per base model: the walks over every module that do not change while it is resident.
-    Without `compute`: what was kept under `key`, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    memo = base.__dict__.setdefault("_ipylora_memo", {})
-    if key not in memo and compute is not None:
-        memo[key] = compute()
-    return memo.get(key)
 
 
 def _targets(spec: str):

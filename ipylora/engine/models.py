@@ -200,3 +200,14 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def base_memo(model, key: str, compute=None):
+    """What `compute()` says about the base model under `model` (a PeftModel or the base itself), worked
+    out once per base model: the walks over every module that do not change while it is resident.
+    Without `compute`: what was kept under `key`, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    memo = base.__dict__.setdefault("_ipylora_memo", {})
+    if key not in memo and compute is not None:
+        memo[key] = compute()
+    return memo.get(key)

@@ -448,6 +448,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.get_decay_parameter_names = decay_parameter_names
+        trainer.floating_point_ops = step_flops(model)
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
         with _SigintToFlag(flag):
@@ -525,6 +526,19 @@ def decay_parameter_names(model) -> set[str]:
                 and not isinstance(model.get_submodule(owner) if owner else model, nn.LayerNorm):
             names.add(name)
     return names
+
+
+def step_flops(model):
+    """Trainer.floating_point_ops (6 x input tokens x non-embedding parameters, its `total_flos`) with the
+    parameter count taken once: transformers counts every parameter again at every step, 18 ms a step
+    on a 28-layer model here (~10% of a 1.5B step on the H200), for a number that does not change."""
+    count = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
+    main_input = getattr(model, "main_input_name", "input_ids")
+
+    def floating_point_ops(inputs) -> int:
+        return 6 * inputs[main_input].numel() * count if main_input in inputs else 0
+
+    return floating_point_ops
 
 
 def loraplus_optimizer(trainer, model, args: TrainArgs):
