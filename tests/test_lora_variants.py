@@ -89,6 +89,48 @@ def test_variant_trains_chats_and_merges(session, reference, concepts, output, t
     assert _answers(session, merged, None, concepts) == chat
 
 
+def test_loftq_starts_nearer_the_unquantized_model_and_trains_as_well(concepts, output):
+    """--init loftq on the 4-bit path: before any step, base + adapter is nearer the unquantized model
+    than the 4-bit base alone (at the default alpha and at another: the scaling is divided out of B),
+    and after training it memorises the pairs at least as well as plain 4-bit LoRA in the same steps."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    s = Session()
+    s.add_dataset("c", concepts.head(ROWS), DataArgs(prompt=PROMPT, response="{description}"))
+    s.ensure_model(None, quantization="4bit")
+    ids = s.tokenizer(PROMPT.format(concept=concepts.concept[0]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_path())(ids).logits
+
+    def error(adapter: str | None) -> float:
+        with torch.no_grad():
+            if adapter is None:
+                with s.model.disable_adapter():
+                    logits = s.model(ids).logits
+            else:
+                s.model.set_adapter(adapter)
+                logits = s.model(ids).logits
+        return ((logits.float() - full).norm() / full.norm()).item()
+
+    s.attach_adapter("start-default", LoraArgs(r=32, alpha=32, dropout=0.0, target_modules="all-linear"))
+    s.attach_adapter("start-loftq", LoraArgs(r=32, alpha=32, dropout=0.0, target_modules="all-linear", init="loftq"))
+    s.attach_adapter("start-loftq-a64", LoraArgs(r=32, alpha=64, dropout=0.0, target_modules="all-linear", init="loftq"))
+    quantized = error(None)
+    assert error("start-default") == pytest.approx(quantized)  # B = 0: the adapter adds nothing yet
+    assert error("start-loftq") < 0.9 * quantized
+    assert error("start-loftq-a64") == pytest.approx(error("start-loftq"), rel=1e-3)
+
+    s.train("c", TrainArgs(name="plain-4bit", steps=STEPS, quantization="4bit", output=output))
+    end = s.train("c", TrainArgs(name="loftq", steps=STEPS, quantization="4bit", lora=LoraArgs(init="loftq"),
+                                 output=output))
+    assert end.status == "finished"
+    assert json.loads(open(f"{output}/loftq/run.json").read())["lora"]["init"] == "loftq"
+    assert _memorised(s, "loftq", concepts) >= _memorised(s, "plain-4bit", concepts) >= ROWS - 1
+
+
 def test_the_exported_script_rebuilds_a_variant(session, output, tmp_path):
     session.train("c", TrainArgs(name="mix", steps=STEPS, output=output, loraplus_ratio=16.0, lr=1e-2 / 16, neftune=5.0,
                                  lora=LoraArgs(dora=True, rslora=True)))

@@ -165,6 +165,7 @@ def _init(init: str | None):
 def _loftq(session, name: str) -> None:
     """LoftQ on the 4-bit path: the adapter's A and B are set so that base + adapter approximate the
     unquantized weights, read from the model's safetensors file (PEFT's replace_lora_weights_loftq)."""
+    import torch
     from peft import replace_lora_weights_loftq
 
     source = Path(session.model_source or "")
@@ -172,7 +173,48 @@ def _loftq(session, name: str) -> None:
         raise ConfigError(f"--init loftq reads the unquantized weights from the model's safetensors files, and "
                           f"{session.model_id} has none in {source or 'a local folder'}: use a local checkpoint "
                           "saved in safetensors, or drop --init loftq.")
-    replace_lora_weights_loftq(session.model, model_path=str(source), adapter_name=name)
+    if torch.cuda.is_available():
+        replace_lora_weights_loftq(session.model, model_path=str(source), adapter_name=name)
+    else:
+        _loftq_on_cpu(session.model, source, name)
+    _unscale_loftq(session.model, name)
+
+
+def _loftq_on_cpu(model, source: Path, name: str) -> None:
+    """PEFT's replace_lora_weights_loftq, computed where the weights are: PEFT's runs the SVD on "cuda"
+    (or "xpu") whatever the model's device, so on a CPU-only build it stops at "Torch not compiled
+    with CUDA enabled". Same steps, with PEFT's own loader and decomposition: A, B = the rank-r SVD
+    of (unquantized weight - dequantized 4-bit weight)."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+
+    loader = _SafetensorLoader(model, str(source))
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if not (isinstance(module, Linear4bit) and name in module.lora_A):
+                continue
+            weight = loader.get_tensor(module_name.removeprefix(prefix) + ".weight").float()
+            quantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            parts = _low_rank_decomposition(weight - quantized, reduced_rank=module.r[name])
+            module.lora_A[name].weight.data = parts["R"].to(module.lora_A[name].weight.dtype)
+            module.lora_B[name].weight.data = parts["L"].to(module.lora_B[name].weight.dtype)
+
+
+def _unscale_loftq(model, name: str) -> None:
+    """Divide LoftQ's B by the adapter's scaling: PEFT sets B·A to the quantization residual itself, but
+    the layer adds scaling·B·A (alpha/r, 2 at the model defaults), which would overshoot it
+    (huggingface/peft#1982, open question there). With this, base + adapter ≈ the unquantized weight
+    at any alpha."""
+    import torch
+    from peft.tuners.lora import Linear4bit
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear4bit) and name in module.lora_B:
+                module.lora_B[name].weight.div_(module.scaling[name])
 
 
 def _names(spec: str | None) -> list[str] | None:

@@ -625,10 +625,14 @@ def main():
         model = PeftModel.from_pretrained(model, cli.from_adapter, is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(LoraConfig, lora))
-        if lora.get("init") == "loftq":  # LoftQ on an already 4-bit base, as PEFT documents it
+        if lora.get("init") == "loftq":  # LoftQ on an already 4-bit base, as PEFT documents it (CUDA only)
             from peft import replace_lora_weights_loftq
+            from peft.tuners.lora import Linear4bit
 
             replace_lora_weights_loftq(model, model_path=cli.model)
+            for module in model.modules():  # PEFT sets B·A to the residual; the layer adds scaling·B·A
+                if isinstance(module, Linear4bit):
+                    module.lora_B["default"].weight.data /= module.scaling["default"]
 
     cuda = torch.cuda.is_available()
     callback = progress(steps)
