@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
     if len(paths) != 1:
         print("usage: python -m ipylora.worker RUN_DIR [--resume]", file=sys.stderr)
         return 2
-    from ipylora.engine import distributed
+    from ipylora.engine import adapters, distributed
     from ipylora.engine.errors import OutOfMemoryError
     from ipylora.engine.events import RunStart, StepEnd
     from ipylora.engine.session import Session
@@ -178,6 +178,7 @@ def main(argv: list[str]) -> int:
         _use_local_gpu()
         session = Session()
         session.ensure_model(args.model, args.quantization, args.trust_remote_code)
+        adapters.add_tokens(session.tokenizer, args.lora.add_tokens)  # as the kernel's did before tokenizing
         if args.from_adapter:  # the start (and reference) adapter, from its run folder beside this one
             session.load_adapter(args.from_adapter, output=str(run_dir.parent))
         with same_plan_on_every_rank(world):

@@ -45,8 +45,8 @@ def session(concepts, output):
     return s
 
 
-def _answers(session, model, adapter, concepts, tokens=80):
-    fmt = session.prompt_format("plain")
+def _answers(session, model, adapter, concepts, tokens=80, template_of="plain"):
+    fmt = session.prompt_format(template_of)
     ids = [prompt_ids(session.tokenizer, fmt, PROMPT.format(concept=c)) for c in concepts.concept[:ROWS]]
     return [a["text"] for a in generate_batch(model, session.tokenizer, ids, GenerateArgs(max_new_tokens=tokens), adapter)]
 
@@ -131,6 +131,62 @@ def test_loftq_starts_nearer_the_unquantized_model_and_trains_as_well(concepts, 
     assert _memorised(s, "loftq", concepts) >= _memorised(s, "plain-4bit", concepts) >= ROWS - 1
 
 
+def test_added_tokens_are_trained_generated_saved_and_travel(concepts, output, tmp_path):
+    """--add-tokens: the data's new markers are whole tokens, the adapter learns to write them, the
+    tokenizer is saved with it, and they come back in a fresh session, in the merged model and in GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    s = Session()
+    s.add_dataset("t", concepts.head(ROWS), DataArgs(prompt=PROMPT, response="<sd>{description}</sd>"))
+    before = len(AutoTokenizer.from_pretrained(tiny_model_path()))
+    end = s.train("t", TrainArgs(name="tok", steps=STEPS, output=output, lora=LoraArgs(add_tokens="<sd>,</sd>")))
+    assert end.status == "finished"
+    ids = s.tokenizer.convert_tokens_to_ids(["<sd>", "</sd>"])
+    assert ids == [before, before + 1] and s.model.get_base_model().get_input_embeddings().weight.shape[0] == before + 2
+    saved = AutoTokenizer.from_pretrained(f"{output}/tok/adapter")
+    assert saved.convert_tokens_to_ids(["<sd>", "</sd>"]) == ids
+    assert saved("<sd>x</sd>", add_special_tokens=False)["input_ids"][0] == ids[0]  # one token, not pieces
+    wanted = [f"<sd>{d}</sd>" for d in concepts.description[:ROWS]]
+    answers = [s.chat(PROMPT.format(concept=c), GenerateArgs(adapter="tok", max_new_tokens=80))["text"]
+               for c in concepts.concept[:ROWS]]
+    assert sum(a.strip() == w for a, w in zip(answers, wanted)) >= ROWS - 1, answers
+    base = s.chat(PROMPT.format(concept=concepts.concept[0]), GenerateArgs(adapter="base", max_new_tokens=20))["text"]
+    assert "<sd>" not in base
+    # A fresh session: the tokens come back with the adapter, at the same ids.
+    again = Session()
+    again.load_adapter("tok", output=output)
+    assert again.tokenizer.convert_tokens_to_ids(["<sd>", "</sd>"]) == ids
+    assert again.chat(PROMPT.format(concept=concepts.concept[1]), GenerateArgs(adapter="tok", max_new_tokens=80))["text"] \
+        == answers[1]
+    # Merged: plain transformers with the saved tokenizer answers token for token as the adapter.
+    s.save("tok", str(tmp_path / "merged"), merge=True, output=output)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == before + 2
+    assert _answers(s, merged, None, concepts, template_of="tok") == _answers(s, s.model, "tok", concepts, template_of="tok")
+    # GGUF: the file carries the tokens and answers as the merged model.
+    files = s.save("tok", str(tmp_path / "gguf"), gguf=True, output=output)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=files.gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=files.gguf.name)
+    assert tokenizer.convert_tokens_to_ids(["<sd>", "</sd>"]) == ids
+    fmt = s.prompt_format("tok")
+    prompt = prompt_ids(s.tokenizer, fmt, PROMPT.format(concept=concepts.concept[2]))
+    with torch.no_grad():
+        got = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        want = merged.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert got == want and got[0] == ids[0]
+    # The exported script adds the tokens, trains the embeddings and saves the tokenizer as the run did.
+    s.export_script("tok", str(tmp_path / "train.py"), output=output)
+    done = subprocess.run([sys.executable, str(tmp_path / "train.py"), "--output", str(tmp_path / "script-adapter")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = float(re.search(r"final_loss=([0-9.]+)", done.stdout).group(1))
+    assert abs(final - end.final_loss) <= 0.05 * max(end.final_loss, 0.05), (final, end.final_loss)
+    assert AutoTokenizer.from_pretrained(tmp_path / "script-adapter").convert_tokens_to_ids(["<sd>", "</sd>"]) == ids
+
+
 def test_the_exported_script_rebuilds_a_variant(session, output, tmp_path):
     session.train("c", TrainArgs(name="mix", steps=STEPS, output=output, loraplus_ratio=16.0, lr=1e-2 / 16, neftune=5.0,
                                  lora=LoraArgs(dora=True, rslora=True)))
@@ -155,6 +211,8 @@ def test_the_exported_script_rebuilds_a_variant(session, output, tmp_path):
     (TrainArgs(lora=LoraArgs(target_modules=r".*(q_proj")), "not a valid regular expression"),
     (TrainArgs(loraplus_ratio=0.0), "--loraplus-ratio 0 is outside"),
     (TrainArgs(lora=LoraArgs(init="svd")), "--init 'svd' is not one of"),
+    (TrainArgs(lora=LoraArgs(add_tokens="<a>,,<b>")), "--add-tokens '<a>,,<b>' has an empty token name"),
+    (TrainArgs(lora=LoraArgs(add_tokens=" ")), "has an empty token name"),
 ])
 def test_variant_mistakes_are_refused_before_training(session, output, args, needle):
     from dataclasses import replace

@@ -16,8 +16,8 @@ from pathlib import Path
 from ipylora.engine import decode, graphdecode
 from ipylora.engine.config import LoraArgs
 from ipylora.engine.errors import ConfigError, UnknownNameError
-from ipylora.engine.models import base_memo
-from ipylora.engine.runs import check_name
+from ipylora.engine.models import base_memo, saved_tokenizer
+from ipylora.engine.runs import check_name, read_json
 
 
 @dataclass
@@ -45,10 +45,17 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
         config = copy.deepcopy(session.model.peft_config[start])
         config.inference_mode = False
     else:
+        saved = _names(lora.modules_to_save)
+        tied = False
+        if lora.add_tokens:  # the tokenizer has them already (Session._check_data): the vocabulary follows
+            fit_vocabulary(session, len(session.tokenizer))
+            embeddings, tied = embedding_names(session.model)
+            saved = list(dict.fromkeys([*(saved or []), *embeddings]))
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=_dropout(session.model, lora), bias="none",
             task_type="CAUSAL_LM", target_modules=_resolved_targets(session.model, lora.target_modules), use_dora=lora.dora,
-            use_rslora=lora.rslora, init_lora_weights=_init(lora.init), modules_to_save=_names(lora.modules_to_save),
+            use_rslora=lora.rslora, init_lora_weights=_init(lora.init), modules_to_save=saved,
+            ensure_weight_tying=tied,
         )
         config.target_parameters = _expert_parameters(session.model, lora)
     saved_modules = _has_saved_modules(session.model)
@@ -83,7 +90,7 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
         params = dict(session.model.named_parameters())
         with torch.no_grad():
             for param_name, param in params.items():
-                if "lora_" in param_name and f".{start}." in param_name:
+                if ("lora_" in param_name or ".modules_to_save." in param_name) and f".{start}." in param_name:
                     params[param_name.replace(f".{start}.", f".{name}.")].copy_(param)
     for param_name, param in session.model.named_parameters():
         param.requires_grad = _trained_by(param_name, name)
@@ -217,6 +224,66 @@ def _unscale_loftq(model, name: str) -> None:
                 module.lora_B[name].weight.div_(module.scaling[name])
 
 
+# -- --add-tokens ---------------------------------------------------------------------------------
+def add_tokens(tokenizer, spec: str | None) -> list[str]:
+    """Add --add-tokens' names that `tokenizer` lacks, as whole tokens (never split, not normalised, and
+    shown in decoded text, so chat answers keep them); returns the ones added."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(_names(spec) or []) if t not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
+    return new
+
+
+def fit_vocabulary(session, size: int) -> None:
+    """Grow the resident base's input and output embeddings to `size` rows (new rows: transformers' mean
+    resizing), unless they have that many already (many checkpoints keep spare rows)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = session.model.get_base_model() if hasattr(session.model, "get_base_model") else session.model
+    rows = base.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        return
+    wrapped = any(isinstance(m, ModulesToSaveWrapper) for m in (base.get_input_embeddings(), base.get_output_embeddings()))
+    holders = [n for n, c in getattr(session.model, "peft_config", {}).items() if c.modules_to_save] if wrapped else []
+    if holders:
+        raise ConfigError(f"--add-tokens grows the vocabulary to {size}, which the full embedding copies of the loaded "
+                          f"adapter(s) {', '.join(holders)} cannot follow: delete them first "
+                          f"(session.delete_adapter), then train; their saved copies stay on disk.")
+    base.resize_token_embeddings(size, mean_resizing=True)
+
+
+def embedding_names(model) -> tuple[list[str], bool]:
+    """The input and output embedding modules' names (what --modules-to-save takes), and whether they are tied."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    wanted = {id(inputs): None, **({id(outputs): None} if outputs is not None else {})}
+    names = [name.rsplit(".", 1)[-1] for name, module in base.named_modules() if id(module) in wanted]
+    tied = outputs is not None and outputs.weight is inputs.weight
+    return names, tied
+
+
+def _adopt_tokens(session, folder: Path) -> None:
+    """Before loading an adapter saved with its tokenizer: give the resident tokenizer its added tokens (at
+    the same ids) and the base the rows they need."""
+    saved = saved_tokenizer(folder)
+    if saved is None:
+        return
+    vocab = session.tokenizer.get_vocab()
+    missing = {token: i for token, i in saved.get_added_vocab().items() if token not in vocab}
+    if missing:
+        add_tokens(session.tokenizer, ",".join(sorted(missing, key=missing.get)))
+        moved = {t: (i, session.tokenizer.convert_tokens_to_ids(t)) for t, i in missing.items()
+                 if session.tokenizer.convert_tokens_to_ids(t) != i}
+        if moved:
+            raise ConfigError(f"The adapter in {folder} was trained with tokens at ids this session's tokenizer already "
+                              f"uses ({', '.join(f'{t} {a}->{b}' for t, (a, b) in list(moved.items())[:3])}): load it "
+                              "in a fresh session (%lora_unload, then %lora_load).")
+    fit_vocabulary(session, len(saved))  # the rows training had: grown to the tokenizer, or spare ones already
+
+
 def _names(spec: str | None) -> list[str] | None:
     return [t.strip() for t in spec.split(",") if t.strip()] if spec else None
 
@@ -242,10 +309,13 @@ def lora_args(session, name: str) -> LoraArgs:
     # layer names say the same thing shorter.
     targets = targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
     init = config.init_lora_weights
+    record = Path(session.adapter(name).run_dir) / "run.json"
+    tokens = read_json(record).get("lora", {}).get("add_tokens") if record.exists() else None
     return LoraArgs(r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
                     target_modules=targets, dora=bool(config.use_dora), rslora=bool(config.use_rslora),
                     init=init if isinstance(init, str) else None,
-                    modules_to_save=",".join(config.modules_to_save) if config.modules_to_save else None)
+                    modules_to_save=",".join(config.modules_to_save) if config.modules_to_save else None,
+                    add_tokens=tokens)
 
 
 def load(session, source: str, name: str | None = None, output: str = "runs") -> str:
@@ -253,7 +323,7 @@ def load(session, source: str, name: str | None = None, output: str = "runs") ->
     from peft import PeftModel
 
     from ipylora.engine.models import check_safetensors_adapter
-    from ipylora.engine.runs import adapter_dir, read_json
+    from ipylora.engine.runs import adapter_dir
 
     session._check_idle()
     run_dir = Path(output) / source
@@ -265,6 +335,7 @@ def load(session, source: str, name: str | None = None, output: str = "runs") ->
     name = check_name(name or record.get("name") or folder.name, "adapter")
     if session.model is None:  # e.g. after a restart: load the base the adapter was trained on
         session.ensure_model(record.get("model"), record.get("quantization"))
+    _adopt_tokens(session, folder)
     if isinstance(session.model, PeftModel):
         if name in session.model.peft_config:
             raise ConfigError(f"Adapter {name!r} is already loaded: delete it first or pass another name.")

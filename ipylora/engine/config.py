@@ -74,6 +74,10 @@ class LoraArgs:
     weights' SVD / QR; the base is restored after training), loftq (4-bit base only)."""
     modules_to_save: str | None = None
     """Comma-separated modules trained in full beside the adapter, e.g. "embed_tokens,lm_head"."""
+    add_tokens: str | None = None
+    """Comma-separated new tokens (e.g. "<think>,</think>"), added to the tokenizer as whole tokens; the
+    vocabulary grows to fit them, the input and output embeddings are trained in full with the adapter,
+    and the tokenizer is saved beside it."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,9 @@ def _variant_problems(args: TrainArgs) -> list[str]:
                         "drop --4bit/--8bit, or use --init loftq with --4bit")
     if lora.init in ("pissa", "olora", "loftq") and lora.dora:
         problems.append(f"--dora starts from the base weights itself: drop --init {lora.init} (or --dora)")
+    if lora.add_tokens is not None and (not lora.add_tokens.strip()
+                                        or any(not t.strip() for t in lora.add_tokens.split(","))):
+        problems.append(f'--add-tokens {lora.add_tokens!r} has an empty token name: give names like "<think>,</think>"')
     targets = lora.target_modules
     if targets and is_pattern(targets):
         try:

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ipylora.engine.errors import ConfigError, UnknownNameError
+from ipylora.engine.models import saved_tokenizer
 from ipylora.engine.runs import adapter_dir, check_name, read_json, replace_dir
 from ipylora.engine.tiny import TINY_MODEL_ID
 
@@ -104,6 +105,9 @@ def merged_model(run_dir: Path, source: str, dtype: str | None = None, trust_rem
     else:
         model = load_model(source, None, Precision(dtype_name, False, False), "cpu", trust_remote_code)
     model = model.to(torch_dtype)
+    tokens = saved_tokenizer(adapter)  # --add-tokens: the vocabulary the adapter's embeddings have
+    if tokens is not None and len(tokens) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokens), mean_resizing=False)  # the adapter's copies replace them
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged = merged.to(torch_dtype)
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
@@ -119,6 +123,7 @@ def save_merged(run_dir: Path, path: Path, source: str, dtype: str | None = None
     from ipylora.engine.models import load_tokenizer
 
     merged = merged_model(run_dir, source, dtype, trust_remote_code)
+    tokenizer = saved_tokenizer(saved_adapter(run_dir)) or tokenizer
     path = Path(path)
     tmp = _fresh_dir(path)
     try:
@@ -158,7 +163,7 @@ def save_gguf(run_dir: Path, path: Path, source: str, quant: str = "f16", tokeni
     data = record["dataset"]
     template = get_template(data["template"])
     system = trained_system(data).text
-    tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
+    tokenizer = saved_tokenizer(saved_adapter(run_dir)) or tokenizer or load_tokenizer(source, trust_remote_code)
     merged = merged_model(run_dir, source, None, trust_remote_code)  # the trained precision; gguf converts
     return gguf.write_gguf(merged, tokenizer, gguf_path(path, record["name"], quant), quant, template, system,
                            record["name"])

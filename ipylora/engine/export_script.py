@@ -432,9 +432,27 @@ def config(config_class, settings, **knobs):
     return config_class(**{k: v for k, v in settings.items() if k in fields}, **knobs)
 
 
-def lora_config(LoraConfig, lora):
+def add_tokens(tokenizer, model, spec):
+    """--add-tokens: the new tokens as whole tokens (shown in decoded text), the embeddings grown to fit
+    them; returns (input, output embedding names, tied) to train in full, or None without any."""
+    from tokenizers import AddedToken
+
+    if not spec:
+        return None
+    vocab = tokenizer.get_vocab()
+    names = [t.strip() for t in spec.split(",") if t.strip() and t.strip() not in vocab]
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in dict.fromkeys(names)])
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    wanted = {id(inputs), id(outputs)}
+    saved = [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in wanted]
+    return saved, outputs is not None and outputs.weight is inputs.weight
+
+
+def lora_config(LoraConfig, lora, new_tokens=None):
     """The run's adapter: shape, targets (names, all-linear, or a regular expression PEFT matches in
-    full) and variant (DoRA, rsLoRA, init, modules trained in full)."""
+    full) and variant (DoRA, rsLoRA, init, modules trained in full; --add-tokens' embeddings)."""
     targets = lora["target_modules"]
     if targets != "all-linear" and not any(c in targets for c in "*+?[]()|^$\\"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -444,6 +462,10 @@ def lora_config(LoraConfig, lora):
                   task_type="CAUSAL_LM", target_modules=targets, use_dora=bool(lora.get("dora")),
                   use_rslora=bool(lora.get("rslora")), init_lora_weights=True if init in (None, "loftq") else init,
                   modules_to_save=saved)
+    if new_tokens is not None:
+        embeddings, tied = new_tokens
+        config["modules_to_save"] = list(dict.fromkeys([*(saved or []), *embeddings]))
+        config["ensure_weight_tying"] = tied
     if SETTINGS.get("peft") and init not in ("pissa", "olora"):
         # The layers and expert parameters the notebook's adapter was trained on, as it saved them
         # (for MoE models more than all-linear gives, and no dropout on expert parameters).
@@ -603,6 +625,7 @@ def main():
     else:
         rows = split_rows(read_rows(cli.data))
     tokenizer, model, dtype = load(cli.model)
+    new_tokens = add_tokens(tokenizer, model, SETTINGS["lora"].get("add_tokens"))
     tokens = tokenize(rows, tokenizer) if SETTINGS["method"] == "sft" else preference_tokens(rows, tokenizer)
     cut, dropped = tokens.pop("cut"), tokens.pop("dropped")
     if cut or dropped:
@@ -624,7 +647,7 @@ def main():
     if cli.from_adapter:  # start from that adapter's weights and shape
         model = PeftModel.from_pretrained(model, cli.from_adapter, is_trainable=True)
     else:
-        model = get_peft_model(model, lora_config(LoraConfig, lora))
+        model = get_peft_model(model, lora_config(LoraConfig, lora, new_tokens))
         if lora.get("init") == "loftq":  # LoftQ on an already 4-bit base, as PEFT documents it (CUDA only)
             from peft import replace_lora_weights_loftq
             from peft.tuners.lora import Linear4bit
@@ -666,6 +689,8 @@ def main():
         model.save_pretrained(cli.output, selected_adapters=["default"],
                               **({"path_initial_model_for_weight_conversion": str(Path(scratch) / "initial")}
                                  if residual else {}))
+    if new_tokens is not None:
+        tokenizer.save_pretrained(cli.output)  # the adapter's tokens travel with it
     compare(callback.losses[-1])
     print(f"adapter saved to {cli.output}")
 

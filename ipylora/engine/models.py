@@ -211,3 +211,8 @@ def base_memo(model, key: str, compute=None):
     if key not in memo and compute is not None:
         memo[key] = compute()
     return memo.get(key)
+
+
+def saved_tokenizer(folder: Path):
+    """The tokenizer an --add-tokens adapter was saved with (None for an adapter saved without one)."""
+    return load_tokenizer(str(folder)) if (Path(folder) / "tokenizer_config.json").exists() else None

@@ -412,6 +412,7 @@ class Session:
         else:
             _quiet_transformers()
             tokenizer = models.load_tokenizer(source, args.trust_remote_code)
+        adapters.add_tokens(tokenizer, args.lora.add_tokens)  # before tokenizing: the data may use them
         reports = data.check_trainable(tokenizer, args.max_length, shape=method.shape)
         if args.gpus > 1:  # the workers tokenize for themselves: drop the tokens kept for this process
             data.splits()["train"]._tokens = None

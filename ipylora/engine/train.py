@@ -478,7 +478,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
 
             free_memory()
         saving = last["step"] > 0 and status != "oom" and main
-        adapter = _save_adapter(model, name, run_dir, full_state, initial) if saving else None
+        adapter = _save_adapter(model, name, run_dir, full_state, initial,
+                                session.tokenizer if args.lora.add_tokens else None) if saving else None
         if initial is not None:  # the resident base is every adapter's: give it its weights back
             adapters.restore_base(session, name, initial, adapter)
         elapsed = time.time() - started
@@ -576,13 +577,20 @@ def _gathered_state(trainer, status: str) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None, initial: Path | None = None) -> Path:
-    """The adapter into runs/NAME/adapter; `initial`: a PiSSA/OLoRA start, saved as the plain LoRA of the change."""
+def _save_adapter(model, name: str, run_dir: Path, state_dict: dict | None = None, initial: Path | None = None,
+                  tokenizer=None) -> Path:
+    """The adapter into runs/NAME/adapter; `initial`: a PiSSA/OLoRA start, saved as the plain LoRA of the change;
+    `tokenizer`: saved beside it (--add-tokens: the tokens it was trained with)."""
     convert = {"path_initial_model_for_weight_conversion": str(initial)} if initial is not None else {}
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp, _no_model_card(model, name):
-        model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict, **convert)
+        # Not the base's embeddings: PEFT adds them once the vocabulary grew (--add-tokens), to every adapter
+        # saved after that, though an --add-tokens adapter keeps its own trained copies (modules_to_save).
+        model.save_pretrained(tmp, selected_adapters=[name], state_dict=state_dict, save_embedding_layers=False,
+                              **convert)
         # PEFT writes a non-"default" adapter into a subfolder named after it.
         saved = Path(tmp) / name if (Path(tmp) / name / "adapter_config.json").exists() else Path(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(saved)
         final = run_dir / "adapter"
         if saved == Path(tmp):  # the temp dir itself is removed on exit: move a copy of it instead
             saved = saved.rename(run_dir / f".adapter-new-{time.time_ns()}")

@@ -34,7 +34,8 @@ def train_args(opts) -> TrainArgs:
         temperature=opts.temperature,
         loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune,
         lora=LoraArgs(r=opts.r, alpha=opts.alpha, dropout=opts.dropout, target_modules=opts.target_modules,
-                      dora=opts.dora, rslora=opts.rslora, init=opts.init, modules_to_save=opts.modules_to_save),
+                      dora=opts.dora, rslora=opts.rslora, init=opts.init, modules_to_save=opts.modules_to_save,
+                      add_tokens=opts.add_tokens),
     )
 
 
@@ -61,6 +62,9 @@ class TrainMagics(Magics):
               help="LoRA+: B matrices learn R times faster than A (PEFT's LoRA+ optimizer; 16 is typical).")
     @argument("--modules-to-save", default=None, metavar="A,B",
               help="Modules trained in full beside the adapter, e.g. embed_tokens,lm_head.")
+    @argument("--add-tokens", default=None, metavar='"<a>,<b>"',
+              help="New tokens for the tokenizer; their embeddings (and the output layer) train with the adapter, "
+                   "the tokenizer is saved beside it.")
     @argument("--neftune", type=float, default=None, metavar="ALPHA",
               help="NEFTune: noise on the input embeddings while training (alpha 5 is typical).")
     @argument("--lr", type=float, default=None, help="Peak learning rate.")

@@ -53,7 +53,9 @@ class TrainForm(w.VBox):
         self.loraplus = w.FloatText(0, description="LoRA+ ratio", style=style)
         self.neftune = w.FloatText(0, description="NEFTune alpha", style=style)
         self.modules_to_save = w.Text(placeholder="embed_tokens,lm_head", description="train in full", style=style)
-        self.variants = [self.dora, self.rslora, self.init, self.loraplus, self.neftune, self.modules_to_save]
+        self.add_tokens = w.Text(placeholder="<think>,</think>", description="new tokens", style=style)
+        self.variants = [self.dora, self.rslora, self.init, self.loraplus, self.neftune, self.modules_to_save,
+                         self.add_tokens]
         self.lr = w.FloatText(0, description="learning rate", style=style)
         self.epochs = w.FloatText(0, description="epochs", style=style)
         self.steps = w.IntText(0, description="steps", style=style)
@@ -92,7 +94,7 @@ class TrainForm(w.VBox):
         self.sweep_button.on_click(lambda _button: self.sweep())
         self.sweep_form = None  # the SweepForm "Sweep this" opened last
         variants = w.Accordion([w.VBox([w.HBox([self.dora, self.rslora, self.init]), w.HBox([self.loraplus, self.neftune]),
-                                        w.HBox([self.modules_to_save])])])
+                                        w.HBox([self.modules_to_save, self.add_tokens])])])
         variants.set_title(0, "LoRA variant")
         variants.selected_index = None
         super().__init__([self.preset, w.HBox(method_fields), w.HBox([w.VBox(fields[:7]), w.VBox(fields[7:])]), variants,
@@ -139,8 +141,9 @@ class TrainForm(w.VBox):
         for field, box in (("loraplus_ratio", self.loraplus), ("neftune", self.neftune)):
             if box.value > 0:
                 options[field] = box.value
-        if self.modules_to_save.value.strip():
-            options["modules_to_save"] = self.modules_to_save.value.strip()
+        for field, box in (("modules_to_save", self.modules_to_save), ("add_tokens", self.add_tokens)):
+            if box.value.strip():
+                options[field] = box.value.strip()
         options.update(self._method_options())
         return options
 
