@@ -179,6 +179,13 @@ def run_one(spec: dict) -> dict:
 
     train = hf_datasets.Dataset.from_dict(data)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    if recipe == "engine" and spec.get("trainer_patches", True):
+        # What train.run_training does to every trainer: the FLOP count and the weight-decay split
+        # without walking every parameter (`trainer_patches=False`: the Trainer's own, for before/after).
+        from ipylora.engine.train import decay_parameter_names, step_flops
+
+        trainer.floating_point_ops = step_flops(model)
+        trainer.get_decay_parameter_names = decay_parameter_names
     collate = trainer.data_collator
 
     def counting(examples):
@@ -284,6 +291,8 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),
             dict(name="trl-bf16-b4", model="1.5b", recipe="trl", batch=4, steps=10, warmup=3),
             dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-trainer-flops", model="1.5b", recipe="engine", trainer_patches=False, steps=10,
+                 warmup=3),
             dict(name="engine-4bit", model="1.5b", recipe="engine", quant="4bit", steps=10, warmup=3),
         ],
     }
