@@ -133,6 +133,38 @@ def test_q8_0_keeps_nearly_every_answer(session, exported, concepts, merged_answ
     assert files["q4_0"].stat().st_size < files["q8_0"].stat().st_size < files["f16"].stat().st_size
 
 
+def test_llama_cpp_answers_as_the_merged_model(session, exported, concepts, merged_answers):
+    """llama.cpp itself (llama-cpp-python, when installed: it builds from source, ~11 min on 2 cores, so the
+    README's test command does not install it) reads the file's tokenizer as ours and answers greedily
+    as the merged model: f16 every answer token for token, q8_0 at least 90%."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    folder, files = exported
+    ids = _prompts(session, concepts)
+    template = session.prompt_format("small").template
+    texts = [training_text(template, [{"role": "system", "content": SYSTEM},
+                                      {"role": "user", "content": PROMPT.format(concept=c)}], session.tokenizer)
+             for c in concepts.concept[:ROWS]]
+    eos = session.tokenizer.eos_token_id
+    same = {}
+    for quant in ("f16", "q8_0"):
+        llm = llama_cpp.Llama(model_path=str(files[quant]), n_ctx=512, n_threads=2, verbose=False)
+        if quant == "f16":  # the prompt text through llama.cpp's own tokenizer: the training ids
+            assert [llm.tokenize(t.encode(), add_bos=True, special=True) for t in texts] == ids
+        got = []
+        for prompt in ids:
+            answer = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+                answer.append(token)
+                if token == eos or len(answer) == 48:
+                    break
+            got.append(answer)
+        same[quant] = sum(a == b for a, b in zip(got, merged_answers))
+        llm.close()
+    print(f"llama.cpp: f16 {same['f16']}/{ROWS}, q8_0 {same['q8_0']}/{ROWS} answers as the merged model")
+    assert same["f16"] == ROWS and same["q8_0"] >= 0.9 * ROWS
+
+
 def test_file_carries_the_chat_template_and_the_trained_eos(session, exported):
     import gguf
 

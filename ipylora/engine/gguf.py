@@ -41,7 +41,9 @@ SUPPORTED_NAMES = "Llama (1-3), Mistral, Qwen2/Qwen2.5, Qwen3"
 QUANTS = ("f16", "bf16", "q8_0", "q4_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 # The byte-level pre-tokenizer alone is GPT-2's regex; others are matched by their split regex.
-GPT2_PRE = "gpt2"
+# llama.cpp's name for it is "gpt-2" ("gpt2" is the tokenizer model's name: a file stating it as the
+# pre-tokenizer fails to load there, "unknown pre-tokenizer type"; transformers reads either).
+GPT2_PRE = "gpt-2"
 
 
 class GGUFExportError(ConfigError):
@@ -340,7 +342,7 @@ def _bpe_pre(spec: dict) -> str:
         for known, name in _known_splits().items():
             if regex == known:
                 return name
-    raise GGUFExportError("--gguf: this tokenizer's pre-tokenizer is not one llama.cpp knows by name (gpt2, llama3, "
+    raise GGUFExportError("--gguf: this tokenizer's pre-tokenizer is not one llama.cpp knows by name (gpt-2, llama3, "
                           "qwen2, ...): save with --merge and convert with llama.cpp's convert_hf_to_gguf.py.")
 
 
