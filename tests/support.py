@@ -61,3 +61,17 @@ def assert_one_line_error(ip, capsys, source, *needles):
     for needle in needles:
         assert needle in text, f"{needle!r} not in {text!r}"
     return text
+
+
+def run_notebook(cells: list[str], folder):
+    """Execute `cells` as a new notebook on a real kernel (nbclient) in `folder`; save it there as
+    nbK.ipynb (the next free K). Returns (the executed notebook, its path)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    notebook = new_notebook(cells=[new_code_cell(c) for c in cells])
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    path = folder / f"nb{len(list(folder.glob('nb*.ipynb')))}.ipynb"
+    nbformat.write(notebook, path)
+    return notebook, path

@@ -4,26 +4,14 @@ one final frame of each artifact; a fresh kernel lists the trials and resumes no
 import json
 import shutil
 
-import nbformat
-from nbclient import NotebookClient
-from nbformat.v4 import new_code_cell, new_notebook
-
-from support import ROOT
+from support import ROOT, run_notebook
 
 PROMPT = "generate a stable diffusion prompt for"
 
 
-def _run(cells, folder):
-    notebook = new_notebook(cells=[new_code_cell(c) for c in cells])
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
-    path = folder / f"nb{len(list(folder.glob('nb*.ipynb')))}.ipynb"
-    nbformat.write(notebook, path)
-    return notebook, path
-
-
 def test_a_sweep_in_a_notebook_keeps_one_final_frame_of_each_artifact(tmp_path):
     shutil.copytree(ROOT / "examples" / "data", tmp_path / "data")
-    notebook, path = _run([
+    notebook, path = run_notebook([
         "%load_ext ipylora",
         f'%lora_dataset c --from data/concepts.csv --prompt "{PROMPT} {{concept}}" --response "{{description}}" '
         "--limit 16 --eval 4",
@@ -46,6 +34,6 @@ def test_a_sweep_in_a_notebook_keeps_one_final_frame_of_each_artifact(tmp_path):
     assert best in adapters and "yes" in adapters.split(best, 1)[1].splitlines()[0]
     assert path.stat().st_size < 1_000_000
 
-    fresh, _ = _run(["%load_ext ipylora", "%lora_runs"], tmp_path)
+    fresh, _ = run_notebook(["%load_ext ipylora", "%lora_runs"], tmp_path)
     table = fresh.cells[1].outputs[0]["data"]["text/plain"]
     assert all(t["run"] in table for t in record["trials"]) and "nb #4" in table

@@ -3,29 +3,18 @@ kernel lists the run with %lora_runs."""
 
 import shutil
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
-from nbformat.v4 import new_code_cell, new_notebook
 
-from support import ROOT
+from support import ROOT, run_notebook
 
 PROMPT = "generate a stable diffusion prompt for"
-
-
-def _run(cells, folder):
-    notebook = new_notebook(cells=[new_code_cell(c) for c in cells])
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
-    path = folder / f"nb{len(list(folder.glob('nb*.ipynb')))}.ipynb"
-    nbformat.write(notebook, path)
-    return notebook, path
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("watched")
     shutil.copytree(ROOT / "examples" / "data", folder / "data")
-    notebook, path = _run([
+    notebook, path = run_notebook([
         "%load_ext ipylora",
         f'%lora_dataset concepts --from data/concepts.csv --prompt "{PROMPT} {{concept}}" --response "{{description}}" --eval 0.1',
         f'%lora_train concepts --name watched --steps 300 --eval-every 30 --sample "{PROMPT} Neural Networks" --sample-every 100',
@@ -50,6 +39,6 @@ def test_one_final_plot_with_both_curves_and_the_samples(trained):
 
 def test_a_fresh_kernel_lists_the_run(trained):
     _, _, folder = trained
-    notebook, _ = _run(["%load_ext ipylora", "%lora_runs"], folder)
+    notebook, _ = run_notebook(["%load_ext ipylora", "%lora_runs"], folder)
     table = notebook.cells[1].outputs[0]["data"]["text/plain"]
     assert "watched" in table and "finished" in table and "300/300" in table

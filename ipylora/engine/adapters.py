@@ -80,7 +80,7 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
         with _quiet_fused_expert_patterns(), _targets_checked(config):
             session.model.add_adapter(name, config)
     session.model.set_adapter(name)
-    if start is None and lora.target_modules == "all-linear" and not saved_modules:
+    if start is None and lora.target_modules == "all-linear" and not saved_modules and not config.modules_to_save:
         base_memo(session.model, "all-linear", lambda: session.model.peft_config[name].target_modules)
     if start is None and lora.init == "loftq":
         _loftq(session, name)
@@ -251,7 +251,7 @@ def fit_vocabulary(session, size: int) -> None:
     if holders:
         raise ConfigError(f"--add-tokens grows the vocabulary to {size}, which the full embedding copies of the loaded "
                           f"adapter(s) {', '.join(holders)} cannot follow: delete them first "
-                          f"(session.delete_adapter), then train; their saved copies stay on disk.")
+                          f"(%lora_adapters --delete NAME), then train; their saved copies stay on disk.")
     base.resize_token_embeddings(size, mean_resizing=True)
 
 

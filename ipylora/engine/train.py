@@ -532,7 +532,8 @@ def decay_parameter_names(model) -> set[str]:
 def step_flops(model):
     """Trainer.floating_point_ops (6 x input tokens x non-embedding parameters, its `total_flos`) with the
     parameter count taken once: transformers counts every parameter again at every step, 18 ms a step
-    on a 28-layer model here (~10% of a 1.5B step on the H200), for a number that does not change."""
+    on a 28-layer model on CPU, 4-10% of the 1.5B shape's tokens/s on the H200 (bench/RESULTS.md), for a
+    number that does not change."""
     count = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
     main_input = getattr(model, "main_input_name", "input_ids")
 
