@@ -16,7 +16,7 @@ from pathlib import Path
 from ipylora.engine import decode, graphdecode
 from ipylora.engine.config import LoraArgs
 from ipylora.engine.errors import ConfigError, UnknownNameError
-from ipylora.engine.models import base_memo, saved_tokenizer
+from ipylora.engine.models import base_memo, base_of, saved_tokenizer
 from ipylora.engine.runs import check_name, read_json
 
 
@@ -242,7 +242,7 @@ def fit_vocabulary(session, size: int) -> None:
     resizing), unless they have that many already (many checkpoints keep spare rows)."""
     from peft.utils import ModulesToSaveWrapper
 
-    base = session.model.get_base_model() if hasattr(session.model, "get_base_model") else session.model
+    base = base_of(session.model)
     rows = base.get_input_embeddings().weight.shape[0]
     if size <= rows:
         return
@@ -257,7 +257,7 @@ def fit_vocabulary(session, size: int) -> None:
 
 def embedding_names(model) -> tuple[list[str], bool]:
     """The input and output embedding modules' names (what --modules-to-save takes), and whether they are tied."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
     wanted = {id(inputs): None, **({id(outputs): None} if outputs is not None else {})}
     names = [name.rsplit(".", 1)[-1] for name, module in base.named_modules() if id(module) in wanted]

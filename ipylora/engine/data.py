@@ -205,24 +205,24 @@ class LoraDataset:
         from ipylora.engine import prompts
 
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, PROMPT_KIND))) is not None:
+        if rows is None and (tokens := self._reuse(_token_key(tokenizer, max_length, PROMPT_KIND))) is not None:
             return tokens
         tokens = prompts.prompt_tokens(self, tokenizer, max_length, rows)
         if rows is None:
             self.truncation = tokens.truncation
-            self._remember((id(tokenizer), len(tokenizer), max_length, PROMPT_KIND), tokens)
+            self._remember(_token_key(tokenizer, max_length, PROMPT_KIND), tokens)
         return tokens
 
     def _preference_tokens(self, shape: str, all_rows: list, tokenizer, max_length: int, rows) -> Tokens:
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, shape))) is not None:
+        if rows is None and (tokens := self._reuse(_token_key(tokenizer, max_length, shape))) is not None:
             return tokens
         picked = all_rows if rows is None else [all_rows[i] for i in _indices(rows, len(all_rows))]
         build = preference.preference_tokens if shape == PREFERENCE_KIND else preference.unpaired_tokens
         tokens = build(picked, self.template, tokenizer, max_length)
         if rows is None:
             self.truncation = tokens.truncation
-            self._remember((id(tokenizer), len(tokenizer), max_length, shape), tokens)
+            self._remember(_token_key(tokenizer, max_length, shape), tokens)
         return tokens
 
     def segments(self, rows=None, template: Template | None = None) -> list[list[tuple[str, bool]]]:
@@ -248,12 +248,12 @@ class LoraDataset:
         how: a row too long keeps its answer and EOS; one whose answer alone is too long is left out,
         so the lists can be shorter than the rows)."""
         self.template = self._spec.resolve(tokenizer)
-        if rows is None and (tokens := self._reuse((id(tokenizer), len(tokenizer), max_length, "sft"))) is not None:
+        if rows is None and (tokens := self._reuse(_token_key(tokenizer, max_length, "sft"))) is not None:
             return tokens
         tokens = tokenize_segments(self.segments(rows), tokenizer, max_length, self.args.train_on_prompt)
         if rows is None:
             self.truncation = tokens.truncation  # what the last run's tokens lost (run.json records it)
-            self._remember((id(tokenizer), len(tokenizer), max_length, "sft"), tokens)
+            self._remember(_token_key(tokenizer, max_length, "sft"), tokens)
         return tokens
 
     def check_trainable(self, tokenizer, max_length: int, shape: str = "sft") -> dict[str, Truncation]:
@@ -282,7 +282,7 @@ class LoraDataset:
                     f"be trained. Raise --max-length to at least {report.shortest_response + 1}, or shorten the answers.")
             reports[split] = report
             if split == "train":
-                part._tokens = ((id(tokenizer), len(tokenizer), max_length, shape), tokens)
+                part._tokens = (_token_key(tokenizer, max_length, shape), tokens)
         return reports
 
     @contextmanager
@@ -366,6 +366,11 @@ class _Pairs(Sequence):
 
     def __eq__(self, other) -> bool:
         return list(self) == list(other)
+
+
+def _token_key(tokenizer, max_length: int, shape: str) -> tuple:
+    """What cached tokens were computed with: the tokenizer (and its length: --add-tokens grows it), max_length, shape."""
+    return id(tokenizer), len(tokenizer), max_length, shape
 
 
 class Tokens(dict):

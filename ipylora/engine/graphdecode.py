@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Callable, Collection
 
 from ipylora.engine.decode import capturing
+from ipylora.engine.models import base_of
 
 # Attribute of the model holding its StepGraph.
 _SLOT = "_ipylora_step_graph"
@@ -48,22 +49,18 @@ _NOT_HANDLED = {"no_repeat_ngram_size": (0,), "bad_words_ids": (), "suppress_tok
 
 def usable(model) -> bool:
     """Whether chat on `model` decodes through a captured step: a static-cache model on one CUDA GPU."""
-    base = _transformers_model(model)
+    base = base_of(model)
     if not getattr(base, "_can_compile_fullgraph", False) or next(base.parameters()).device.type != "cuda":
         return False
     placed = set((getattr(base, "hf_device_map", None) or {}).values())
     return len(placed) <= 1  # a model spread over devices (device_map="auto") is not captured
 
 
-def _transformers_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _generation_config(model):
     """The model's generation config with transformers' global defaults filled in, as generate() sees it."""
     import copy
 
-    config = copy.deepcopy(_transformers_model(model).generation_config)
+    config = copy.deepcopy(base_of(model).generation_config)
     defaults = getattr(config, "_get_default_generation_params", None)  # transformers >= 5 keeps them apart
     if callable(defaults):
         config.update(**defaults(), defaults_only=True)
@@ -112,7 +109,7 @@ class StepGraph:
     def __init__(self, model, max_len: int, compiled: bool = False, capture: bool = True):
         import torch
 
-        self.model = _transformers_model(model)
+        self.model = base_of(model)
         self.max_len, self.compiled, self.capture = max_len, compiled, capture
         self.options = (compiled, capture)  # as asked; capture turns off if it fails
         self.device = next(self.model.parameters()).device
@@ -300,7 +297,7 @@ def state_key(model) -> tuple:
 
 def step_graph(model, need: int, compiled: bool, capture: bool = True) -> StepGraph:
     """The model's StepGraph, new when none fits `need` tokens or the compile choice changed."""
-    base = _transformers_model(model)
+    base = base_of(model)
     current = base.__dict__.get(_SLOT)
     if current and current.max_len >= need and current.options == (compiled, capture):
         return current
@@ -314,7 +311,7 @@ def release(model) -> None:
     """Free the model's captured step and its cache (training needs the memory; weights changed)."""
     import torch
 
-    current = _transformers_model(model).__dict__.pop(_SLOT, None)
+    current = base_of(model).__dict__.pop(_SLOT, None)
     if current is not None:
         current._graph = current._logits = current.cache = None
         if torch.cuda.is_available():

@@ -202,12 +202,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def base_of(model):
+    """The transformers model under `model` (a PeftModel), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def base_memo(model, key: str, compute=None):
     """What `compute()` says about the base model under `model` (a PeftModel or the base itself), worked
     out once per base model: the walks over every module that do not change while it is resident.
     Without `compute`: what was kept under `key`, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    memo = base.__dict__.setdefault("_ipylora_memo", {})
+    memo = base_of(model).__dict__.setdefault("_ipylora_memo", {})
     if key not in memo and compute is not None:
         memo[key] = compute()
     return memo.get(key)

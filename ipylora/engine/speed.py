@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from ipylora.engine.errors import ConfigError
+from ipylora.engine.models import base_of
 
 VARLEN = "ipylora_varlen"
 GIB = 2**30
@@ -85,7 +86,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     import torch
 
     notes: list[str] = []
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     compute_dtype = getattr(torch, precision.dtype)
     if quantization:
         _narrow_frozen_weights(base, compute_dtype)
