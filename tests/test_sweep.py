@@ -4,13 +4,15 @@ stop/resume, flat memory over many trials, and one-line refusals of bad specs.""
 import json
 import math
 import threading
+from dataclasses import replace
 
 import pytest
+import torch
 
 from ipylora.engine import DataArgs, SessionBusyError, TrainArgs
 from ipylora.engine.events import RunStart, StepEnd, SweepEnd, TrialEnd, TrialStart
 from ipylora.engine.runs import list_runs, read_json
-from ipylora.engine.sweep import SweepArgs
+from ipylora.engine.sweep import SweepArgs, apply
 from support import CONCEPTS, PROMPT, assert_one_line_error, ipython_shell, live_rss
 
 ROWS = 12
@@ -94,6 +96,57 @@ def test_a_point_tried_before_is_not_trained_again(session):
         first = trials[repeat["repeat_of"]]
         assert repeat["score"] == first["score"] and repeat["run"] == first["run"] and repeat["steps"] == 0
     assert len(list_runs("runs")) == 2
+
+
+def _losses(run: str) -> list[float]:
+    return [e["loss"] for e in map(json.loads, open(f"runs/{run}/metrics.jsonl")) if e.get("event") == "step_end"]
+
+
+def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session):
+    """The second trial takes the first one's LoRA layers (recycle.py) and still trains exactly as the
+    same point trained alone with %lora_train; a trial of another rank builds its own; at the end the
+    best few are loaded again, with their trained weights."""
+    layers = {}
+
+    def report(event):
+        if isinstance(event, RunStart):
+            model = session.model
+            layers[event.name] = next(m.lora_A[event.name] for m in model.modules()
+                                      if hasattr(m, "lora_A") and event.name in m.lora_A)
+
+    session.sweep("noeval", SweepArgs(name="re", space={"lr": "1e-3,1e-2", "r": "4,8"}, search="random", trials=4,
+                                      metric="train_loss"),
+                  TrainArgs(steps=4), reporter=report)
+    trials = read_json("runs/re/sweep.json")["trials"]
+    trained = [t for t in trials if "repeat_of" not in t]
+    assert len(trained) >= 3, trials
+    by_rank = {}
+    for t in trained:
+        by_rank.setdefault(t["params"]["r"], []).append(t["run"])
+    shared = [runs for runs in by_rank.values() if len(runs) > 1]
+    assert shared, by_rank  # four draws from two ranks: some rank twice
+    first, second = shared[0][:2]
+    assert layers[first] is layers[second]  # the same module objects, renamed
+    others = [runs[0] for r, runs in by_rank.items() if runs is not shared[0]]
+    assert all(layers[o] is not layers[first] for o in others)
+    point = next(t["params"] for t in trials if t["run"] == second)
+    session.train("noeval", replace(apply(TrainArgs(steps=4), point), name="alone"))
+    from safetensors.torch import load_file
+
+    alone, trial = (load_file(f"runs/{run}/adapter/adapter_model.safetensors") for run in ("alone", second))
+    assert alone.keys() == trial.keys() and all(torch.equal(alone[k], trial[k]) for k in alone)  # bit for bit
+    assert _losses("alone") == _losses(second)
+    # The best trials are loaded, with their trained weights: as saved in their run folders.
+    assert not any(name.startswith("~") for name in session.model.peft_config)
+    for run in (t["run"] for t in trained):
+        if run not in session.adapters:
+            continue
+        saved = load_file(f"runs/{run}/adapter/adapter_model.safetensors")
+        params = {n: p for n, p in session.model.named_parameters() if f".{run}." in n}
+        assert len(params) == len(saved)
+        for key, value in saved.items():
+            loaded = next(p for n, p in params.items() if n.endswith(key.replace(".weight", f".{run}.weight").split("model.", 1)[-1]))
+            assert torch.equal(loaded.detach().cpu().to(value.dtype), value), key
 
 
 def test_stop_mid_trial_then_resume_finishes_the_rest(session):

@@ -71,14 +71,21 @@ def attach(session, name: str, lora: LoraArgs, start: str | None = None):
             session.model.set_adapter(other)
             session.model.delete_adapter(name)
         session.adapters.pop(name, None)
-    if not isinstance(session.model, PeftModel):
-        if session.quantization:
-            session.model = prepare_model_for_kbit_training(session.model, use_gradient_checkpointing=False)
-        with _quiet_fused_expert_patterns(), _targets_checked(config):
-            session.model = get_peft_model(session.model, config, adapter_name=name)
+    recycler = session.recycler if start is None else None
+    if recycler is not None and isinstance(session.model, PeftModel) and recycler.take(session.model, name, config):
+        pass  # a sweep's unloaded trial, its layers renamed and restarted (recycle.py)
     else:
-        with _quiet_fused_expert_patterns(), _targets_checked(config):
-            session.model.add_adapter(name, config)
+        state = recycler.before_fresh(config) if recycler is not None else None
+        if not isinstance(session.model, PeftModel):
+            if session.quantization:
+                session.model = prepare_model_for_kbit_training(session.model, use_gradient_checkpointing=False)
+            with _quiet_fused_expert_patterns(), _targets_checked(config):
+                session.model = get_peft_model(session.model, config, adapter_name=name)
+        else:
+            with _quiet_fused_expert_patterns(), _targets_checked(config):
+                session.model.add_adapter(name, config)
+        if recycler is not None:
+            recycler.after_fresh(session.model, name, config, state)
     session.model.set_adapter(name)
     if start is None and lora.target_modules == "all-linear" and not saved_modules and not config.modules_to_save:
         base_memo(session.model, "all-linear", lambda: session.model.peft_config[name].target_modules)
@@ -356,6 +363,9 @@ def delete(session, name: str) -> None:
     session.adapter(name)
     decode.forget(session.model)  # the generation-time copies of adapter weights
     graphdecode.release(session.model)  # and the decode step captured with them
+    if session.recycler is not None and session.recycler.park(session, name):
+        session._changed()
+        return  # kept, renamed, for the sweep's next trial of its shape (recycle.py)
     if len(session.model.peft_config) == 1:
         session.model = session.model.unload()
     else:

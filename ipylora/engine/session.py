@@ -129,6 +129,8 @@ class Session:
         self._tiny_tokenizer = None
         self._listeners: list = []
         self._busy = ModelLock()
+        self.recycler = None
+        """While a sweep runs: its trials' unloaded adapters, for the next trials (engine/recycle.py)."""
         self.sweep_state: dict | None = None
         """The running sweep: name, trial (1-based), total."""
         self._sweep_flag = None

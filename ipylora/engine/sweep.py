@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from ipylora.engine.config import LoraArgs, SCHEDULERS, TrainArgs
-from ipylora.engine.errors import ConfigError
+from ipylora.engine.errors import ConfigError, IpyloraError
 
 SEARCHES = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "asha")
@@ -428,7 +428,10 @@ class SweepRunner:
                               metric=self.sweep.metric, direction=self.direction, prune=self.sweep.prune,
                               space={name: param.spec for name, param in self.space.items()},
                               sweep_dir=str(self.folder), done=done))
-        with self.session.dataset(self.dataset).tokens_kept():  # every trial trains on the same tokens
+        from ipylora.engine.recycle import recycling
+
+        # Every trial trains on the same tokens, and takes the LoRA layers of an unloaded trial of its shape.
+        with self.session.dataset(self.dataset).tokens_kept(), recycling(self.session):
             try:
                 for unfinished in [t for t in trials if t["status"] in ("stopped", "running")]:
                     if stop.is_set():
@@ -447,6 +450,7 @@ class SweepRunner:
                 for entry in trials:
                     if entry["status"] == "running":  # it had not started training: run again on --resume
                         entry["status"] = "stopped"
+            self._keep_best()
         self.record["status"] = "stopped" if stop.is_set() else "finished"
         self.record["finished"] = time.time()
         return self._finish()
@@ -456,7 +460,6 @@ class SweepRunner:
 
         import optuna
 
-        from ipylora.engine.errors import IpyloraError
         from ipylora.engine.events import TrialEnd, TrialStart
 
         session = self.session
@@ -609,11 +612,35 @@ class SweepRunner:
             write_json(path, record)
 
     def _unload_rest(self) -> None:
-        """Only the best few trials' adapters stay loaded, so memory stays flat over many trials."""
+        """Only the best few trials' adapters stay loaded, so memory stays flat over many trials.
+
+        While the sweep runs, the best few are parked as well where they can be (recycle.py): no
+        trial uses them, and the next trial of the same shape takes a parked adapter's layers
+        instead of building its own (the best ones' last); `_keep_best` gives back those untouched."""
         keep = {t["run"] for t in ranked(self.record["trials"], self.direction)[:KEEP_LOADED]}
+        recycler = self.session.recycler
+        if recycler is not None:
+            recycler.protected = keep
         for entry in self.record["trials"]:
-            if entry["run"] not in keep and entry["run"] in self.session.adapters:
-                self.session.delete_adapter(entry["run"])
+            run = entry["run"]
+            if run not in self.session.adapters:
+                continue
+            if run not in keep:
+                self.session.delete_adapter(run)
+            elif recycler is not None:
+                recycler.park(self.session, run)  # a DoRA, saved-modules... adapter stays as it is
+
+    def _keep_best(self) -> None:
+        """The best few trials' adapters loaded at the end: back from parking, or from their run folders."""
+        recycler = self.session.recycler
+        for entry in ranked(self.record["trials"], self.direction)[:KEEP_LOADED]:
+            run = entry["run"]
+            if run in self.session.adapters or (recycler is not None and recycler.unpark(self.session, run)):
+                continue
+            try:
+                self.session.load_adapter(run, output=self.base.output)
+            except IpyloraError:  # its folder went away: %lora_runs still lists the trial
+                pass
 
     def _finish(self):
         from ipylora.engine.events import SweepEnd

@@ -1,0 +1,224 @@
+"""A sweep's trials re-use the LoRA layers of the trials it unloads.
+
+Attaching an adapter makes PEFT build every LoRA layer again (196 on a 28-layer model: module
+objects, a walk of the whole model per pass, the random start drawn on the host), which was most of
+what a sweep trial spent before its first step. Inside `Recycler`'s lifetime (one sweep), an adapter
+the sweep unloads is parked under a spare name instead of deleted, and the next trial whose LoRA
+config is the same (rank, alpha, dropout, targets, init) takes it: the layers are renamed to the
+trial's name, B is zeroed and A gets the start a fresh attach would have drawn at this point, so a
+trial's weights, and so its losses, are the same as a fresh adapter's (tested). That start is
+recorded from the first fresh attach of each config at each random state (the state a trial's seed
+gives); at another state it is drawn as PEFT draws it. What the recycler keeps is released when the
+sweep ends (`close`).
+
+Only plain LoRA is recycled: default or gaussian init on Linear-like layers, no DoRA, no saved
+modules (their full copies would need the base's weights back), no fused-expert parameters. Any
+other adapter is deleted and attached as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+
+SPARES = 4
+"""Parked adapters kept at most (the oldest is deleted past it), and recorded starts."""
+SPARE = "~spare-"
+"""Parked adapters' names: '~' is in no name `check_name` accepts, so no user's adapter has one; they
+never reach `session.adapters`."""
+
+
+def config_key(config) -> str:
+    """The LoRA config as a string, the same for two configs that build the same layers."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
+                      else str(v))
+
+
+def recyclable(config) -> bool:
+    return (config.init_lora_weights in (True, "gaussian") and not config.use_dora and not config.modules_to_save
+            and not getattr(config, "target_parameters", None) and not getattr(config, "trainable_token_indices", None)
+            and not getattr(config, "lora_bias", False))
+
+
+class Recycler:
+    """Spare adapters by config, and the recorded starts of fresh ones (see the module doc)."""
+
+    def __init__(self, limit: int = SPARES):
+        self.limit = limit
+        self.spares: dict[str, str] = {}  # spare name -> config key, oldest first
+        self.kept: dict[str, tuple[str, object]] = {}  # spare name -> (run name, its Adapter), while untouched
+        self.keys: dict[str, str] = {}  # loaded adapter -> the key of the config it was attached with
+        self.starts: dict[tuple[str, str], tuple[list, object]] = {}
+        self.parked = 0
+        self.protected: set[str] = set()
+        """Runs whose parked adapter a trial takes only if no other spare fits (the sweep's best so far)."""
+
+    # -- parking -----------------------------------------------------------------------------------
+    def park(self, session, name: str) -> bool:
+        """Rename loaded adapter `name` to a spare if it can be recycled (True; `session.adapters` no
+        longer lists it); False: nothing changed."""
+        model = session.model
+        if name not in self.keys or not all(  # only adapters attached fresh (or recycled) in this sweep
+                _plain(layer, name) for layer in _layers(model, name)):
+            return False
+        self.parked += 1
+        spare = f"{SPARE}{self.parked}"
+        _rename(model, name, spare)
+        self.spares[spare] = self.keys.pop(name)
+        self.kept[spare] = (name, session.adapters.pop(name))
+        if session.active_adapter == name:
+            session.active_adapter = next(iter(session.adapters), None)
+        while len(self.spares) > self.limit:  # memory stays flat whatever the space
+            self._drop(model, next(iter(self.spares)))
+        return True
+
+    def unpark(self, session, name: str) -> bool:
+        """Give run `name` its parked adapter back, if no trial has taken it since (True)."""
+        spare = next((s for s, (run, _) in self.kept.items() if run == name), None)
+        if spare is None:
+            return False
+        _rename(session.model, spare, name)
+        self.keys[name] = self.spares.pop(spare)
+        session.adapters[name] = self.kept.pop(spare)[1]
+        return True
+
+    def take(self, model, name: str, config) -> bool:
+        """Turn a parked adapter of the same config into a fresh adapter `name` (True), or False."""
+        if not recyclable(config):
+            return False
+        key = config_key(config)
+        fitting = [s for s, k in self.spares.items() if k == key]
+        spare = min(fitting, key=lambda s: self.kept.get(s, ("",))[0] in self.protected, default=None)
+        if spare is None:
+            return False
+        import torch
+
+        self.keys[name] = self.spares.pop(spare)
+        self.kept.pop(spare, None)
+        _rename(model, spare, name)
+        layers = _layers(model, name)
+        state = _digest(torch.random.get_rng_state())
+        recorded = self.starts.get((key, state))
+        with torch.no_grad():
+            if recorded is not None:
+                starts, after = recorded
+                for layer, start in zip(layers, starts):
+                    layer.lora_A[name].weight.copy_(start)
+                torch.random.set_rng_state(after)  # where a fresh attach leaves the host generator
+            else:
+                for layer in layers:
+                    layer.lora_A[name].weight.copy_(_fresh_start(layer, name, config))
+            for layer in layers:
+                layer.lora_B[name].weight.zero_()
+                for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    param.grad = None
+        return True
+
+    # -- starts ------------------------------------------------------------------------------------
+    def before_fresh(self, config) -> str | None:
+        """Call before PEFT attaches a fresh adapter of `config`: the random state it starts from."""
+        import torch
+
+        return _digest(torch.random.get_rng_state()) if recyclable(config) else None
+
+    def after_fresh(self, model, name: str, config, state: str | None) -> None:
+        """Record the fresh adapter's start (A of every layer, in order) for the trials that will recycle it."""
+        if state is None:
+            return
+        import torch
+
+        key = self.keys[name] = config_key(config)
+        if (key, state) not in self.starts:
+            starts = [layer.lora_A[name].weight.detach().clone() for layer in _layers(model, name)]
+            self.starts[key, state] = (starts, torch.random.get_rng_state())
+            while len(self.starts) > self.limit:
+                del self.starts[next(iter(self.starts))]
+
+    def close(self, session) -> None:
+        """Delete every spare (the sweep is over) and forget the starts."""
+        self.starts.clear()
+        for spare in list(self.spares):
+            if session.model is not None and len(session.model.peft_config) == 1:
+                session.model = session.model.unload()
+                self.spares.clear()
+                break
+            self._drop(session.model, spare)
+        self.kept.clear()
+
+    def _drop(self, model, spare: str) -> None:
+        del self.spares[spare]
+        self.kept.pop(spare, None)
+        if spare in model.active_adapters:
+            others = [n for n in model.peft_config if n != spare]
+            model.set_adapter(next((n for n in others if not n.startswith(SPARE)), others[0]))
+        model.delete_adapter(spare)
+
+
+@contextlib.contextmanager
+def recycling(session):
+    """Adapters deleted in this block are parked for the attaches that follow (a sweep's trials)."""
+    session.recycler = Recycler()
+    try:
+        yield session.recycler
+    finally:
+        recycler, session.recycler = session.recycler, None
+        recycler.close(session)
+
+
+def _layers(model, name: str) -> list:
+    """The LoRA layers holding adapter `name`, in the order PEFT built them (module order)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+
+def _plain(layer, name: str) -> bool:
+    return name not in layer.lora_embedding_A and name not in getattr(layer, "lora_variant", {}) \
+        and hasattr(layer.lora_A[name], "weight") and hasattr(layer, "in_features")
+
+
+def _fresh_start(layer, name: str, config):
+    """A as PEFT's update_layer draws it from this random state: it builds lora_A, then lora_B (both
+    nn.Linear, whose own init draws), then re-draws A (kaiming-uniform, or normal for gaussian)."""
+    import torch
+
+    r = layer.r[name]
+    a = torch.nn.Linear(layer.in_features, r, bias=False)
+    torch.nn.Linear(r, layer.out_features, bias=False)
+    if config.init_lora_weights is True:
+        torch.nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    else:
+        torch.nn.init.normal_(a.weight, std=1 / r)
+    return a.weight.detach()
+
+
+def _rename(model, old: str, new: str) -> None:
+    """Adapter `old` becomes `new` in every tuner layer and in the model's configs and active names.
+
+    PEFT keeps an adapter as entries keyed by its name in each layer's `adapter_layer_names` and
+    `other_param_names` (the attributes its own delete_adapter walks) and in `peft_config`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def renamed(active):
+        if isinstance(active, str):
+            return new if active == old else active
+        return [new if a == old else a for a in active]
+
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in (*module.adapter_layer_names, *module.other_param_names, "lora_variant"):
+            entries = getattr(module, attr, None)
+            if entries is not None and old in entries:
+                entries[new] = entries.pop(old)
+        module._active_adapter = renamed(module._active_adapter)
+    model.peft_config[new] = model.peft_config.pop(old)
+    for holder in (model, model.base_model):  # PeftModel and its LoraModel each keep the active name
+        if "active_adapter" in holder.__dict__:
+            holder.active_adapter = renamed(holder.active_adapter)
+
+
+def _digest(state) -> str:
+    return hashlib.sha1(state.numpy().tobytes()).hexdigest()
