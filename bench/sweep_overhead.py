@@ -83,8 +83,9 @@ def _mean_parts(trials: list[dict]) -> dict:
 
 # -- (A) the engine ----------------------------------------------------------------------------------
 def engine_sweep(session, name: str, space: dict, base, search: str = "grid", trials: int | None = None,
-                 prune: str = "none") -> tuple[list[dict], dict, float]:
-    """One `Session.sweep`; per-trial timings from its events, the SweepEnd record, wall seconds."""
+                 prune: str = "none", profiler=None) -> tuple[list[dict], dict, float]:
+    """One `Session.sweep`; per-trial timings from its events, the SweepEnd record, wall seconds.
+    `profiler` (a cProfile.Profile): on over each gap, from a trial's RunEnd to the next one's first StepEnd."""
     from ipylora.engine.events import EvalEnd, RunEnd, RunStart, StepEnd, TrialEnd, TrialStart
     from ipylora.engine.sweep import SweepArgs
 
@@ -98,11 +99,15 @@ def engine_sweep(session, name: str, space: dict, base, search: str = "grid", tr
         elif isinstance(event, RunStart):
             records[-1]["run_start"] = event.time
         elif isinstance(event, StepEnd):
+            if profiler is not None and not records[-1]["steps"] and len(records) > 1:
+                profiler.disable()
             records[-1]["steps"].append(event.time)
         elif isinstance(event, EvalEnd):
             records[-1]["evals"] += 1
         elif isinstance(event, RunEnd):
             records[-1]["end"] = event.time
+            if profiler is not None:
+                profiler.enable()
         elif isinstance(event, TrialEnd):
             record = records[-1]
             record.update(trial_end=event.time, status=event.status, score=event.score, pruned_at=event.pruned_at)
@@ -277,7 +282,7 @@ def print_profile(profiler, path: str, trials: int, top: int = 45) -> None:
         if any(part in file for part in ("ipylora", "peft", "transformers", "trl", "accelerate", "datasets")) \
                 and not any(skip in func for skip in ("forward", "backward", "training_step", "compute_loss")):
             rows.append((cumulative / trials, calls / trials, f"{file.rsplit('site-packages/', 1)[-1]}:{line}({func})"))
-    log(f"profile ({path}): cumulative s per trial, calls per trial")
+    log(f"profile ({path}): cumulative s per gap, calls per gap")
     for cumulative, calls, where in sorted(rows, reverse=True)[:top]:
         log(f"  {cumulative:7.3f} {calls:8.1f}  {where}")
 
@@ -300,7 +305,8 @@ def main() -> int:
     parser.add_argument("--space-b", default=None, help="(B) space as JSON (12 points for the comparison)")
     parser.add_argument("--json", default=None, help="write every figure (per-trial gaps included) to this file")
     parser.add_argument("--profile", default=None,
-                        help="cProfile the engine half of (A) into this .prof file and print where the trials' time goes")
+                        help="cProfile the engine half of (A) over the gaps between trials (a trial's end to the "
+                             "next one's first step) into this .prof file, and print where they go")
     cli = parser.parse_args()
     if cli.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -364,11 +370,10 @@ def main() -> int:
             import cProfile
 
             profiler = cProfile.Profile()
-            profiler.enable()
-        records, end, wall = engine_sweep(session, "bench-a", space_a, base_a)
+        records, end, wall = engine_sweep(session, "bench-a", space_a, base_a, profiler=profiler)
         if profiler is not None:
             profiler.disable()
-            print_profile(profiler, cli.profile, trials_a)
+            print_profile(profiler, cli.profile, trials_a - 1)  # the gaps between trials
         result["a"].append({**summarize("engine", records, wall), "best_score": end["best_score"]})
         save()
     if result["a"]:

@@ -30,10 +30,17 @@ SPARE = "~spare-"
 never reach `session.adapters`."""
 
 
-def config_key(config) -> str:
-    """The LoRA config as a string, the same for two configs that build the same layers."""
-    return json.dumps(config.to_dict(), sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
-                      else str(v))
+BOOKKEEPING = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+"""LoraConfig fields PEFT fills in as it attaches (get_peft_model names the base) that build nothing."""
+
+
+def config_key(config, targets=None) -> str:
+    """The LoRA config as a string, the same for two configs that build the same layers. `targets`:
+    the modules PEFT resolved the config's target_modules to (all-linear becomes module names)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING}
+    if targets is not None:
+        fields["target_modules"] = targets
+    return json.dumps(fields, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
 
 
 def recyclable(config) -> bool:
@@ -129,7 +136,7 @@ class Recycler:
             return
         import torch
 
-        key = self.keys[name] = config_key(config)
+        key = self.keys[name] = config_key(config, model.peft_config[name].target_modules)
         if (key, state) not in self.starts:
             starts = [layer.lora_A[name].weight.detach().clone() for layer in _layers(model, name)]
             self.starts[key, state] = (starts, torch.random.get_rng_state())
