@@ -364,7 +364,6 @@ def delete(session, name: str) -> None:
     decode.forget(session.model)  # the generation-time copies of adapter weights
     graphdecode.release(session.model)  # and the decode step captured with them
     if session.recycler is not None and session.recycler.park(session, name):
-        session._changed()
         return  # kept, renamed, for the sweep's next trial of its shape (recycle.py)
     if len(session.model.peft_config) == 1:
         session.model = session.model.unload()

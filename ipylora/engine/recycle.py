@@ -70,6 +70,10 @@ class Recycler:
         if name not in self.keys or not all(  # only adapters attached fresh (or recycled) in this sweep
                 _plain(layer, name) for layer in _layers(model, name)):
             return False
+        from ipylora.engine import decode, graphdecode
+
+        decode.forget(model)  # generation-time copies and captured steps hold the adapter by name
+        graphdecode.release(model)
         self.parked += 1
         spare = f"{SPARE}{self.parked}"
         _rename(model, name, spare)
@@ -79,6 +83,7 @@ class Recycler:
             session.active_adapter = next(iter(session.adapters), None)
         while len(self.spares) > self.limit:  # memory stays flat whatever the space
             self._drop(model, next(iter(self.spares)))
+        session._changed()
         return True
 
     def unpark(self, session, name: str) -> bool:
