@@ -118,9 +118,8 @@ def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session
                   TrainArgs(steps=4), reporter=report)
     trials = read_json("runs/re/sweep.json")["trials"]
     assert len(trials) == 4 and all(t["status"] == "finished" for t in trials), trials
-    trained = trials
     by_rank = {}
-    for t in trained:
+    for t in trials:
         by_rank.setdefault(t["params"]["r"], []).append(t["run"])
     (first, second), (other, _) = by_rank.values()  # the grid trains each rank twice
     assert layers[first] is layers[second]  # the same module objects, renamed
@@ -134,15 +133,15 @@ def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session
     assert _losses("alone") == _losses(second)
     # The best trials are loaded, with their trained weights: as saved in their run folders.
     assert not any(name.startswith("~") for name in session.model.peft_config)
-    for run in (t["run"] for t in trained):
-        if run not in session.adapters:
-            continue
+    loaded = [t["run"] for t in trials if t["run"] in session.adapters]
+    assert len(loaded) == 3
+    for run in loaded:
         saved = load_file(f"runs/{run}/adapter/adapter_model.safetensors")
         params = {n: p for n, p in session.model.named_parameters() if f".{run}." in n}
         assert len(params) == len(saved)
         for key, value in saved.items():
-            loaded = next(p for n, p in params.items() if n.endswith(key.replace(".weight", f".{run}.weight").split("model.", 1)[-1]))
-            assert torch.equal(loaded.detach().cpu().to(value.dtype), value), key
+            param = next(p for n, p in params.items() if n.endswith(key.replace(".weight", f".{run}.weight").split("model.", 1)[-1]))
+            assert torch.equal(param.detach().cpu().to(value.dtype), value), key
 
 
 def test_stop_mid_trial_then_resume_finishes_the_rest(session):
