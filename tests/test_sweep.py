@@ -103,9 +103,10 @@ def _losses(run: str) -> list[float]:
 
 
 def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session):
-    """The second trial takes the first one's LoRA layers (recycle.py) and still trains exactly as the
-    same point trained alone with %lora_train; a trial of another rank builds its own; at the end the
-    best few are loaded again, with their trained weights."""
+    """Every trial takes the LoRA layers of the one before (recycle.py; a trial of another rank gets them
+    reshaped) and still trains exactly as the same point trained alone with %lora_train, whether its
+    start was drawn (the first trial of its rank) or recorded; at the end the best few are loaded
+    again, with their trained weights."""
     layers = {}
 
     def report(event):
@@ -122,15 +123,16 @@ def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session
     for t in trials:
         by_rank.setdefault(t["params"]["r"], []).append(t["run"])
     (first, second), (other, _) = by_rank.values()  # the grid trains each rank twice
-    assert layers[first] is layers[second]  # the same module objects, renamed
-    assert layers[other] is not layers[first]
-    point = next(t["params"] for t in trials if t["run"] == second)
-    session.train("noeval", replace(apply(TrainArgs(steps=4), point), name="alone"))
+    assert len({id(layers[t["run"]]) for t in trials}) == 1  # the same module objects, renamed (and reshaped)
+    assert layers[other].weight.shape[0] == trials[[t["run"] for t in trials].index(other)]["params"]["r"]
     from safetensors.torch import load_file
 
-    alone, trial = (load_file(f"runs/{run}/adapter/adapter_model.safetensors") for run in ("alone", second))
-    assert alone.keys() == trial.keys() and all(torch.equal(alone[k], trial[k]) for k in alone)  # bit for bit
-    assert _losses("alone") == _losses(second)
+    for run in (second, other):  # a recorded start; a drawn one on layers reshaped from the other rank
+        point = next(t["params"] for t in trials if t["run"] == run)
+        session.train("noeval", replace(apply(TrainArgs(steps=4), point), name=f"alone-{run}"))
+        alone, trial = (load_file(f"runs/{r}/adapter/adapter_model.safetensors") for r in (f"alone-{run}", run))
+        assert alone.keys() == trial.keys() and all(torch.equal(alone[k], trial[k]) for k in alone), run  # bit for bit
+        assert _losses(f"alone-{run}") == _losses(run)
     # The best trials are loaded, with their trained weights: as saved in their run folders.
     assert not any(name.startswith("~") for name in session.model.peft_config)
     loaded = [t["run"] for t in trials if t["run"] in session.adapters]
