@@ -285,6 +285,11 @@ def print_profile(profiler, path: str, trials: int, top: int = 45) -> None:
     log(f"profile ({path}): cumulative s per gap, calls per gap")
     for cumulative, calls, where in sorted(rows, reverse=True)[:top]:
         log(f"  {cumulative:7.3f} {calls:8.1f}  {where}")
+    own = sorted(((own / trials, calls / trials, f"{file.rsplit('site-packages/', 1)[-1]}:{line}({func})")
+                  for (file, line, func), (_, calls, own, _, _) in stats.stats.items()), reverse=True)
+    log("most time in the function itself (the device's waits and allocations show here): s per gap, calls per gap")
+    for spent, calls, where in own[:15]:
+        log(f"  {spent:7.3f} {calls:8.1f}  {where}")
 
 
 def main() -> int:

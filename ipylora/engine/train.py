@@ -449,6 +449,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         trainer.remove_callback(ProgressCallback)
         trainer.get_decay_parameter_names = decay_parameter_names
         trainer.floating_point_ops = step_flops(model)
+        if session.recycler is not None:  # a sweep's trial
+            _keep_device_cache(trainer)
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
         with _SigintToFlag(flag):
@@ -541,6 +543,24 @@ def step_flops(model):
         return 6 * inputs[main_input].numel() * count if main_input in inputs else 0
 
     return floating_point_ops
+
+
+def _keep_device_cache(trainer) -> None:
+    """The Trainer's `accelerator.free_memory()` as training starts, less its `gc.collect()` and
+    `empty_cache()`: what it resets is set the same way, for a Trainer that has prepared nothing yet.
+
+    For a sweep's trial: the trial before freed its activations, gradients and optimizer state to the
+    CUDA caching allocator, and they are what this trial needs; emptying the cache hands them to the
+    driver and makes the first step allocate them all again. An out-of-memory run still empties the
+    cache (models.free_memory) before it is retried."""
+    accelerator = trainer.accelerator
+
+    def free_memory(*objects):
+        accelerator._schedulers, accelerator._optimizers, accelerator._models, accelerator._dataloaders = [], [], [], []
+        accelerator.step = 0
+        return [None] * len(objects)
+
+    accelerator.free_memory = free_memory
 
 
 def loraplus_optimizer(trainer, model, args: TrainArgs):
