@@ -316,3 +316,53 @@ def test_a_failed_capture_leaves_random_ops_working(monkeypatch):
     graphdecode.release(model)
     dropped = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True)
     assert 0 < int((dropped == 0).sum()) < 64
+
+
+def batch_prompts() -> list[list[int]]:
+    """Prompts of different lengths (left padding matters), one of them long enough to be cut."""
+    ids = torch.randint(5, 1000, (5, 16), generator=torch.Generator().manual_seed(11)).tolist()
+    return [ids[0][:3], ids[1], ids[2][:9], ids[3][:1], ids[4][:12]]
+
+
+def hf_batch(model, prompts, pad, stops, max_new_tokens=20) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    output = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=list(stops) or None, pad_token_id=pad)
+    rows = output[:, width:].tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+def test_a_left_padded_batch_decodes_as_generate_does(model):
+    """decode_batch: every row gets the greedy tokens generate() gives it in a left-padded batch, a row
+    that reaches a stop token ends there (the others go on), and the rows past the prompts given
+    (a graph of more rows) are left out."""
+    prompts = batch_prompts()
+    pad = 0
+    with torch.inference_mode(), lean_lora(model):
+        free = hf_batch(model, prompts, pad, ())
+        stops = (free[2][5],)  # a token row 3 reaches early: that row stops there
+        expected = hf_batch(model, prompts, pad, stops)
+        got = graphdecode.decode_batch(model, prompts, pad, 20, graphdecode.picker(model, 0.0, 1.0), stops,
+                                       capture=False)
+        again = graphdecode.decode_batch(model, prompts[:3], pad, 20, graphdecode.picker(model, 0.0, 1.0), stops,
+                                         capture=False)
+    graphdecode.release(model)
+    assert len(expected[2]) <= 6 and any(len(row) == 20 for row in expected)
+    assert got == expected
+    assert again == hf_batch(model, prompts[:3], pad, stops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_captured_batch_step_replays_the_uncaptured_batch():
+    model = lora_model().cuda()
+    prompts = batch_prompts()
+    with torch.inference_mode(), lean_lora(model):
+        expected = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
+                                            capture=False)
+        graphdecode.release(model)
+        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), ())
+        assert graphdecode.step_graph(model, 40, compiled=False, batch=len(prompts))._graph is not None
+    graphdecode.release(model)
+    assert got == expected

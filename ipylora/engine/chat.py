@@ -298,15 +298,25 @@ def generate(model, tokenizer, prompt_text, args: GenerateArgs, adapter: str | N
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArgs, adapter: str | None = None,
                    batch_size: int = 8) -> list[dict]:
-    """Greedy or sampled answers for many prompts (token ids), left-padded in batches."""
+    """Greedy or sampled answers for many prompts (token ids), left-padded in batches.
+
+    On CUDA the prompts are decoded graphdecode.BATCH_ROWS at a time through one captured step
+    (graphdecode.decode_batch; shortest prompts together, so that little is padding); elsewhere, or
+    if that runs out of memory, by transformers' generate() `batch_size` at a time."""
     import torch
 
     check_args(args)
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_ids(model, tokenizer)
-    results = []
     with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
+        next_token = graphdecode.picker(model, args.temperature, args.top_p) if graphdecode.usable(model) else None
+        if next_token is not None:
+            try:
+                return _decode_batches(model, tokenizer, prompts, args, next_token, pad, stops)
+            except torch.cuda.OutOfMemoryError:
+                graphdecode.release(model)
+        results = []
+        device = next(model.parameters()).device
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             width = max(len(ids) for ids in batch)
@@ -319,6 +329,19 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
                 cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
                 results.append(_result(tokenizer, row[:cut], started, stops=stops))
     return results
+
+
+def _decode_batches(model, tokenizer, prompts, args: GenerateArgs, next_token, pad: int, stops) -> list[dict]:
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    found = {}
+    for start in range(0, len(order), graphdecode.BATCH_ROWS):
+        chunk = order[start:start + graphdecode.BATCH_ROWS]
+        started = time.perf_counter()
+        answers = graphdecode.decode_batch(model, [prompts[i] for i in chunk], pad, args.max_new_tokens, next_token,
+                                           stops, compiled=args.compile)
+        for i, new in zip(chunk, answers):
+            found[i] = _result(tokenizer, new, started, stops=stops)
+    return [found[i] for i in range(len(prompts))]
 
 
 class Generation:

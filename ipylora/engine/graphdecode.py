@@ -34,8 +34,12 @@ from typing import Callable, Collection
 from ipylora.engine.decode import capturing
 from ipylora.engine.models import base_of
 
-# Attribute of the model holding its StepGraph.
+# Attributes of the model holding its StepGraphs: chat's (one row) and batched decoding's.
 _SLOT = "_ipylora_step_graph"
+_BATCH_SLOT = "_ipylora_batch_graph"
+# Rows decoded together by `decode_batch` at most: a decode step of a 7B model reads its 15 GB of
+# weights whatever the batch, so 64 rows take about as long a step as one.
+BATCH_ROWS = 64
 # Static caches are sized in steps of this many tokens, so that most turns reuse the graph.
 CACHE_STEP = 1024
 # Generation-config settings whose logits processors this loop does not have, with their neutral
@@ -103,23 +107,28 @@ def picker(model, temperature: float, top_p: float) -> Callable | None:
 
 
 class StepGraph:
-    """A static KV cache for one sequence of up to `max_len` tokens and the model's decode step on it,
-    captured as a CUDA graph (`capture`), after torch.compile (`compiled`)."""
+    """A static KV cache for `batch` sequences of up to `max_len` tokens and the model's decode step
+    on it, captured as a CUDA graph (`capture`), after torch.compile (`compiled`).
 
-    def __init__(self, model, max_len: int, compiled: bool = False, capture: bool = True):
+    A batch is left-padded to one width (`prefill_batch`): every row writes the same cache slot each
+    step, and its own position is the slot less its padding (`offsets`), as generate() numbers a
+    left-padded row; the padding's slots stay masked."""
+
+    def __init__(self, model, max_len: int, compiled: bool = False, capture: bool = True, batch: int = 1):
         import torch
 
         self.model = base_of(model)
-        self.max_len, self.compiled, self.capture = max_len, compiled, capture
+        self.max_len, self.compiled, self.capture, self.batch = max_len, compiled, capture, batch
         self.options = (compiled, capture)  # as asked; capture turns off if it fails
         self.device = next(self.model.parameters()).device
         self.cache = full_static_cache(self.model.config, max_len)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.position = torch.zeros((1,), dtype=torch.long, device=self.device)
+        self.offsets = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         # An explicit all-ones mask over the whole cache: without one, some models (OPT) build it as
         # torch.ones(cache length + 1), reading the cache's length back to the host, which a
         # capture cannot do. Slots past the current position are masked by causality all the same.
-        self.mask = torch.ones((1, max_len), dtype=torch.long, device=self.device)
+        self.mask = torch.ones((batch, max_len), dtype=torch.long, device=self.device)
         parameters = inspect.signature(self.model.forward).parameters
         # transformers 5.x renames past_key_values to cache; both are accepted while it deprecates.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -131,7 +140,7 @@ class StepGraph:
         self.key = None
 
     def _forward(self):
-        output = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position.view(1, 1),
+        output = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position - self.offsets,
                             cache_position=self.position, use_cache=True, **{self._cache_arg: self.cache})
         return output.logits[:, -1]
 
@@ -175,9 +184,28 @@ class StepGraph:
                             cache_position=positions, use_cache=True, **{self._cache_arg: self.cache}, **extra)
         return output.logits[:, -1]
 
+    def prefill_batch(self, prompts: list[list[int]], pad: int):
+        """Fill the cache with `prompts` (at most `batch`; the rows left over get one pad token, and
+        their answers are to be ignored), left-padded to the longest; the logits after each one's end."""
+        import torch
+
+        self.cache.reset()
+        rows = [*prompts, *[[pad]] * (self.batch - len(prompts))]
+        width = max(len(ids) for ids in rows)
+        pads = torch.tensor([[width - len(ids)] for ids in rows], device=self.device)
+        tokens = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
+        slots = torch.arange(self.max_len, device=self.device)
+        self.mask.copy_(slots >= pads)
+        self.offsets.copy_(pads)
+        positions = (slots[:width] - pads).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                            cache_position=slots[:width], use_cache=True, **{self._cache_arg: self.cache}, **extra)
+        return output.logits[:, -1], width
+
     def step(self, token, position: int):
-        """Logits after feeding `token` (a 1-element tensor on the device) at `position`, the next one."""
-        self.token.copy_(token.view(1, 1))
+        """Logits after feeding `token` (`batch` elements on the device) at cache slot `position`, the next one."""
+        self.token.copy_(token.view(-1, 1))
         self.position.fill_(position)
         if self._graph is None:
             return self._step()
@@ -193,6 +221,7 @@ class StepGraph:
         self.cache.reset()
         self.token.zero_()
         self.position.zero_()
+        self.offsets.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
@@ -295,23 +324,31 @@ def state_key(model) -> tuple:
     return tuple(key)
 
 
-def step_graph(model, need: int, compiled: bool, capture: bool = True) -> StepGraph:
-    """The model's StepGraph, new when none fits `need` tokens or the compile choice changed."""
+def step_graph(model, need: int, compiled: bool, capture: bool = True, batch: int = 1) -> StepGraph:
+    """The model's StepGraph for `batch` rows (chat's, batch 1, and one batched one for evals are kept
+    apart), new when none fits `need` tokens or the compile choice changed."""
     base = base_of(model)
-    current = base.__dict__.get(_SLOT)
-    if current and current.max_len >= need and current.options == (compiled, capture):
+    slot = _SLOT if batch == 1 else _BATCH_SLOT
+    current = base.__dict__.get(slot)
+    if current and current.max_len >= need and current.options == (compiled, capture) and current.batch == batch:
         return current
-    release(model)
+    _free(base, slot)
     max_len = -(-need // CACHE_STEP) * CACHE_STEP
-    base.__dict__[_SLOT] = StepGraph(base, max_len, compiled=compiled, capture=capture)
-    return base.__dict__[_SLOT]
+    base.__dict__[slot] = StepGraph(base, max_len, compiled=compiled, capture=capture, batch=batch)
+    return base.__dict__[slot]
 
 
 def release(model) -> None:
-    """Free the model's captured step and its cache (training needs the memory; weights changed)."""
+    """Free the model's captured steps and their caches (training needs the memory; weights changed)."""
+    base = base_of(model)
+    for slot in (_SLOT, _BATCH_SLOT):
+        _free(base, slot)
+
+
+def _free(base, slot: str) -> None:
     import torch
 
-    current = base_of(model).__dict__.pop(_SLOT, None)
+    current = base.__dict__.pop(slot, None)
     if current is not None:
         current._graph = current._logits = current.cache = None
         if torch.cuda.is_available():
@@ -342,3 +379,39 @@ def decode(model, ids: list[int], max_new_tokens: int, next_token, stops: Collec
         if so_far is not None:
             so_far = torch.cat([so_far, token.view(1, 1)], dim=1)
         logits = graph.step(token, len(ids) + len(new) - 1)
+
+
+def decode_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, next_token,
+                 stops: Collection[int], compiled: bool = False, capture: bool = True) -> list[list[int]]:
+    """New token ids after each of `prompts` (at most BATCH_ROWS), decoded together through one captured
+    step of BATCH_ROWS rows (or of len(prompts), if fewer); each row ends after a token of `stops`,
+    or at `max_new_tokens`, and has the tokens generate() gives that row in a left-padded batch.
+    Call it in inference mode, with the adapter state (and lean_lora) the answers should use."""
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    graph = step_graph(model, width + max_new_tokens, compiled, capture, batch=min(BATCH_ROWS, len(prompts)))
+    graph.ready(state_key(model))
+    logits, width = graph.prefill_batch(prompts, pad)
+    rows = len(prompts)
+    so_far = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts] + [[pad] * width] * (graph.batch - rows),
+                          device=graph.device) if next_token.needs_ids else None
+    stop = torch.tensor(list(stops), device=graph.device)
+    done = torch.zeros(graph.batch, dtype=torch.bool, device=graph.device)
+    done[rows:] = True
+    new = []
+    for count in range(1, max_new_tokens + 1):
+        token = torch.where(done, pad, next_token(so_far, logits))
+        new.append(token)
+        done |= torch.isin(token, stop)
+        # A look at the host every few steps, not every step, so that the host queues steps ahead.
+        if count == max_new_tokens or (count % 8 == 0 and bool(done.all())):
+            break
+        if so_far is not None:
+            so_far = torch.cat([so_far, token.view(-1, 1)], dim=1)
+        logits = graph.step(token, width + count - 1)
+    answers = []
+    for row in torch.stack(new, dim=1)[:rows].tolist():
+        cut = next((i + 1 for i, value in enumerate(row) if value in stops), len(row))
+        answers.append(row[:cut])
+    return answers

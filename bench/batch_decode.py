@@ -1,0 +1,148 @@
+"""Batched decoding for %lora_eval, --compare and samples: the captured batch step vs generate().
+
+A random-init Qwen2-7B shape (bench.common.SHAPES, bf16, built on the GPU) with an r16 all-linear
+adapter (B random too, so it changes every output), through the lean LoRA forward chat uses. The
+same --prompts prompts (random ids, lengths spread over --min-len..--max-len) are answered greedily
+with --new-tokens new tokens each, no stop token, so every recipe decodes the same number of tokens:
+
+    generate b8     transformers' generate(), left-padded batches of 8 (what %lora_eval did)
+    generate b64    the same, all prompts in one batch
+    engine          ipylora.engine.chat.generate_batch: graphdecode.decode_batch, one decode step of
+                    up to 64 rows captured as a CUDA graph and replayed per token (its capture timed
+                    in the first call: "engine first")
+
+tokens/s = new tokens / wall seconds (prefill included). Tokens are compared with generate b64 (the
+same left-padded batch): random weights make near-ties common, so the table gives the share of rows
+whose answers are the same, and the same up to the first difference.
+
+    python bench/batch_decode.py                   # 7B shape, 64 prompts, 128 new tokens
+    python bench/batch_decode.py --smoke           # CPU plumbing check on the tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SHAPES  # noqa: E402
+
+
+def build(shape: dict, device: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**shape, initializer_range=0.02, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # no stop token: every recipe decodes every token
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    return model.to(device).eval()
+
+
+class Ids:
+    """The tokenizer generate_batch asks for: pad and EOS ids, and a decode for the result's text."""
+    pad_token_id, eos_token_id = 0, None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def timed(fn):
+    import torch
+
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return out, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny shape on CPU (no capture there)")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--min-len", type=int, default=40)
+    parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    cli = parser.parse_args()
+    import torch
+
+    from ipylora.engine import chat, graphdecode
+    from ipylora.engine.config import GenerateArgs
+    from ipylora.engine.decode import lean_lora
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not cli.smoke:
+        print("skipped: no CUDA GPU (run with --smoke for the CPU plumbing check)")
+        return 0
+    shape = SHAPES["tiny" if cli.smoke else "7b"]
+    model = build(shape, device)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(cli.min_len, cli.max_len + 1, (cli.prompts,), generator=g).tolist()
+    prompts = [torch.randint(5, shape["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    args = GenerateArgs(max_new_tokens=cli.new_tokens)
+    new = cli.prompts * cli.new_tokens
+
+    def hf(batch: int) -> list[list[int]]:
+        rows = []
+        with torch.inference_mode(), lean_lora(model):
+            for start in range(0, len(prompts), batch):
+                part = prompts[start:start + batch]
+                width = max(len(p) for p in part)
+                ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=device)
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=cli.new_tokens, min_new_tokens=cli.new_tokens,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+                rows += out[:, width:].tolist()
+        return rows
+
+    def engine_ids() -> list[list[int]]:  # generate_batch's loop, keeping the ids (it returns texts)
+        with torch.inference_mode(), lean_lora(model):
+            picker = graphdecode.picker(model, 0.0, 1.0)
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            found = {}
+            for start in range(0, len(order), graphdecode.BATCH_ROWS):
+                chunk = order[start:start + graphdecode.BATCH_ROWS]
+                for i, ids in zip(chunk, graphdecode.decode_batch(model, [prompts[i] for i in chunk], 0, cli.new_tokens,
+                                                                  picker, (), capture=device == "cuda")):
+                    found[i] = ids
+            return [found[i] for i in range(len(prompts))]
+
+    hf(8)  # warm-up (cuBLAS, allocator)
+    rows = []
+    for name, fn in (("generate b8", lambda: hf(8)), ("generate b64", lambda: hf(64)),
+                     ("engine first", engine_ids), ("engine", engine_ids),
+                     ("engine (generate_batch)", lambda: chat.generate_batch(model, Ids(), prompts, args))):
+        out, seconds = timed(fn)
+        rows.append((name, seconds, out))
+        print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
+    reference = rows[1][2]
+    print(f"\n{cli.prompts} prompts of {cli.min_len}-{cli.max_len} tokens, {cli.new_tokens} new tokens each, "
+          f"{'Qwen2-tiny CPU' if cli.smoke else 'Qwen2-7B shape bf16'}, r16 all-linear adapter, greedy")
+    print("| recipe | s | tokens/s | vs generate b64 | vs generate b8 | rows same as generate b64 | tokens same until first difference |")
+    print("|---|---|---|---|---|---|---|")
+    for name, seconds, out in rows:
+        same = lead = "-"
+        if isinstance(out, list) and out and isinstance(out[0], list):
+            same = f"{sum(a == b for a, b in zip(out, reference)) / len(reference):.0%}"
+            prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(out, reference))
+            lead = f"{prefix / sum(len(b) for b in reference):.0%}"
+        print(f"| {name} | {seconds:.2f} | {new / seconds:,.0f} | {rows[1][1] / seconds:.1f}x | {rows[0][1] / seconds:.1f}x "
+              f"| {same} | {lead} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
