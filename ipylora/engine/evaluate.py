@@ -59,7 +59,8 @@ class EvalArgs:
     max_new_tokens: int = 256
     """Most tokens per generated answer; an answer that reaches it did not stop at EOS."""
     batch_size: int = 8
-    """Rows per forward pass and per batched generation."""
+    """Rows per forward pass of the loss, and per generate() batch where answers are not decoded through
+    a captured step (off CUDA; on CUDA, graphdecode.BATCH_ROWS rows at a time)."""
     limit: int | None = None
     """Evaluate only the first N rows of the split."""
     worst: int = 5
