@@ -205,8 +205,9 @@ def _group_siblings(model, patched: list) -> None:
             start += rows
 
 
-def forget(model) -> None:
-    """Drop the cached cast weights of `model`'s layers (an adapter was deleted or unloaded)."""
-    for module in model.modules():
+def forget(model, layers=None) -> None:
+    """Drop the cached cast weights of `model`'s layers (an adapter was deleted or unloaded); `layers`:
+    its LoRA layers, where the caller has them (they are where the weights are cached)."""
+    for module in model.modules() if layers is None else layers:
         module.__dict__.pop(_CACHED, None)
         module.__dict__.pop(_GROUP, None)

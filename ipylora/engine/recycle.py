@@ -88,16 +88,18 @@ class Recycler:
         """Rename loaded adapter `name` to a spare if it can be recycled (True; `session.adapters` no
         longer lists it); False: nothing changed."""
         model = session.model
-        if name not in self.keys or not all(  # only adapters attached fresh (or recycled) in this sweep
-                _plain(layer, name) for layer in _layers(model, name)):
+        if name not in self.keys:  # only adapters attached fresh (or recycled) in this sweep
+            return False
+        tuners = _tuners(model)  # one walk of the model for all that follows
+        if not all(_plain(layer, name) for layer in _layers(tuners, name)):
             return False
         from ipylora.engine import decode, graphdecode
 
-        decode.forget(model)  # generation-time copies and captured steps hold the adapter by name
+        decode.forget(model, tuners)  # generation-time copies and captured steps hold the adapter by name
         graphdecode.release(model)
         self.parked += 1
         spare = f"{SPARE}{self.parked}"
-        _rename(model, name, spare)
+        _rename(model, tuners, name, spare)
         self.spares[spare] = self.keys.pop(name)
         self.kept[spare] = (name, session.adapters.pop(name))
         if session.active_adapter == name:
@@ -112,7 +114,7 @@ class Recycler:
         spare = next((s for s, (run, _) in self.kept.items() if run == name), None)
         if spare is None:
             return False
-        _rename(session.model, spare, name)
+        _rename(session.model, _tuners(session.model), spare, name)
         self.keys[name] = self.spares.pop(spare)
         session.adapters[name] = self.kept.pop(spare)[1]
         return True
@@ -134,8 +136,9 @@ class Recycler:
         same = self.spares.pop(spare) == key
         self.keys[name] = key
         self.kept.pop(spare, None)
-        _rename(model, spare, name)
-        layers = _layers(model, name)
+        tuners = _tuners(model)
+        _rename(model, tuners, spare, name)
+        layers = _layers(tuners, name)
         if not same:
             _reshape(model, layers, name, config)
         state = _digest(torch.random.get_rng_state())
@@ -174,7 +177,7 @@ class Recycler:
         import torch
 
         if (key, state) not in self.starts:
-            starts = [layer.lora_A[name].weight.detach().clone() for layer in _layers(model, name)]
+            starts = [layer.lora_A[name].weight.detach().clone() for layer in _layers(_tuners(model), name)]
             self.starts[key, state] = (starts, torch.random.get_rng_state())
             while len(self.starts) > self.limit:
                 del self.starts[next(iter(self.starts))]
@@ -210,11 +213,18 @@ def recycling(session):
         recycler.close(session)
 
 
-def _layers(model, name: str) -> list:
-    """The LoRA layers holding adapter `name`, in the order PEFT built them (module order)."""
+def _tuners(model) -> list:
+    """The model's PEFT tuner layers, in module order (the order PEFT built them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _layers(tuners: list, name: str) -> list:
+    """The LoRA layers among `tuners` holding adapter `name`."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    return [m for m in tuners if isinstance(m, LoraLayer) and name in m.lora_A]
 
 
 def _plain(layer, name: str) -> bool:
@@ -259,21 +269,17 @@ def _fresh_start(layer, name: str, config):
     return a.weight.detach()
 
 
-def _rename(model, old: str, new: str) -> None:
+def _rename(model, tuners: list, old: str, new: str) -> None:
     """Adapter `old` becomes `new` in every tuner layer and in the model's configs and active names.
 
     PEFT keeps an adapter as entries keyed by its name in each layer's `adapter_layer_names` and
     `other_param_names` (the attributes its own delete_adapter walks) and in `peft_config`."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     def renamed(active):
         if isinstance(active, str):
             return new if active == old else active
         return [new if a == old else a for a in active]
 
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
+    for module in tuners:
         for attr in (*module.adapter_layer_names, *module.other_param_names, "lora_variant"):
             entries = getattr(module, attr, None)
             if entries is not None and old in entries:
