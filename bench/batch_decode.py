@@ -128,6 +128,19 @@ def main() -> int:
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
+    from ipylora.engine.models import base_of
+
+    graph = base_of(model).__dict__.get(graphdecode._BATCH_SLOT)
+    if graph is not None:
+        print(f"  batch step: {graph.batch} rows, cache {graph.max_len} tokens, captured "
+              f"{'yes' if graph._graph is not None else 'no'} (capture {'on' if graph.capture else 'off: not asked, or it failed'})")
+        short = prompts[:graph.batch]
+        with torch.inference_mode(), lean_lora(model):  # one decode step's time, prefill left out
+            graph.prefill_batch(short, 0)
+            token = torch.zeros(graph.batch, dtype=torch.long, device=device)
+            graph.step(token, cli.max_len)
+            _, seconds = timed(lambda: [graph.step(token, cli.max_len + i) for i in range(20)])
+        print(f"  one batch decode step: {seconds / 20 * 1e3:.2f} ms")
     reference = rows[1][2]
     print(f"\n{cli.prompts} prompts of {cli.min_len}-{cli.max_len} tokens, {cli.new_tokens} new tokens each, "
           f"{'Qwen2-tiny CPU' if cli.smoke else 'Qwen2-7B shape bf16'}, r16 all-linear adapter, greedy")

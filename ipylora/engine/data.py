@@ -68,6 +68,7 @@ class LoraDataset:
         self._rows: list | None = None
         self._tokens: tuple | None = None  # (key, tokens) computed ahead of their use; see _reuse
         self._keep = False  # tokens_kept()
+        self._hf: tuple | None = None  # (tokens, their datasets.Dataset), kept within tokens_kept (train._to_hf)
         self.truncation: Truncation | None = None
         self.eval: LoraDataset | None = None
         if held_out is not None:
@@ -298,7 +299,7 @@ class LoraDataset:
             yield self
         finally:
             for part in parts:
-                part._keep, part._tokens = False, None
+                part._keep, part._tokens, part._hf = False, None, None
 
     def _reuse(self, key: tuple):
         """The tokens cached under `key` (the tokenizer, its length, max_length and shape), else None."""

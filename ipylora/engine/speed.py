@@ -393,6 +393,8 @@ def set_attention(model, kind: str) -> str:
     name = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}[kind]
     if name == VARLEN:
         register_varlen_attention()
+    if getattr(model.config, "_attn_implementation", None) == name:
+        return name  # already (a sweep's trials: each set it again, a walk of the model)
     try:
         model.set_attn_implementation(name)
     except Exception:

@@ -337,10 +337,18 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def _to_hf(tokens: dict):
+def _to_hf(tokens: dict, part=None):
+    """`tokens` as a datasets.Dataset. Within `tokens_kept()` (a sweep: every trial trains on the same
+    token lists) the Dataset made for them is kept on `part` as well, for the next trial."""
     import datasets as hf_datasets
 
-    return hf_datasets.Dataset.from_dict(dict(tokens))
+    kept = getattr(part, "_hf", None)
+    if kept is not None and kept[0] is tokens:
+        return kept[1]
+    data = hf_datasets.Dataset.from_dict(dict(tokens))
+    if getattr(part, "_keep", False):
+        part._hf = (tokens, data)
+    return data
 
 
 def _parts(dataset: LoraDataset) -> tuple[LoraDataset, LoraDataset | None]:
@@ -371,11 +379,11 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     dataset.require(method.shape, who=f"--method {method.name}")
     train_part, eval_part = _parts(dataset)
     train_tokens = method.tokens(train_part, session.tokenizer, args.max_length)
-    train_data = _to_hf(train_tokens)
+    train_data = _to_hf(train_tokens, train_part)
     # The eval loss is over exactly these tokens, the ones %lora_eval scores at this max_length.
     eval_tokens = method.tokens(eval_part, session.tokenizer, args.max_length) \
         if eval_part is not None and len(eval_part) else None
-    eval_data = _to_hf(eval_tokens) if eval_tokens is not None else None
+    eval_data = _to_hf(eval_tokens, eval_part) if eval_tokens is not None else None
     if args.early_stop and eval_data is None:
         raise ConfigError("--early-stop needs an eval split: add --eval 0.1 to %%lora_dataset.")
     if reuse_dir:
