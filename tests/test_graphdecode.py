@@ -366,3 +366,60 @@ def test_a_captured_batch_step_replays_the_uncaptured_batch():
         assert graphdecode.step_graph(model, 40, compiled=False, batch=len(prompts))._graph is not None
     graphdecode.release(model)
     assert got == expected
+
+
+def test_one_token_grouped_query_attention_folded_equals_transformers_sdpa():
+    """folded_gqa: a decode step's query heads folded onto their key/value heads give what
+    transformers' SDPA gives with its repeated heads, padding mask and all; a prefill (several query
+    tokens) goes to transformers' own function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(3, heads, length, 16, generator=g) for heads, length in ((8, 1), (2, 10), (2, 10)))
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    mask[2, ..., 7:] = False  # slots past this row's position
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.is_causal = 4, True
+    folded = graphdecode._folding(sdpa_attention_forward)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = folded(module, query, key, value, mask, scaling=0.3)
+    assert got.shape == expected.shape == (3, 1, 8, 16)
+    assert torch.allclose(got, expected, atol=1e-6)
+    prefill = torch.randn(3, 8, 10, 16, generator=g)
+    wide = torch.ones(3, 1, 10, 10, dtype=torch.bool).tril()
+    assert torch.equal(folded(module, prefill, key, value, wide)[0], sdpa_attention_forward(module, prefill, key, value, wide)[0])
+
+
+def test_a_grouped_query_model_decodes_a_batch_as_generate_does():
+    """End to end on a model with 2 query heads per key/value head, where folded_gqa is taken."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    prompts = batch_prompts()
+    calls = []
+    folding = graphdecode._folding
+
+    def counting(original):
+        inner = folding(original)
+
+        def attention(module, query, *args, **kwargs):
+            calls.append(query.shape[2])
+            return inner(module, query, *args, **kwargs)
+        return attention
+
+    with torch.inference_mode(), lean_lora(model), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graphdecode, "_folding", counting)
+        expected = hf_batch(model, prompts, 0, ())
+        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (), capture=False)
+    graphdecode.release(model)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # put back after decoding
+    assert calls.count(1) >= 19 * 2  # every decode step of both layers went through the fold
+    assert got == expected

@@ -26,6 +26,7 @@ which is how the CPU tests check the loop.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ _BATCH_SLOT = "_ipylora_batch_graph"
 # Rows decoded together by `decode_batch` at most: a decode step of a 7B model reads its 15 GB of
 # weights whatever the batch, so 64 rows take about as long a step as one.
 BATCH_ROWS = 64
+# A batch's cache is sized more tightly than chat's: each step reads every row's whole cache.
+BATCH_CACHE_STEP = 256
 # Static caches are sized in steps of this many tokens, so that most turns reuse the graph.
 CACHE_STEP = 1024
 # Generation-config settings whose logits processors this loop does not have, with their neutral
@@ -268,6 +271,54 @@ def full_static_cache(config, max_len: int):
 
 
 @contextmanager
+def folded_gqa():
+    """While decoding, one token's grouped-query attention reads each key/value head once.
+
+    transformers' SDPA path repeats every key/value head for its query heads (`repeat_kv`) whenever
+    there is a mask, which a static cache always has: for Qwen2-7B's 28 query and 4 key/value heads,
+    each decode step copies the whole cache 7 times over, which is most of a 64-row batch step (42 ms
+    on an H200 for a 1024-token cache). For a single query token the query heads of one group can
+    stand where query positions stand instead: (batch, kv heads, group, dim) against the cache as it
+    is, the mask broadcast over the group. The same attention, without the copies. Everything else
+    (prefill, sinks, soft-capping, a mask per head) goes to the function it replaces."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from ipylora.engine.speed import VARLEN
+
+    mapping = AttentionInterface._global_mapping
+    originals = {name: mapping[name] for name in ("sdpa", VARLEN) if name in mapping}
+    installed = {name: _folding(function) for name, function in originals.items()}
+    mapping.update(installed)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            if mapping.get(name) is installed[name]:
+                mapping[name] = function
+
+
+@functools.cache
+def _folding(original: Callable) -> Callable:
+    """`original` (a transformers attention function) with one-token grouped-query attention folded;
+    one wrapper per function, so that a compiled step's guards see the same object every decode."""
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        import torch
+
+        batch, heads, length, dim = query.shape
+        groups = key.shape[1]
+        if length != 1 or groups == heads or heads % groups or attention_mask is None or attention_mask.ndim != 4 \
+                or attention_mask.shape[1] != 1 or kwargs.get("s_aux") is not None or kwargs.get("softcap") \
+                or key.shape[-1] != value.shape[-1] or (module.training and dropout):
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        folded = query.reshape(batch, groups, heads // groups, dim)
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextmanager
 def _sliced_falcon_splits(model):
     """Falcon's multi-query attention splits keys and values off its fused projection with list
     indices (`qkv[..., [-2], :]`): each call copies a small index tensor from the host, which a
@@ -333,7 +384,8 @@ def step_graph(model, need: int, compiled: bool, capture: bool = True, batch: in
     if current and current.max_len >= need and current.options == (compiled, capture) and current.batch == batch:
         return current
     _free(base, slot)
-    max_len = -(-need // CACHE_STEP) * CACHE_STEP
+    step = CACHE_STEP if batch == 1 else BATCH_CACHE_STEP
+    max_len = -(-need // step) * step
     base.__dict__[slot] = StepGraph(base, max_len, compiled=compiled, capture=capture, batch=batch)
     return base.__dict__[slot]
 
@@ -361,6 +413,11 @@ def decode(model, ids: list[int], max_new_tokens: int, next_token, stops: Collec
     """New token ids after prompt `ids` (greedy or sampled by `next_token`), up to `max_new_tokens`,
     ending after a token of `stops` (EOS, end of turn) or when `should_stop()` turns true; `on_token` sees each as it comes.
     Call it in inference mode, with the adapter state (and lean_lora) the answer should use."""
+    with folded_gqa():
+        return _decode(model, ids, max_new_tokens, next_token, stops, on_token, should_stop, compiled, capture)
+
+
+def _decode(model, ids, max_new_tokens, next_token, stops, on_token, should_stop, compiled, capture) -> list[int]:
     import torch
 
     graph = step_graph(model, len(ids) + max_new_tokens, compiled, capture)
@@ -387,6 +444,11 @@ def decode_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int,
     step of BATCH_ROWS rows (or of len(prompts), if fewer); each row ends after a token of `stops`,
     or at `max_new_tokens`, and has the tokens generate() gives that row in a left-padded batch.
     Call it in inference mode, with the adapter state (and lean_lora) the answers should use."""
+    with folded_gqa():
+        return _decode_batch(model, prompts, pad, max_new_tokens, next_token, stops, compiled, capture)
+
+
+def _decode_batch(model, prompts, pad, max_new_tokens, next_token, stops, compiled, capture) -> list[list[int]]:
     import torch
 
     width = max(len(ids) for ids in prompts)
