@@ -105,7 +105,7 @@ def _losses(run: str) -> list[float]:
 def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session):
     """Every trial takes the LoRA layers of the one before (recycle.py; a trial of another rank gets them
     reshaped) and still trains exactly as the same point trained alone with %lora_train, whether its
-    start was drawn (the first trial of its rank) or recorded; at the end the best few are loaded
+    start was drawn ahead (the first trial of its rank) or recorded; at the end the best few are loaded
     again, with their trained weights."""
     layers = {}
 
@@ -115,8 +115,21 @@ def test_trials_of_one_shape_reuse_layers_and_train_as_a_fresh_run_would(session
             layers[event.name] = next(m.lora_A[event.name] for m in model.modules()
                                       if hasattr(m, "lora_A") and event.name in m.lora_A)
 
-    session.sweep("noeval", SweepArgs(name="re", space={"lr": "1e-3,1e-2", "r": "4,8"}, metric="train_loss"),
-                  TrainArgs(steps=4), reporter=report)
+    from ipylora.engine import recycle
+
+    draws = []
+    drawn_start = recycle._drawn_start
+
+    def counted(*args):
+        draws.append(threading.current_thread().name)
+        return drawn_start(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recycle, "_drawn_start", counted)
+        session.sweep("noeval", SweepArgs(name="re", space={"lr": "1e-3,1e-2", "r": "4,8"}, metric="train_loss"),
+                      TrainArgs(steps=4), reporter=report)
+    # The other rank's start was drawn ahead, in a thread, while the first trial trained; no trial drew its own.
+    assert draws and set(draws) == {"ipylora-draw-ahead"}, draws
     trials = read_json("runs/re/sweep.json")["trials"]
     assert len(trials) == 4 and all(t["status"] == "finished" for t in trials), trials
     by_rank = {}

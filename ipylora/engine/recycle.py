@@ -82,6 +82,18 @@ class Recycler:
         self.parked = 0
         self.protected: set[str] = set()
         """Runs whose parked adapter a trial takes only if no other spare fits (the sweep's best so far)."""
+        self.ranks: tuple = ()
+        self.seed: int | None = None
+        self.ahead: dict[tuple, tuple[list, object]] = {}  # (rank, init, state, layer shapes) -> (starts, state after)
+        self._drawing = None  # the thread drawing them
+
+    def expect(self, ranks, seed: int | None) -> None:
+        """The ranks the sweep's trials will take and the seed each trial starts from (None: it varies).
+        Once the first adapter's layers exist, the start of each of those ranks is drawn in a thread
+        (`_draw_ahead`), while trials train, from a generator in the very state the seed gives: the first
+        trial of a new rank copies it instead of drawing ~27M numbers on the host (1.5B shape, r 16)
+        between trials."""
+        self.ranks, self.seed = tuple(dict.fromkeys(ranks)), seed
 
     # -- parking -----------------------------------------------------------------------------------
     def park(self, session, name: str) -> bool:
@@ -142,7 +154,7 @@ class Recycler:
         if not same:
             _reshape(model, layers, name, config)
         state = _digest(torch.random.get_rng_state())
-        recorded = self.starts.get((key, state))
+        recorded = self.starts.get((key, state)) or self._drawn_ahead(layers, name, config, state)
         with torch.no_grad():
             if recorded is not None:
                 starts, after = recorded
@@ -153,6 +165,10 @@ class Recycler:
                 for layer in layers:
                     layer.lora_A[name].weight.copy_(_fresh_start(layer, name, config))
                 self._record(model, name, key, state)
+            if recorded is not None and (key, state) not in self.starts:
+                self.starts[key, state] = recorded  # for this rank's later trials
+                while len(self.starts) > self.limit:
+                    del self.starts[next(iter(self.starts))]
             for layer in layers:
                 layer.lora_B[name].weight.zero_()
                 for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
@@ -172,6 +188,7 @@ class Recycler:
             return
         key = self.keys[name] = config_key(config, model.peft_config[name].target_modules)
         self._record(model, name, key, state)
+        self._draw_ahead(_layers(_tuners(model), name), config)
 
     def _record(self, model, name: str, key: str, state: str) -> None:
         import torch
@@ -182,8 +199,41 @@ class Recycler:
             while len(self.starts) > self.limit:
                 del self.starts[next(iter(self.starts))]
 
+    def _draw_ahead(self, layers: list, config) -> None:
+        """Start drawing the expected ranks' starts for these layers (see `expect`), once per sweep."""
+        if self.seed is None or self._drawing is not None or not layers:
+            return
+        import threading
+
+        import torch
+
+        shapes = tuple((layer.in_features, layer.out_features) for layer in layers)
+        device = layers[0].lora_A[next(iter(layers[0].lora_A))].weight.device
+        init, seed, ranks = config.init_lora_weights, self.seed, [r for r in self.ranks if r != config.r]
+
+        def draw() -> None:
+            for r in ranks:
+                generator = torch.Generator().manual_seed(seed)
+                state = _digest(generator.get_state())
+                starts = [_drawn_start(generator, i, o, r, init).to(device) for i, o in shapes]
+                self.ahead[r, init, state, shapes] = (starts, generator.get_state())
+
+        self._drawing = threading.Thread(target=draw, name="ipylora-draw-ahead", daemon=True)
+        self._drawing.start()
+
+    def _drawn_ahead(self, layers: list, name: str, config, state: str):
+        """The start `_draw_ahead` drew for this trial's rank at random state `state`, if any."""
+        if self._drawing is None or config.r not in self.ranks:
+            return None
+        self._drawing.join()  # drawn while the trials before trained: done by now, as a rule
+        shapes = tuple((layer.in_features, layer.out_features) for layer in layers)
+        return self.ahead.get((config.r, config.init_lora_weights, state, shapes))
+
     def close(self, session) -> None:
         """Delete every spare (the sweep is over) and forget the starts."""
+        if self._drawing is not None:
+            self._drawing.join()
+        self.ahead.clear()
         self.starts.clear()
         for spare in list(self.spares):
             if session.model is not None and len(session.model.peft_config) == 1:
@@ -259,14 +309,23 @@ def _fresh_start(layer, name: str, config):
     nn.Linear, whose own init draws), then re-draws A (kaiming-uniform, or normal for gaussian)."""
     import torch
 
-    r = layer.r[name]
-    a = torch.nn.Linear(layer.in_features, r, bias=False)
-    torch.nn.Linear(r, layer.out_features, bias=False)
-    if config.init_lora_weights is True:
-        torch.nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    return _drawn_start(torch.default_generator, layer.in_features, layer.out_features, layer.r[name],
+                        config.init_lora_weights)
+
+
+def _drawn_start(generator, fan_in: int, fan_out: int, r: int, init):
+    """`_fresh_start` from `generator`: nn.Linear(fan_in, r) and nn.Linear(r, fan_out) each draw their
+    weight (kaiming-uniform, a = sqrt(5)), then A is drawn again. On the host, in fp32, as PEFT draws."""
+    import torch
+
+    a = torch.empty(r, fan_in)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    torch.nn.init.kaiming_uniform_(torch.empty(fan_out, r), a=math.sqrt(5), generator=generator)
+    if init is True:
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     else:
-        torch.nn.init.normal_(a.weight, std=1 / r)
-    return a.weight.detach()
+        torch.nn.init.normal_(a, std=1 / r, generator=generator)
+    return a
 
 
 def _rename(model, tuners: list, old: str, new: str) -> None:

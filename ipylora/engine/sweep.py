@@ -431,7 +431,10 @@ class SweepRunner:
         from ipylora.engine.recycle import recycling
 
         # Every trial trains on the same tokens, and takes the LoRA layers of an unloaded trial of its shape.
-        with self.session.dataset(self.dataset).tokens_kept(), recycling(self.session):
+        with self.session.dataset(self.dataset).tokens_kept(), recycling(self.session) as recycler:
+            rank = self.space.get("r")
+            recycler.expect(rank.choices if rank is not None and not rank.is_range else (),
+                            None if "seed" in self.space else self.base.seed)
             try:
                 for unfinished in [t for t in trials if t["status"] in ("stopped", "running")]:
                     if stop.is_set():
