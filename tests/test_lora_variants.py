@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -185,6 +186,33 @@ def test_added_tokens_are_trained_generated_saved_and_travel(concepts, output, t
     final = float(re.search(r"final_loss=([0-9.]+)", done.stdout).group(1))
     assert abs(final - end.final_loss) <= 0.05 * max(end.final_loss, 0.05), (final, end.final_loss)
     assert AutoTokenizer.from_pretrained(tmp_path / "script-adapter").convert_tokens_to_ids(["<sd>", "</sd>"]) == ids
+
+
+def test_added_tokens_on_tied_embeddings_stay_tied_and_merge(concepts, tmp_path):
+    """--add-tokens on a model whose LM head is its input embedding (Qwen2.5's small sizes, Llama 3.2):
+    the grown vocabulary stays one tensor for both, the adapter writes the new markers, and the
+    merged model (tied, the new vocabulary) answers token for token as the adapter."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import model_matrix
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_matrix.build(model_matrix.BY_NAME["qwen2-5"], tmp_path / "checkpoints")
+    s = Session()
+    s.add_dataset("t", concepts.head(ROWS), DataArgs(prompt=PROMPT, response="<sd>{description}</sd>"))
+    end = s.train("t", TrainArgs(model=str(path), name="tied", steps=100, lr=2e-2, output=str(tmp_path / "runs"),
+                                 lora=LoraArgs(add_tokens="<sd>,</sd>")))
+    assert end.status == "finished"
+    base = s.model.get_base_model()
+    ids = s.tokenizer.convert_tokens_to_ids(["<sd>", "</sd>"])
+    assert base.get_input_embeddings().weight.shape[0] == len(s.tokenizer) > max(ids)
+    assert base.get_output_embeddings().weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
+    answers = _answers(s, s.model, "tied", concepts, template_of="tied")
+    assert sum(a.strip() == f"<sd>{d}</sd>" for a, d in zip(answers, concepts.description)) >= ROWS // 2, answers
+    s.save("tied", str(tmp_path / "merged"), merge=True, output=str(tmp_path / "runs"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.tie_word_embeddings and len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == len(s.tokenizer)
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    assert _answers(s, merged, None, concepts, template_of="tied") == answers
 
 
 def test_the_exported_script_rebuilds_a_variant(session, output, tmp_path):
