@@ -299,3 +299,20 @@ def test_the_forms_start_runs_the_sweep_its_line_shows(shell, session):
     assert record["line"] == line and record["status"] == "finished"
     assert {name: spec["spec"] for name, spec in record["space"].items()} == form.space
     assert len(record["trials"]) == 4 and session.active_adapter == record["best"]["run"]
+
+
+def test_a_drawn_start_is_what_peft_draws_and_leaves_the_generator_where_peft_does():
+    """recycle._drawn_start (a recycled trial's start when none was recorded or drawn ahead) against
+    PEFT attaching a fresh adapter at the same random state: the same A, the same generator state after."""
+    from peft import LoraConfig, get_peft_model
+
+    from ipylora.engine import recycle
+
+    for init in (True, "gaussian"):
+        model = torch.nn.Sequential(torch.nn.Linear(12, 20))
+        torch.manual_seed(3)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["0"], init_lora_weights=init))
+        expected, after = peft_model.base_model.model[0].lora_A["default"].weight, torch.random.get_rng_state()
+        torch.manual_seed(3)
+        got = recycle._drawn_start(torch.default_generator, 12, 20, 4, init)
+        assert torch.equal(got, expected) and torch.equal(torch.random.get_rng_state(), after), init
