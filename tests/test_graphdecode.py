@@ -346,8 +346,10 @@ def test_a_left_padded_batch_decodes_as_generate_does(model):
         expected = hf_batch(model, prompts, pad, stops)
         got = graphdecode.decode_batch(model, prompts, pad, 20, graphdecode.picker(model, 0.0, 1.0), stops,
                                        capture=False)
+        graph = graphdecode.step_graph(model, 40, compiled=False, capture=False, batch=len(prompts))
         again = graphdecode.decode_batch(model, prompts[:3], pad, 20, graphdecode.picker(model, 0.0, 1.0), stops,
                                          capture=False)
+        assert graphdecode.step_graph(model, 40, compiled=False, capture=False, batch=3) is graph  # rows padded
     graphdecode.release(model)
     assert len(expected[2]) <= 6 and any(len(row) == 20 for row in expected)
     assert got == expected
