@@ -361,10 +361,10 @@ def delete(session, name: str) -> None:
     """Remove adapter `name` from the resident model (its saved copy on disk stays)."""
     session._check_idle()
     session.adapter(name)
+    if session.recycler is not None and session.recycler.park(session, name):
+        return  # kept, renamed, for the sweep's next trial (recycle.py; it drops the copies below itself)
     decode.forget(session.model)  # the generation-time copies of adapter weights
     graphdecode.release(session.model)  # and the decode step captured with them
-    if session.recycler is not None and session.recycler.park(session, name):
-        return  # kept, renamed, for the sweep's next trial of its shape (recycle.py)
     if len(session.model.peft_config) == 1:
         session.model = session.model.unload()
     else:

@@ -164,11 +164,7 @@ class Recycler:
             else:
                 for layer in layers:
                     layer.lora_A[name].weight.copy_(_fresh_start(layer, name, config))
-                self._record(model, name, key, state)
-            if recorded is not None and (key, state) not in self.starts:
-                self.starts[key, state] = recorded  # for this rank's later trials
-                while len(self.starts) > self.limit:
-                    del self.starts[next(iter(self.starts))]
+            self._remember(key, state, recorded or _start_of(layers, name))  # for this config's later trials
             for layer in layers:
                 layer.lora_B[name].weight.zero_()
                 for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
@@ -187,15 +183,14 @@ class Recycler:
         if state is None:
             return
         key = self.keys[name] = config_key(config, model.peft_config[name].target_modules)
-        self._record(model, name, key, state)
-        self._draw_ahead(_layers(_tuners(model), name), config)
+        layers = _layers(_tuners(model), name)
+        self._remember(key, state, _start_of(layers, name))
+        self._draw_ahead(layers, config)
 
-    def _record(self, model, name: str, key: str, state: str) -> None:
-        import torch
-
+    def _remember(self, key: str, state: str, start: tuple) -> None:
+        """Keep `start` (A of every layer, the generator state after) for trials of `key` at `state`."""
         if (key, state) not in self.starts:
-            starts = [layer.lora_A[name].weight.detach().clone() for layer in _layers(_tuners(model), name)]
-            self.starts[key, state] = (starts, torch.random.get_rng_state())
+            self.starts[key, state] = start
             while len(self.starts) > self.limit:
                 del self.starts[next(iter(self.starts))]
 
@@ -280,6 +275,13 @@ def _layers(tuners: list, name: str) -> list:
 def _plain(layer, name: str) -> bool:
     return name not in layer.lora_embedding_A and name not in getattr(layer, "lora_variant", {}) \
         and hasattr(layer.lora_A[name], "weight") and hasattr(layer, "in_features")
+
+
+def _start_of(layers: list, name: str) -> tuple:
+    """Adapter `name`'s A in every layer as it starts, and where the host generator is now."""
+    import torch
+
+    return [layer.lora_A[name].weight.detach().clone() for layer in layers], torch.random.get_rng_state()
 
 
 def _reshape(model, layers: list, name: str, config) -> None:
