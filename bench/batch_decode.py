@@ -7,9 +7,12 @@ with --new-tokens new tokens each, no stop token, so every recipe decodes the sa
 
     generate b8     transformers' generate(), left-padded batches of 8 (what %lora_eval did)
     generate b64    the same, all prompts in one batch
-    engine          ipylora.engine.chat.generate_batch: graphdecode.decode_batch, one decode step of
-                    up to 64 rows captured as a CUDA graph and replayed per token (its capture timed
-                    in the first call: "engine first")
+    engine lean     graphdecode.decode_batch under decode.lean_lora: one decode step of up to 64 rows
+                    captured as a CUDA graph and replayed per token, the adapter as two small products
+                    a layer (its capture timed in the first call: "engine lean first")
+    engine          ipylora.engine.chat.generate_batch, what evals run: the same, with the adapter
+                    merged into copies of the weights made for the call (decode.merged_lora; the step
+                    is captured again on them every call)
 
 tokens/s = new tokens / wall seconds (prefill included). Tokens are compared with generate b64 (the
 same left-padded batch): random weights make near-ties common, so the table gives the share of rows
@@ -17,6 +20,7 @@ whose answers are the same, and the same up to the first difference.
 
     python bench/batch_decode.py                   # 7B shape, 64 prompts, 128 new tokens
     python bench/batch_decode.py --smoke           # CPU plumbing check on the tiny shape
+    python bench/batch_decode.py --liger           # with Liger's kernels, as a session that trained has them
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHAPES  # noqa: E402
 
 
-def build(shape: dict, device: str):
+def build(shape: dict, device: str, liger: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -47,16 +51,21 @@ def build(shape: dict, device: str):
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # no stop token: every recipe decodes every token
+    if liger:
+        from ipylora.engine.speed import _apply_liger
+
+        notes: list[str] = []
+        print(f"  liger applied: {_apply_liger(model, notes)} {' '.join(notes)}")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
     return model.to(device).eval()
 
 
 class Ids:
-    """The tokenizer generate_batch asks for: pad and EOS ids, and a decode for the result's text."""
+    """The tokenizer generate_batch asks for: pad and EOS ids, and a decode whose "text" is the ids."""
     pad_token_id, eos_token_id = 0, None
 
     def decode(self, ids, skip_special_tokens=True):
-        return ""
+        return list(ids)
 
 
 def timed(fn):
@@ -69,6 +78,27 @@ def timed(fn):
     return out, time.perf_counter() - started
 
 
+def profile(fn, steps: int, top: int = 15) -> None:
+    """GPU time by kernel over `steps` calls of `fn` (kernels inside a replayed graph included)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / steps
+    by: dict[str, list] = {}
+    for e in kernels:
+        entry = by.setdefault(e.name, [0.0, 0])
+        entry[0] += e.device_time / steps
+        entry[1] += 1
+    print(f"  profile: {total / 1e3:.2f} ms of kernels a step, {len(kernels) // steps} kernels a step")
+    for name, (us, count) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {us / 1e3:7.3f} ms {count // steps:5d}x  {name[:110]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny shape on CPU (no capture there)")
@@ -77,19 +107,21 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-b8", action="store_true", help="leave out generate b8 (the slowest recipe)")
+    parser.add_argument("--profile", action="store_true", help="print where one captured batch step's GPU time goes")
+    parser.add_argument("--liger", action="store_true", help="Liger's RMSNorm/RoPE/SwiGLU kernels on the model")
     cli = parser.parse_args()
     import torch
 
     from ipylora.engine import chat, graphdecode
     from ipylora.engine.config import GenerateArgs
-    from ipylora.engine.decode import lean_lora
+    from ipylora.engine.decode import lean_lora, merged_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not cli.smoke:
         print("skipped: no CUDA GPU (run with --smoke for the CPU plumbing check)")
         return 0
     shape = SHAPES["tiny" if cli.smoke else "7b"]
-    model = build(shape, device)
+    model = build(shape, device, cli.liger)
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(cli.min_len, cli.max_len + 1, (cli.prompts,), generator=g).tolist()
     prompts = [torch.randint(5, shape["vocab_size"], (n,), generator=g).tolist() for n in lengths]
@@ -121,28 +153,34 @@ def main() -> int:
                     found[i] = ids
             return [found[i] for i in range(len(prompts))]
 
+    def engine() -> list[list[int]]:
+        return [result["text"] for result in chat.generate_batch(model, Ids(), prompts, args)]
+
     hf(64)  # warm-up (cuBLAS, allocator)
     rows = []
     recipes = [] if cli.no_b8 else [("generate b8", lambda: hf(8))]
     for name, fn in (*recipes, ("generate b64", lambda: hf(64)),
-                     ("engine first", engine_ids), ("engine", engine_ids),
-                     ("engine (generate_batch)", lambda: chat.generate_batch(model, Ids(), prompts, args))):
+                     ("engine lean first", engine_ids), ("engine lean", engine_ids),
+                     ("engine first", engine), ("engine", engine)):
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
-    from ipylora.engine.models import base_of
-
-    graph = base_of(model).__dict__.get(graphdecode._BATCH_SLOT)
-    if graph is not None:
-        print(f"  batch step: {graph.batch} rows, cache {graph.max_len} tokens, captured "
-              f"{'yes' if graph._graph is not None else 'no'} (capture {'on' if graph.capture else 'off: not asked, or it failed'})")
-        short = prompts[:graph.batch]
-        with torch.inference_mode(), lean_lora(model):  # one decode step's time, prefill left out
-            graph.prefill_batch(short, 0)
+    for label, merge in (("lean", False), ("merged", True)):  # one decode step's time, prefill left out
+        with torch.inference_mode(), lean_lora(model), merged_lora(model, chat._merge_budget(model) if merge else 0) \
+                as merged, graphdecode.folded_gqa():
+            graph = graphdecode.step_graph(model, cli.max_len + cli.new_tokens, False, device == "cuda",
+                                           batch=min(graphdecode.BATCH_ROWS, len(prompts)))
+            graph.ready(graphdecode.state_key(model))
+            graph.prefill_batch(prompts[:graph.batch], 0)
             token = torch.zeros(graph.batch, dtype=torch.long, device=device)
             graph.step(token, cli.max_len)
             _, seconds = timed(lambda: [graph.step(token, cli.max_len + i) for i in range(20)])
-        print(f"  one batch decode step: {seconds / 20 * 1e3:.2f} ms")
+            print(f"  {label} batch step: {graph.batch} rows, cache {graph.max_len} tokens, "
+                  f"{merged / 2**30:.1f} GiB merged, captured {'yes' if graph._graph is not None else 'no'}: "
+                  f"{seconds / 20 * 1e3:.2f} ms")
+            if cli.profile and device == "cuda":
+                profile(lambda: [graph.step(token, cli.max_len + i) for i in range(10)], 10)
+            graphdecode.release(model, chat=False)
     by = {name: (seconds, out) for name, seconds, out in rows}
     reference = by["generate b64"][1]
     print(f"\n{cli.prompts} prompts of {cli.min_len}-{cli.max_len} tokens, {cli.new_tokens} new tokens each, "

@@ -147,3 +147,29 @@ def test_capture_form_with_shared_a_products_matches_peft():
     # Per block: the attention's layers (o_proj has the same input width here, and recomputes the
     # product for its own input), gate/up, and down.
     assert len(groups) == 2 * 3
+
+
+def test_merged_copies_give_peft_logits_within_the_budget_and_leave_the_base_alone(model):
+    """merged_lora: the layers merged (largest first, while their copies fit the budget) give PEFT's
+    logits, the base weights are untouched, and lean_lora's forwards are back after the block."""
+    from ipylora.engine.decode import merged_lora
+
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    bases = [m.base_layer.weight.clone() for m in layers]
+    sizes = sorted((m.base_layer.weight.numel() * 4 for m in layers), reverse=True)
+    with torch.inference_mode():
+        reference = model(IDS).logits
+        with lean_lora(model):
+            lean = {id(m): m.forward for m in layers}
+            with merged_lora(model, 0) as merged:
+                assert merged == 0 and all(m.forward is lean[id(m)] for m in layers)
+            with merged_lora(model, sizes[0] + sizes[1]) as merged:
+                assert merged == sizes[0] + sizes[1]  # the two largest, and nothing else fits beside them
+                assert sum(m.forward is not lean[id(m)] for m in layers) == 2
+            with merged_lora(model, 1 << 40) as merged:
+                assert merged == sum(sizes)
+                logits = model(IDS).logits
+            assert all(m.forward is lean[id(m)] for m in layers)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert all(torch.equal(m.base_layer.weight, w) for m, w in zip(layers, bases))
+    assert patched_layers(model) == []

@@ -6,6 +6,7 @@ captured replay itself is checked against the uncaptured loop where CUDA is avai
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -368,6 +369,40 @@ def test_a_captured_batch_step_replays_the_uncaptured_batch():
         assert graphdecode.step_graph(model, 40, compiled=False, batch=len(prompts))._graph is not None
     graphdecode.release(model)
     assert got == expected
+
+
+def test_generate_batch_merges_the_adapter_into_copies_and_answers_as_unmerged(monkeypatch, tiny_tokenizer):
+    """generate_batch decodes with the adapter merged into copies of the weights (on the GPU, memory
+    allowing): the same answers as the unmerged step, and the step captured on the copies goes with
+    them. On CPU the batched path is forced (its capture fails there, with a warning)."""
+    from ipylora.engine.models import base_of
+
+    model = lora_model().cuda() if torch.cuda.is_available() else lora_model()
+    budget = chat._merge_budget if torch.cuda.is_available() else (lambda model: 1 << 40)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(graphdecode, "usable", lambda model: True)
+        monkeypatch.setattr(graphdecode, "BATCH_ROWS", 4)  # two batches through one graph
+        warnings.simplefilter("ignore")
+    prompts = batch_prompts()
+    args = GenerateArgs(max_new_tokens=20)
+    merged_bytes = []
+    merging = chat.merged_lora
+
+    @contextlib.contextmanager
+    def recording(model, budget):
+        with merging(model, budget) as used:
+            merged_bytes.append(used)
+            yield used
+
+    monkeypatch.setattr(chat, "merged_lora", recording)
+    monkeypatch.setattr(chat, "_merge_budget", lambda model: 0)
+    expected = chat.generate_batch(model, tiny_tokenizer, prompts, args)
+    monkeypatch.setattr(chat, "_merge_budget", budget)
+    got = chat.generate_batch(model, tiny_tokenizer, prompts, args)
+    assert merged_bytes[0] == 0 and merged_bytes[1] > 0
+    assert base_of(model).__dict__.get(graphdecode._BATCH_SLOT) is None
+    assert [r["text"] for r in got] == [r["text"] for r in expected]
+    graphdecode.release(model)
 
 
 def test_one_token_grouped_query_attention_folded_equals_transformers_sdpa():

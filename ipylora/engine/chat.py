@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from ipylora.engine import graphdecode
 from ipylora.engine.config import GenerateArgs
-from ipylora.engine.decode import lean_lora
+from ipylora.engine.decode import lean_lora, merged_lora
 from ipylora.engine.errors import ConfigError
 
 # Template names (run.json "template_name") that mean "the tokenizer's own chat template".
@@ -301,8 +301,10 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
     """Greedy or sampled answers for many prompts (token ids), left-padded in batches.
 
     On CUDA the prompts are decoded graphdecode.BATCH_ROWS at a time through one captured step
-    (graphdecode.decode_batch; shortest prompts together, so that little is padding); elsewhere, or
-    if that runs out of memory, by transformers' generate() `batch_size` at a time."""
+    (graphdecode.decode_batch; shortest prompts together, so that little is padding), the adapter
+    merged into copies of the weights where free memory allows (decode.merged_lora); if that runs
+    out of memory, unmerged; elsewhere, or if that runs out too, by transformers' generate()
+    `batch_size` at a time."""
     import torch
 
     check_args(args)
@@ -310,9 +312,14 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
     stops = stop_ids(model, tokenizer)
     with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         next_token = graphdecode.picker(model, args.temperature, args.top_p) if graphdecode.usable(model) else None
-        if next_token is not None:
+        for merge in (True, False) if next_token is not None else ():
             try:
-                return _decode_batches(model, tokenizer, prompts, args, next_token, pad, stops)
+                with merged_lora(model, _merge_budget(model) if merge else 0) as merged:
+                    try:
+                        return _decode_batches(model, tokenizer, prompts, args, next_token, pad, stops)
+                    finally:
+                        if merged:  # its step reads the block's merged copies
+                            graphdecode.release(model, chat=False)
             except torch.cuda.OutOfMemoryError:
                 graphdecode.release(model)
         results = []
@@ -329,6 +336,18 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
                 cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
                 results.append(_result(tokenizer, row[:cut], started, stops=stops))
     return results
+
+
+def _merge_budget(model) -> int:
+    """Bytes of merged weight copies a batched decode may make: half of the GPU memory not in use
+    (free, and cached by torch but unallocated); the rest is for the batch cache and activations."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
 
 
 def _decode_batches(model, tokenizer, prompts, args: GenerateArgs, next_token, pad: int, stops) -> list[dict]:

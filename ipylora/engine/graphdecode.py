@@ -392,10 +392,11 @@ def step_graph(model, need: int, compiled: bool, capture: bool = True, batch: in
     return base.__dict__[slot]
 
 
-def release(model) -> None:
-    """Free the model's captured steps and their caches (training needs the memory; weights changed)."""
+def release(model, chat: bool = True) -> None:
+    """Free the model's captured steps and their caches (training needs the memory; weights changed);
+    without `chat`, only the batched one."""
     base = base_of(model)
-    for slot in (_SLOT, _BATCH_SLOT):
+    for slot in (_SLOT, _BATCH_SLOT) if chat else (_BATCH_SLOT,):
         _free(base, slot)
 
 
