@@ -143,7 +143,7 @@ def run_one(spec: dict) -> dict:
         overrides = speed.fast_settings(model, tokenizer, lengths, precision, device, quantization=quant,
                                         batch_size=spec.get("batch"), dropout=lora["dropout"],
                                         attention=spec.get("attention"), liger=spec.get("liger"),
-                                        force=True,
+                                        force=True, defer_dropout=spec.get("defer_dropout"),
                                         memory_budget=int(spec["budget_gib"] * 2**30) if spec.get("budget_gib") else None)
         plan = overrides.pop("_plan", None)
         kwargs = {**common, "per_device_train_batch_size": spec.get("batch") or 8, "gradient_checkpointing": False,
@@ -286,6 +286,16 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-bf16-sdpa", model="7b", recipe="engine", attention="sdpa", steps=6, warmup=2),
             dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
             dict(name="engine-bf16-noliger", model="7b", recipe="engine", liger=False, steps=10, warmup=3),
+        ],
+        "dropout": [  # LoRA dropout: the engine's choice, drawn again in backward, PEFT's kept copies, none
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-redrawn", model="7b", recipe="engine", defer_dropout=True, steps=10, warmup=3),
+            dict(name="engine-bf16-peft-dropout", model="7b", recipe="engine", defer_dropout=False, steps=10, warmup=3),
+            dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+            dict(name="engine-4bit-budget11g", model="7b", recipe="engine", quant="4bit", budget_gib=11, steps=8,
+                 warmup=3),
+            dict(name="engine-4bit-budget11g-peft-dropout", model="7b", recipe="engine", quant="4bit", budget_gib=11,
+                 defer_dropout=False, steps=8, warmup=3),
         ],
         "small": [
             dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),

@@ -190,6 +190,7 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     notes = []
     batch = None
     packed, padded_extra = cuda, 0.0
+    dropout = args.lora.dropout or 0.0
     if cuda:
         free, resident_bytes = _gpu_memory(session, resident, weights, 4 * shape.lora, gpu_free_bytes)
         path = speed.attention_path(_model_class(config), config, device)
@@ -197,10 +198,15 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         if not packed:  # padded batches, as the run will train them (speed.fast_settings)
             notes.append(path.note)
         planned_lengths, padded_extra = speed.padded_plan(config, path, lengths)
-        batch = speed.plan_batch(config, planned_lengths, free_bytes=free, resident_bytes=resident_bytes,
-                                 trainable_bytes=trainable, quantization=args.quantization,
-                                 dropout=args.lora.dropout, batch_size=args.batch_size,
-                                 memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra)
+        def plan(dropout: float):
+            return speed.plan_batch(config, planned_lengths, free_bytes=free, resident_bytes=resident_bytes,
+                                    trainable_bytes=trainable, quantization=args.quantization,
+                                    dropout=dropout, batch_size=args.batch_size,
+                                    memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra)
+
+        batch = plan(dropout)
+        if dropout > 0.0 and speed.defers_dropout(batch, plan(0.0)):
+            batch, dropout = plan(0.0), 0.0  # drawn again in the backward pass: nothing kept for it
     planned = train.whole_groups(train.planned_args(args, batch), method.batch_multiple(args))
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro
@@ -208,7 +214,7 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     checkpointing = bool(batch and batch.checkpointing)
     largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not packed, seed=args.seed)
     mean = sum(lengths) / max(1, len(lengths))
-    per_token, attention_bytes = _activation_costs(config, args.lora.dropout, checkpointing, cuda, notes)
+    per_token, attention_bytes = _activation_costs(config, dropout, checkpointing, cuda, notes)
     per_token += padded_extra / (config.num_hidden_layers if checkpointing else 1)
     activations = int(largest * per_token + attention_bytes(micro, largest))
     lm_head = lm_head_bytes(config, largest, dtype_bytes)

@@ -290,6 +290,8 @@ def _reshape(model, layers: list, name: str, config) -> None:
     scaling is alpha / r (alpha / sqrt(r) with rsLoRA)."""
     import torch
 
+    from ipylora.engine import dropout as lora_dropout
+
     r, alpha, dropout = config.r, config.lora_alpha, config.lora_dropout
     for layer in layers:
         a, b = layer.lora_A[name], layer.lora_B[name]
@@ -300,6 +302,7 @@ def _reshape(model, layers: list, name: str, config) -> None:
         layer.r[name], layer.lora_alpha[name] = r, alpha
         layer.scaling[name] = alpha / math.sqrt(r) if layer.use_rslora[name] else alpha / r
         if getattr(layer.lora_dropout[name], "p", 0.0) != dropout:
+            lora_dropout.restore(layer, name)  # the training that follows defers the new dropout again
             module = torch.nn.Dropout(p=dropout) if dropout > 0.0 else torch.nn.Identity()
             layer.lora_dropout[name] = module.train(layer.lora_dropout[name].training)
     held = model.peft_config[name]

@@ -1,0 +1,132 @@
+"""LoRA dropout whose mask is drawn again in the backward pass instead of being kept.
+
+PEFT computes `lora_B(lora_A(dropout(x)))`: each adapted layer keeps its own dropped copy of its
+input (and the mask) until the backward pass, since A's gradient needs it. q, k and v read the same
+input, gate and up too, so with dropout the saved activations of a layer more than double: on an
+H200 the 7B shape trained 11% slower at the default dropout of 0.05 than at 0, with 25 GiB more
+(bench/RESULTS.md, session 6).
+
+Here the dropout moves into A's product (`DropoutLinear`, what `lora_A` becomes), which keeps only
+the input it was given (the one tensor q, k and v share) and the random generator's state before
+the mask was drawn; the backward pass draws the same mask from that state (one extra pass over the
+input per layer). The masks are drawn from the default generator of the input's device, the one
+`torch.utils.checkpoint` puts back before recomputing, so a checkpointed layer draws the same mask
+in its recomputation. PEFT's dropout module becomes `DeferredDropout` (an identity that keeps its
+`p`, so that the adapter's configuration reads as before).
+
+Only plain LoRA layers (no DoRA or other variant, which call the dropout themselves) are changed;
+`sync(model)` puts every layer in the state its dropout asks for, and can run again after an
+adapter's dropout was changed (sweeps) or removed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeferredDropout(torch.nn.Dropout):
+    """PEFT's `lora_dropout` module whose drop is done by the paired `DropoutLinear`."""
+
+    def forward(self, x):
+        return x
+
+
+class DropoutLinear(torch.nn.Linear):
+    """`lora_A` applying dropout `dropout_p` to its input in training, the mask drawn again for the backward pass."""
+
+    dropout_p = 0.0
+
+    def forward(self, x):
+        if not self.training or self.dropout_p == 0.0:
+            return super().forward(x)
+        return DropoutThenLinear.apply(x, self.weight, self.dropout_p)
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class DropoutThenLinear(torch.autograd.Function):
+    """`linear(dropout(x, p), weight)`, saving x (not the dropped copy) and the generator's state.
+
+    The dropout is PyTorch's fused one (`torch.native_dropout`: one kernel writes the dropped input
+    and the mask), run again in the backward pass from the saved state. A first version drew the mask
+    with `bernoulli_` and applied it with two multiplies, a pass each: on the H200's 7B shape that
+    trained 13% slower than PEFT's dropout (bench/RESULTS.md, session 11).
+
+    Computed in the autocast dtype where autocast is on, else in the weight's dtype, as `F.linear`
+    under autocast (and PEFT's cast of the input to the adapter's dtype otherwise) would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p: float):
+        device = x.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        state = _rng_state(device)
+        with torch.autocast(device.type, enabled=False):
+            dropped, _ = torch.native_dropout(x.to(dtype), p, True)
+            out = torch.nn.functional.linear(dropped, weight.to(dtype))
+        ctx.save_for_backward(x, weight)
+        ctx.state, ctx.p, ctx.dtype = state, p, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        device, dtype = x.device, ctx.dtype
+        current = _rng_state(device)
+        _set_rng_state(ctx.state, device)
+        try:
+            dropped, keep = torch.native_dropout(x.to(dtype), ctx.p, True)
+        finally:
+            _set_rng_state(current, device)
+        grad_out = grad_out.to(dtype)
+        with torch.autocast(device.type, enabled=False):
+            grad_x = grad_weight = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_out @ weight.to(dtype), keep, 1.0 / (1.0 - ctx.p))
+                grad_x = grad_x.to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+                grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+def restore(layer, name: str) -> None:
+    """PEFT's own form for adapter `name` of `layer` (its dropout is about to be replaced)."""
+    a, dropout = layer.lora_A[name], layer.lora_dropout[name]
+    if type(a) is DropoutLinear:
+        a.__class__ = torch.nn.Linear
+        a.__dict__.pop("dropout_p", None)
+    if type(dropout) is DeferredDropout:
+        dropout.__class__ = torch.nn.Dropout
+
+
+def sync(model, enabled: bool = True) -> tuple[int, int]:
+    """Give every plain LoRA layer of `model` with dropout the deferred form (`DropoutLinear` for
+    lora_A, `DeferredDropout` for lora_dropout), and take it back from layers whose dropout is now 0
+    or that have a variant (from all of them without `enabled`). Returns (adapter layers deferred,
+    adapter layers with a dropout left as PEFT does it)."""
+    deferred = kept = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "lora_dropout")):
+            continue
+        for name, a in module.lora_A.items():
+            dropout = module.lora_dropout[name] if name in module.lora_dropout else None
+            p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+            plain = type(a) in (torch.nn.Linear, DropoutLinear) and type(dropout) in (torch.nn.Dropout, DeferredDropout) \
+                and name not in getattr(module, "lora_variant", {})
+            if enabled and p > 0.0 and plain:
+                a.__class__, dropout.__class__ = DropoutLinear, DeferredDropout
+                a.dropout_p = p
+                deferred += 1
+                continue
+            restore(module, name)
+            kept += p > 0.0
+    return deferred, kept
