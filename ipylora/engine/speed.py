@@ -106,14 +106,14 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     free, resident, trainable = _free_bytes() if cuda else 8 * GIB, torch.cuda.memory_allocated() if cuda else 0, \
         trainable_state_bytes(model)
 
-    def plan(dropout: float) -> BatchPlan:
+    def plan_for(dropout: float) -> BatchPlan:
         return plan_batch(base.config, lengths, free_bytes=free, resident_bytes=resident, trainable_bytes=trainable,
                           quantization=quantization, dropout=dropout, batch_size=batch_size,
                           memory_budget=memory_budget, memory_cap=memory_cap, attention_bytes_per_token=extra)
 
-    batch = plan(dropout)
+    batch = plan_for(dropout)
     if dropout > 0.0:
-        batch = _plan_dropout(model, batch, plan(0.0), defer_dropout, notes)
+        batch = _plan_dropout(model, batch, plan_for(0.0), defer_dropout, notes)
     plan = Plan(path.kind, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
                 batch.budget_bytes, tuple(notes))
     overrides = {
