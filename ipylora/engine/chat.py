@@ -341,13 +341,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
 def _merge_budget(model) -> int:
     """Bytes of merged weight copies a batched decode may make: half of the GPU memory not in use
     (free, and cached by torch but unallocated); the rest is for the batch cache and activations."""
-    import torch
+    from ipylora.engine.speed import _free_bytes
 
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return 0
-    free, _ = torch.cuda.mem_get_info(device)
-    return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
+    return _free_bytes() // 2 if next(model.parameters()).is_cuda else 0
 
 
 def _decode_batches(model, tokenizer, prompts, args: GenerateArgs, next_token, pad: int, stops) -> list[dict]:

@@ -205,8 +205,10 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
                                     memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra)
 
         batch = plan(dropout)
-        if dropout > 0.0 and speed.defers_dropout(batch, plan(0.0)):
-            batch, dropout = plan(0.0), 0.0  # drawn again in the backward pass: nothing kept for it
+        if dropout > 0.0:
+            deferred = plan(0.0)
+            if speed.defers_dropout(batch, deferred):
+                batch, dropout = deferred, 0.0  # drawn again in the backward pass: nothing kept for it
     planned = train.whole_groups(train.planned_args(args, batch), method.batch_multiple(args))
     micro = train.micro_batch(planned)
     accumulation = planned.batch_size // micro
