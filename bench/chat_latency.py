@@ -8,8 +8,10 @@ generation of --new-tokens tokens after a --prompt-tokens prompt (KV cache, batc
     base            the model alone
     peft r16 all    ipylora's default adapter for real models (r 16 on every linear layer),
                     unmerged, through PEFT's own LoRA forward
-    lean r16 all    the same adapter, unmerged, through `ipylora.engine.decode.lean_lora` (what
-                    chat uses: one mm and one addmm per adapted layer)
+    lean r16 all    the same adapter, unmerged, through `ipylora.engine.decode.lean_lora` (one mm
+                    and one addmm per adapted layer; in a captured step, small compiled kernels)
+    copies r16 all  bf16: the adapter merged into copies of the weights made for the call
+                    (`ipylora.engine.decode.merged_lora`), the base untouched
     merged          the r16 adapter merged into the weights (merge_and_unload; for 4-bit, the nf4
                     base layout that a merged-and-requantized model has)
 
@@ -46,6 +48,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import quantize_4bit  # noqa: E402
+from ipylora.engine import gemv as _gemv  # noqa: E402
+
+_GEMV_AVAILABLE = _gemv.available
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -102,19 +107,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int, lean: bool = False) -> dict:
+def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int, lean: bool = False,
+            copies: bool = False, profile: bool = False) -> dict:
     """Median time to first token (s) and decode tokens/s over `repeats` greedy answers after one
     warm-up (whose time, capture and compile included, is `first_call_s`).
 
     mode "generate": transformers' generate() (dynamic cache): what chat did before graphdecode.
     mode "graph": ipylora.engine.graphdecode, the captured decode step (chat's default on CUDA).
     mode "compiled": the same after torch.compile (`%lora_chat --compile`).
+    `copies`: the adapter merged into copies of the weights for the call (decode.merged_lora);
+    `profile`: print where a captured step's GPU time goes.
     """
     import torch
     from transformers.generation.streamers import BaseStreamer
 
     from ipylora.engine import graphdecode
-    from ipylora.engine.decode import lean_lora
+    from ipylora.engine.decode import lean_lora, merged_lora
 
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 30000, (1, prompt_tokens), generator=generator).to(DEVICE)
@@ -122,6 +130,8 @@ def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int,
     with contextlib.ExitStack() as stack:
         if lean:
             stack.enter_context(lean_lora(model))
+        if copies:
+            stack.enter_context(merged_lora(model, 1 << 40))
         stack.enter_context(torch.inference_mode())
         for i in range(repeats + 1):
             times, on_token = _clock()
@@ -144,7 +154,7 @@ def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int,
                                      top_k=None, eos_token_id=None, streamer=Clock())
                 assert out.shape[1] == prompt_tokens + new_tokens
             else:
-                out = graphdecode.decode(model, ids[0].tolist(), new_tokens, graphdecode.picker(model, 0.0, 1.0), None,
+                out = graphdecode.decode(model, ids[0].tolist(), new_tokens, graphdecode.picker(model, 0.0, 1.0), (),
                                          on_token=on_token, compiled=mode == "compiled")
                 assert len(out) == new_tokens
             if i == 0:
@@ -152,6 +162,15 @@ def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int,
                 continue
             ttft.append(times[0] - start)
             decode.append((len(times) - 1) / (times[-1] - times[0]))
+        if profile and mode != "generate" and DEVICE == "cuda":
+            from bench.batch_decode import profile as kernel_profile
+            from ipylora.engine.models import base_of
+
+            graph = base_of(model).__dict__[graphdecode._SLOT]
+            token = torch.zeros(1, dtype=torch.long, device=DEVICE)
+            kernel_profile(lambda: [graph.step(token, prompt_tokens + i) for i in range(20)], 20, top=25)
+        if mode != "generate":
+            graphdecode.release(model)
     if mode != "generate":
         graphdecode.release(model)
     return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(decode), "first_call_s": first_call}
@@ -180,6 +199,17 @@ def check_graph(model, prompt_tokens: int, steps: int = 8, capture: bool = True)
     return float((got - reference).abs().max() / reference.abs().max())
 
 
+def _use_gemv(model, on: bool) -> None:
+    """Captured steps with ipylora.engine.gemv's one-token kernels (chat's default) or without
+    (the kernels of PyTorch / bitsandbytes, and LoRA as small compiled kernels after them)."""
+    from ipylora.engine import decode, gemv
+
+    gemv.available = _GEMV_AVAILABLE if on else (lambda: False)
+    decode.forget(model)  # the lean forwards found their kernel once
+    for module in model.modules():
+        module.__dict__.pop(decode._GEMV, None)
+
+
 def bench(precision: str, args) -> list[dict]:
     import torch
 
@@ -189,13 +219,25 @@ def bench(precision: str, args) -> list[dict]:
     rows = []
     modes = args.modes.split(",")
 
-    def record(label, m, lean=False):
+    if args.liger:
+        from ipylora.engine.speed import _apply_liger
+
+        notes = []
+        print(f"{precision:>5} Liger applied: {_apply_liger(model, notes)} {notes}", flush=True)
+
+    def record(label, m, lean=False, copies=False):
+        for kernels in args.gemv.split(","):
+            _use_gemv(m, kernels == "on")
+            _record(label + ("" if args.gemv == "on" else f" gemv {kernels}"), m, lean, copies)
+
+    def _record(label, m, lean=False, copies=False):
         for mode in modes:
             if label.split()[0] not in getattr(args, f"{mode}_models").split(","):
                 continue
             torch._dynamo.reset()
             try:
-                result = measure(m, mode, args.prompt_tokens, args.new_tokens, args.repeats, lean=lean)
+                result = measure(m, mode, args.prompt_tokens, args.new_tokens, args.repeats, lean=lean,
+                                 copies=copies, profile=args.profile)
             except Exception as exc:  # a variant that fails is reported, not fatal
                 result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             row = {"precision": precision, "mode": mode, "model": label, **result,
@@ -217,6 +259,8 @@ def bench(precision: str, args) -> list[dict]:
           f"{check_graph(model, args.prompt_tokens):.2e}", flush=True)
     record("peft r16 all", model)
     record("lean r16 all", model, lean=True)
+    if precision == "bf16":
+        record("copies r16 all", model, lean=True, copies=True)
     if precision == "4bit":
         # A merged 4-bit model (dequantize, add B·A, re-quantize) has exactly the base's nf4 layout and
         # kernels, so its speed is measured on the unloaded base: the numbers differ, not the work.
@@ -249,8 +293,11 @@ def main() -> int:
     parser.add_argument("--modes", default="generate,graph,compiled",
                         help="generate (transformers' loop), graph (captured step), compiled (graph + torch.compile).")
     parser.add_argument("--generate-models", default="base,peft,lean,merged", help="Models measured with generate().")
-    parser.add_argument("--graph-models", default="base,peft,lean,merged", help="Models measured with the graph loop.")
+    parser.add_argument("--graph-models", default="base,peft,lean,copies,merged", help="Models measured with the graph loop.")
     parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
+    parser.add_argument("--gemv", default="on", help="on, off or off,on: captured steps with/without gemv's kernels")
+    parser.add_argument("--liger", action="store_true", help="apply Liger's RMSNorm/RoPE/SwiGLU kernels first")
+    parser.add_argument("--profile", action="store_true", help="print where a captured step's GPU time goes")
     parser.add_argument("--json", default=None, help="Also append each row to this JSON-lines file.")
     args = parser.parse_args()
     try:

@@ -1,5 +1,13 @@
+import os
+
 import pandas as pd
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (ipylora/engine/gemv.py) run in Triton's CPU interpreter. It is
+# chosen when triton is first imported (its own library functions are decorated then), so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from support import CONCEPTS
 

@@ -221,8 +221,11 @@ def test_capture_logic_on_cpu_with_stand_ins(monkeypatch):
     """Capture, replay in the captured LoRA form (compiled kernels, shared A products), re-capture on
     another adapter state, and the fall-backs: kernels fail -> plain products; torch.compile fails ->
     the uncompiled step; capture fails -> none."""
-    from ipylora.engine import decode
+    from ipylora.engine import decode, gemv
 
+    # The one-token Triton kernels would run in the interpreter here, slowly: tests/test_gemv.py
+    # checks them in this captured form; this test is about capturing.
+    monkeypatch.setattr(gemv, "available", lambda: False)
     model = lora_model()
     with torch.inference_mode(), lean_lora(model):
         expected = loop_tokens(model)

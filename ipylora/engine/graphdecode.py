@@ -29,10 +29,10 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Collection
 
-from ipylora.engine.decode import capturing
+from ipylora.engine.decode import capturing, kernel_linears
 from ipylora.engine.models import base_of
 
 # Attributes of the model holding its StepGraphs: chat's (one row) and batched decoding's.
@@ -228,8 +228,10 @@ class StepGraph:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
-        # LoRA layers take their graph-friendly form (decode.py); Falcon splits its keys by slices.
-        with capturing(kernels), _sliced_falcon_splits(self.model):
+        # LoRA layers take their graph-friendly form (decode.py), one-token linear layers gemv.py's
+        # kernels; Falcon splits its keys by slices.
+        with capturing(kernels), _sliced_falcon_splits(self.model), \
+                (kernel_linears(self.model) if kernels else nullcontext()):
             with torch.cuda.stream(stream):
                 for _ in range(3):
                     self._step()
@@ -427,18 +429,49 @@ def _decode(model, ids, max_new_tokens, next_token, stops, on_token, should_stop
     graph.ready(state_key(model))
     so_far = torch.tensor([ids], device=graph.device) if next_token.needs_ids else None
     logits = graph.prefill(ids)
+    reader = _TokenReader(graph.device)
     new: list[int] = []
     while True:
         token = next_token(so_far, logits)
-        value = int(token)  # the one host sync per token: the streamer and the stop check need it
+        reader.queue(token)
+        if len(new) + 1 < max_new_tokens:
+            # The next step is queued before this token reaches the host, so that the GPU computes
+            # while the host streams the token and checks for a stop; after a stop it is not read.
+            if so_far is not None:
+                so_far = torch.cat([so_far, token.view(1, 1)], dim=1)
+            logits = graph.step(token, len(ids) + len(new))
+        value = reader.read()  # the one host sync per token: the streamer and the stop check need it
         new.append(value)
         if on_token is not None:
             on_token(value)
         if value in stops or len(new) >= max_new_tokens or should_stop():
             return new
-        if so_far is not None:
-            so_far = torch.cat([so_far, token.view(1, 1)], dim=1)
-        logits = graph.step(token, len(ids) + len(new) - 1)
+
+
+class _TokenReader:
+    """A token's value on the host without waiting for the GPU work queued after it: copied into
+    pinned memory behind an event (on CUDA), where .item() would wait for the whole stream."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.token = None
+
+    def queue(self, token) -> None:
+        if self.cuda:
+            self.host.copy_(token.view(-1)[:1], non_blocking=True)
+            self.event.record()
+        self.token = token
+
+    def read(self) -> int:
+        if not self.cuda:
+            return int(self.token)
+        self.event.synchronize()
+        return int(self.host[0])
 
 
 def decode_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, next_token,

@@ -1,0 +1,145 @@
+"""One token through one linear layer on a GPU: ipylora's gemv kernels against cuBLAS and bitsandbytes.
+
+For each layer shape of the 7B decode benches (Llama-7B, which bench/chat_latency.py builds, and
+Qwen2-7B) it times, inside a CUDA graph as the captured decode step runs them:
+
+    cublas      torch's F.linear on the bf16 weight (cuBLAS)
+    gemv        ipylora.engine.gemv on the same weight, at its default tiling and the best of a grid
+    bnb nf4     bitsandbytes' Linear4bit (nf4, double quantization) forward
+    gemv nf4    ipylora.engine.gemv on the same packed codes and scales
+    + lora      the kernel with an r16 adapter's B (A x) added in it
+
+and prints microseconds a call, the bandwidth that is (weight bytes read / time), and the largest
+difference from the reference. --grid tries every tiling and prints the best, which is how
+gemv.config's choices were made.
+
+    python bench/decode_kernels.py [--grid] [--json out.jsonl]
+
+Without CUDA it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (name, out_features, in_features)
+SHAPES = [("llama7b q/k/v/o", 4096, 4096), ("llama7b gate/up", 11008, 4096), ("llama7b down", 4096, 11008),
+          ("qwen2-7b q/o", 3584, 3584), ("qwen2-7b k/v", 512, 3584), ("qwen2-7b gate/up", 18944, 3584),
+          ("qwen2-7b down", 3584, 18944)]
+CALLS = 20  # calls captured in one graph, so that launch gaps count as they do in the decode step
+
+
+def timed(fn, replays: int = 20) -> float:
+    """Microseconds a call of `fn`, captured CALLS times in one CUDA graph and replayed."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * CALLS)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", action="store_true", help="time every tiling and print the best")
+    parser.add_argument("--json", default=None, help="also append each row to this JSON-lines file")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("skipped: torch is not installed")
+        return 0
+    if not torch.cuda.is_available():
+        print("skipped: the kernels are timed on a CUDA GPU and none is available")
+        return 0
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from ipylora.engine import gemv
+
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, bf16, {CALLS} calls a graph")
+    print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
+    torch.manual_seed(0)
+    for label, out_features, in_features in SHAPES:
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+        quantized = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", compress_statistics=True, device="meta")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to("cuda")
+        x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn(16, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(out_features, 16, device="cuda", dtype=torch.bfloat16) * 0.01
+        dense, packed = gemv.spec(linear, torch.bfloat16), gemv.spec(quantized, torch.bfloat16)
+        state = quantized.weight.quant_state
+        dense_bytes = linear.weight.numel() * 2
+        nf4_bytes = quantized.weight.numel() + state.absmax.numel()
+        with torch.no_grad():
+            reference = linear(x).float()
+            dequantized = F.dequantize_4bit(quantized.weight.data, state).float()
+            reference_nf4 = x.float() @ dequantized.t()
+
+        def row(kernel, us, nbytes, diff, tiling=""):
+            print(f"{label:<18} {kernel:<14} {us:7.2f} {nbytes / us / 1e6:6.2f} {diff:9.2e}  {tiling}", flush=True)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=nbytes / us / 1e6,
+                                                 max_diff=diff, tiling=tiling)) + "\n")
+
+        def err(got, expected):
+            return float((got.float() - expected).abs().max())
+
+        with torch.no_grad():
+            row("cublas", timed(lambda: linear(x)), dense_bytes, err(linear(x), reference))
+            row("gemv", timed(lambda: gemv.gemv(x, dense)), dense_bytes, err(gemv.gemv(x, dense), reference),
+                str(gemv.config(dense)))
+            row("gemv + lora", timed(lambda: gemv.gemv(x, dense, t, b)), dense_bytes,
+                err(gemv.gemv(x, dense, t, b), reference + (t.float() @ b.float().t())))
+            row("bnb nf4", timed(lambda: quantized(x)), nf4_bytes, err(quantized(x), reference_nf4))
+            row("gemv nf4", timed(lambda: gemv.gemv(x, packed)), nf4_bytes, err(gemv.gemv(x, packed), reference_nf4),
+                str(gemv.config(packed)))
+            row("gemv nf4 + lora", timed(lambda: gemv.gemv(x, packed, t, b)), nf4_bytes,
+                err(gemv.gemv(x, packed, t, b), reference_nf4 + (t.float() @ b.float().t())))
+            if not args.grid:
+                continue
+            for spec, name, nbytes, chunks in ((dense, "gemv best", dense_bytes, (256, 512, 1024, 2048)),
+                                               (packed, "gemv nf4 best", nf4_bytes, (128, 256, 512, 1024))):
+                best = None
+                for rows, chunk, warps in itertools.product((1, 2, 4, 8, 16), chunks, (2, 4, 8)):
+                    if rows * chunk > 16384 or rows * chunk < 256:
+                        continue
+                    try:
+                        us = timed(lambda: gemv.gemv(x, spec, tuning=(rows, chunk, warps)), replays=5)
+                    except Exception as exc:  # a tiling Triton cannot build (registers, shared memory)
+                        print(f"  {(rows, chunk, warps)} failed: {type(exc).__name__}", flush=True)
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, (rows, chunk, warps))
+                row(name, best[0], nbytes, 0.0, str(best[1]))
+        del linear, quantized
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
