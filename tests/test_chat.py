@@ -176,3 +176,22 @@ def test_base_model_chat_needs_explicit_trust_remote_code(fresh_session, tmp_pat
     out, err = run_cell_output(ip, capsys, f"%lora_chat --model {folder} --trust-remote-code --max-new-tokens 5 hello")
     assert out.strip() and "Error" not in err
     assert type(fresh_session.model).__name__ == "CustomForCausalLM" and not fresh_session.adapters
+
+
+def test_the_captured_step_gets_ligers_kernels_unless_compiled(monkeypatch, tiny_tokenizer):
+    """Chat on a GPU applies Liger's fused kernels to the resident model as training does (they
+    decode 28% faster), once per base model; --compile's whole-step compile is left as it was."""
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine import chat, graphdecode, speed
+    from ipylora.engine.tiny import tiny_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    applied = []
+    monkeypatch.setattr(graphdecode, "usable", lambda m: True)  # as on CUDA
+    monkeypatch.setattr(speed, "_liger_once", lambda base, notes: applied.append(base))
+    monkeypatch.setattr(graphdecode, "decode", lambda *args, **kwargs: [tiny_tokenizer.eos_token_id])
+    chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2, compile=True))
+    assert applied == []
+    chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2))
+    assert applied == [model]

@@ -257,6 +257,7 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
 
     next_token = graphdecode.picker(model, args.temperature, args.top_p) if graphdecode.usable(model) else None
     if next_token is not None:
+        _fused_kernels(model, args.compile)
         if streamer is not None:
             streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips, as generate() does
         try:
@@ -312,6 +313,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
     stops = stop_ids(model, tokenizer)
     with adapter_context(model, adapter), _eval_mode(model), lean_lora(model):
         next_token = graphdecode.picker(model, args.temperature, args.top_p) if graphdecode.usable(model) else None
+        if next_token is not None:
+            _fused_kernels(model, args.compile)
         for merge in (True, False) if next_token is not None else ():
             try:
                 with merged_lora(model, _merge_budget(model) if merge else 0) as merged:
@@ -336,6 +339,18 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
                 cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
                 results.append(_result(tokenizer, row[:cut], started, stops=stops))
     return results
+
+
+def _fused_kernels(model, compiled: bool) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU kernels on the resident model for a captured decode step, as
+    a training run on the GPU applies them (once per base model; where Liger is installed and knows
+    the architecture). 7B shape, r16 adapter, H200: 145.9 -> 186.6 tokens/s (bench/RESULTS.md,
+    session 12). Not for --compile, whose step is compiled whole (fullgraph)."""
+    if not compiled:
+        from ipylora.engine.models import base_of
+        from ipylora.engine.speed import _liger_once
+
+        _liger_once(base_of(model), [])
 
 
 def _merge_budget(model) -> int:
