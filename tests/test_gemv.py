@@ -106,3 +106,24 @@ def test_captured_form_runs_the_kernels_and_gives_peft_logits(interpreted, monke
     assert plain >= adapted  # their base layers were offered the plain kernel too (unused here)
     assert torch.allclose(results[0], results[1], atol=1e-4)
     assert not any("forward" in m.__dict__ for m in model.modules())  # every forward restored
+
+
+def test_a_compiled_step_keeps_the_layers_own_forward(interpreted):
+    """Under torch.compile (--compile) the patched layers trace their own forward: inductor makes that
+    step's kernels, and the compile needs no Triton launch from Python."""
+    from ipylora.engine import decode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    x = torch.randn(1, 64)
+    with torch.no_grad(), decode.kernel_linears(model) as patched:
+        launched = []
+        original = gemv.gemv
+        gemv.gemv = lambda *args, **kwargs: launched.append(1) or original(*args, **kwargs)
+        try:
+            compiled = torch.compile(lambda v: model(v), fullgraph=True, dynamic=False)(x)
+            eager = model(x)
+        finally:
+            gemv.gemv = original
+    assert patched == 2 and len(launched) == 2  # the eager call ran the kernels, the compiled one did not
+    assert torch.allclose(compiled, eager, atol=1e-5)

@@ -268,10 +268,14 @@ def kernel_linears(model):
 
 
 def _kernel_forward(module, spec, dtype):
+    import torch
+
     original = type(module).forward
 
     def forward(x, *args, **kwargs):
-        if x.numel() == x.shape[-1] and x.dtype == dtype and not args and not kwargs:
+        # Not inside torch.compile (--compile): inductor generates that step's kernels itself.
+        if not torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.dtype == dtype \
+                and not args and not kwargs:
             return gemv.gemv(x, spec)
         return original(module, x, *args, **kwargs)
 
