@@ -1,6 +1,6 @@
-"""The decode step's one-token kernels (ipylora.engine.gemv) give PyTorch's and bitsandbytes' results.
+"""The decode step's one-token kernel (ipylora.engine.gemv) gives PyTorch's results, and only where it may.
 
-On a GPU the kernels run compiled; off one, in Triton's interpreter (TRITON_INTERPRET=1, set by
+On a GPU the kernel runs compiled; off one, in Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py) on CPU tensors: the same kernel source."""
 
 from __future__ import annotations
