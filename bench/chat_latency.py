@@ -169,10 +169,8 @@ def measure(model, mode: str, prompt_tokens: int, new_tokens: int, repeats: int,
             graph = base_of(model).__dict__[graphdecode._SLOT]
             token = torch.zeros(1, dtype=torch.long, device=DEVICE)
             kernel_profile(lambda: [graph.step(token, prompt_tokens + i) for i in range(20)], 20, top=25)
-        if mode != "generate":
+        if mode != "generate":  # before the merged copies (if any) go: the step reads them
             graphdecode.release(model)
-    if mode != "generate":
-        graphdecode.release(model)
     return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(decode), "first_call_s": first_call}
 
 
