@@ -122,28 +122,31 @@ def test_a_base_layer_with_another_output_dtype_gets_the_same_sum():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def step_logits(model, *forms) -> tuple:
+    """The logits of one decode step (the 13th token of IDS[0] after the first 12 prefilled into a
+    static cache) run inside the context managers `forms`, and what they yielded."""
+    import contextlib
+
+    from transformers import StaticCache
+
+    inner = model.get_base_model()
+    cache = StaticCache(config=inner.config, max_cache_len=32)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        inner(IDS[:1], cache=cache, cache_position=torch.arange(12))
+        yielded = [stack.enter_context(form) for form in forms]
+        return inner(IDS[:1, -1:], cache=cache, cache_position=torch.tensor([12])).logits, yielded
+
+
 def test_capture_form_with_shared_a_products_matches_peft():
     """While a decode step is captured, one token's LoRA runs as small compiled kernels and q/k/v
     (and gate/up) share one stacked A product: same logits as PEFT, one group per sibling set."""
-    from transformers import StaticCache
-
     from ipylora.engine import decode
 
     model = lora_model()
-    inner = model.get_base_model()
-    results = []
-    with torch.inference_mode():
-        for captured in (False, True):
-            cache = StaticCache(config=inner.config, max_cache_len=32)
-            inner(IDS[:1], cache=cache, cache_position=torch.arange(12))
-            step = dict(cache=cache, cache_position=torch.tensor([12]))
-            if captured:
-                with lean_lora(model), decode.capturing():
-                    results.append(inner(IDS[:1, -1:], **step).logits)
-                    groups = {id(m.__dict__[decode._GROUP][0]) for m in model.modules() if decode._GROUP in m.__dict__}
-            else:
-                results.append(inner(IDS[:1, -1:], **step).logits)
-    assert torch.allclose(results[0], results[1], atol=1e-4)
+    expected, _ = step_logits(model)
+    got, _ = step_logits(model, lean_lora(model), decode.capturing())
+    groups = {id(m.__dict__[decode._GROUP][0]) for m in model.modules() if decode._GROUP in m.__dict__}
+    assert torch.allclose(expected, got, atol=1e-4)
     # Per block: the attention's layers (o_proj has the same input width here, and recomputes the
     # product for its own input), gate/up, and down.
     assert len(groups) == 2 * 3

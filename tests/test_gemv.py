@@ -80,31 +80,20 @@ def test_no_spec_off_cuda_without_the_interpreter(interpreted, monkeypatch):
 def test_captured_form_runs_the_kernels_and_gives_peft_logits(interpreted, monkeypatch):
     """In the decode step's captured form every adapted layer (and the plain ones) runs one kernel:
     the logits are PEFT's."""
-    from transformers import StaticCache
-
     from ipylora.engine import decode
-    from tests.test_decode import IDS, lora_model
+    from tests.test_decode import lora_model, step_logits
 
     model = lora_model()
-    inner = model.get_base_model()
     calls = []
     original = gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda x, spec, *rest, **kw: calls.append(len(rest)) or original(x, spec, *rest, **kw))
-    results = []
-    with torch.inference_mode():
-        for captured in (False, True):
-            cache = StaticCache(config=inner.config, max_cache_len=32)
-            inner(IDS[:1], cache=cache, cache_position=torch.arange(12))
-            step = dict(cache=cache, cache_position=torch.tensor([12]))
-            if captured:
-                with decode.lean_lora(model), decode.capturing(), decode.kernel_linears(inner) as plain:
-                    results.append(inner(IDS[:1, -1:], **step).logits)
-            else:
-                results.append(inner(IDS[:1, -1:], **step).logits)
+    expected, _ = step_logits(model)
+    got, (_, _, plain) = step_logits(model, decode.lean_lora(model), decode.capturing(),
+                                     decode.kernel_linears(model.get_base_model()))
     adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
     assert calls.count(2) == adapted  # each LoRA layer: base and adapter in one kernel
     assert plain >= adapted  # their base layers were offered the plain kernel too (unused here)
-    assert torch.allclose(results[0], results[1], atol=1e-4)
+    assert torch.allclose(expected, got, atol=1e-4)
     assert not any("forward" in m.__dict__ for m in model.modules())  # every forward restored
 
 
