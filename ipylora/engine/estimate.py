@@ -121,6 +121,8 @@ class Estimate:
     epochs: float
     eta_s: float
     notes: tuple[str, ...] = ()
+    offload: bool = False
+    """Checkpointed layer inputs held in pinned host memory (rows too long for the GPU otherwise)."""
     rollout_bytes: int = 0
     """Methods that sample (GRPO): the KV cache and last-step logits of one micro-batch of completions,
     held between training steps (the peak is the larger of the two phases)."""
@@ -148,7 +150,8 @@ class Estimate:
             ("batch", f"{self.batch_size} rows = {self.micro_batch} per micro-batch x {self.accumulation} "
                       f"accumulation{budget}"),
             ("tokens per step", f"~{self.tokens_per_step:,.0f} (mean row {self.mean_tokens:,.0f} tokens, {self.rows:,} rows)"),
-            ("checkpointing", "yes" if self.checkpointing else "no"),
+            ("checkpointing", ("yes, layer inputs offloaded to host memory" if self.offload else "yes")
+                              if self.checkpointing else "no"),
             ("tokens/s", f"~{self.tokens_per_s:,.0f} ({self.speed_basis})"),
             ("steps", f"{self.steps:,} ({self.epochs:g} epochs)"),
             ("ETA", f"~{_duration(self.eta_s)} (training only, not loading)"),
@@ -202,9 +205,10 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
             return speed.plan_batch(config, planned_lengths, free_bytes=free, resident_bytes=resident_bytes,
                                     trainable_bytes=trainable, quantization=args.quantization,
                                     dropout=dropout, batch_size=args.batch_size,
-                                    memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra)
+                                    memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra,
+                                    host_free_bytes=speed.host_free_bytes())
 
-        batch = plan(dropout)
+        batch, _kept_error = speed.kept_plan(plan, dropout)
         if dropout > 0.0:
             deferred = plan(0.0)
             if speed.defers_dropout(batch, deferred):
@@ -214,9 +218,13 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     accumulation = planned.batch_size // micro
     steps = train.total_steps(method.examples(len(next(iter(tokens.values()))), planned), planned)
     checkpointing = bool(batch and batch.checkpointing)
+    offload = bool(batch and batch.offload)
+    if offload:
+        notes.append(f"rows of up to {max(lengths):,} tokens: checkpointed layer inputs offloaded to pinned host "
+                     "memory (the copies overlap compute; their cost is not in the tokens/s)")
     largest, micro_tokens = micro_batch_tokens(lengths, micro, steps * accumulation, padded=not packed, seed=args.seed)
     mean = sum(lengths) / max(1, len(lengths))
-    per_token, attention_bytes = _activation_costs(config, dropout, checkpointing, cuda, notes)
+    per_token, attention_bytes = _activation_costs(config, dropout, checkpointing, cuda, notes, offload)
     per_token += padded_extra / (config.num_hidden_layers if checkpointing else 1)
     activations = int(largest * per_token + attention_bytes(micro, largest))
     lm_head = lm_head_bytes(config, largest, dtype_bytes)
@@ -245,7 +253,7 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
         weights_bytes=weights, optimizer_bytes=trainable, activation_bytes=activations,
         lm_head_bytes=lm_head, allowance_bytes=allowance, peak_bytes=peak, batch_size=planned.batch_size,
         micro_batch=micro, accumulation=accumulation, step_tokens=batch.step_tokens if batch else None,
-        largest_micro_tokens=int(largest), checkpointing=checkpointing, tokens_per_step=tokens_per_step,
+        largest_micro_tokens=int(largest), checkpointing=checkpointing, offload=offload, tokens_per_step=tokens_per_step,
         tokens_per_s=tokens_per_s, speed_basis=basis, steps=steps, epochs=round(epochs, 2),
         eta_s=steps * tokens_per_step / max(tokens_per_s, 1e-9), notes=tuple(notes), rollout_bytes=rollout,
     )
@@ -378,14 +386,15 @@ def micro_batch_tokens(lengths: list[int], micro: int, draws: int, padded: bool,
     return float(np.mean(largest)), float(np.mean(sizes_seen))
 
 
-def _activation_costs(config, dropout: float, checkpointing: bool, cuda: bool, notes: list[str]):
+def _activation_costs(config, dropout: float, checkpointing: bool, cuda: bool, notes: list[str],
+                      offload: bool = False):
     """(bytes per token, f(micro rows, tokens) -> attention bytes) for this device's training path.
 
     The GPU path is the one speed.py sets up (bf16, Liger, varlen flash); without Liger or flash the
     measured increases apply. The CPU path trains in fp32 without Liger, padded, and SDPA keeps the
     attention probabilities of every layer for backward.
     """
-    per_token = speed.activation_bytes_per_token(config, dropout, checkpointing)
+    per_token = speed.activation_bytes_per_token(config, dropout, checkpointing, offload)
     if cuda:
         import importlib.util
 

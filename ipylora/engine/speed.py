@@ -52,6 +52,10 @@ LM_TILE_BYTES = 2 * 4096 * 32768 * 4
 # (bench/dpo_throughput.py, H200) planned with the free-memory margins above (2.5 GiB) peaked
 # 0.54 GiB above weights + adapter state at 2k tokens per step, with checkpointing.
 CAPPED_SLACK_BYTES = int(0.75 * GIB)
+# Offloaded checkpointing: the layer inputs on the GPU at once (TRL's forward stash of 5, the
+# backward's one ahead), and the share of free host memory the pinned copies may take.
+OFFLOAD_IN_FLIGHT = 6
+HOST_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Plan:
     accumulation: int
     budget_bytes: int
     notes: tuple[str, ...]
+    offload: bool = False
 
 
 def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
@@ -109,13 +114,16 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     def plan_for(dropout: float) -> BatchPlan:
         return plan_batch(base.config, lengths, free_bytes=free, resident_bytes=resident, trainable_bytes=trainable,
                           quantization=quantization, dropout=dropout, batch_size=batch_size,
-                          memory_budget=memory_budget, memory_cap=memory_cap, attention_bytes_per_token=extra)
+                          memory_budget=memory_budget, memory_cap=memory_cap, attention_bytes_per_token=extra,
+                          host_free_bytes=host_free_bytes())
 
-    batch = plan_for(dropout)
+    batch, kept_error = kept_plan(plan_for, dropout)
     if dropout > 0.0:
-        batch = _plan_dropout(model, batch, plan_for(0.0), defer_dropout, notes)
+        batch = _plan_dropout(model, batch, plan_for(0.0), defer_dropout, notes, kept_error)
+    if batch.offload:
+        notes.append(f"rows of up to {max(lengths):,} tokens: checkpointed layer inputs offloaded to pinned host memory")
     plan = Plan(path.kind, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
-                batch.budget_bytes, tuple(notes))
+                batch.budget_bytes, tuple(notes), batch.offload)
     overrides = {
         "padding_free": path.packed,
         "per_device_train_batch_size": batch.micro_batch,
@@ -126,6 +134,9 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         # every step anyway, so this only trims the Trainer's share.
         "logging_steps": 1,
         "dataloader_pin_memory": True,
+        # TRL's offloading (a side stream copies each saved tensor out in the forward pass and back,
+        # one ahead, in the backward); configs without the field (GRPO) leave it out.
+        "activation_offloading": True if batch.offload else None,
         "_plan": plan,
     }
     return overrides
@@ -219,12 +230,13 @@ class BatchPlan:
     micro_batch: int
     budget_bytes: int
     activation_bytes_per_token: float
+    offload: bool = False  # checkpointed layer inputs held in pinned host memory (TRL's activation offloading)
 
 
 def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: int, trainable_bytes: int,
                quantization: str | None, dropout: float, batch_size: int | None,
                memory_budget: int | None = None, memory_cap: int | None = None,
-               attention_bytes_per_token: float = 0.0) -> BatchPlan:
+               attention_bytes_per_token: float = 0.0, host_free_bytes: int | None = None) -> BatchPlan:
     """Token budget, checkpointing and batch shape from memory figures, with no model needed.
 
     `free_bytes`: GPU memory free once the model is resident (`_free_bytes`); `resident_bytes`:
@@ -233,6 +245,13 @@ def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: in
     `memory_cap` (`--memory`): total bytes the run may hold, the resident model included.
     `attention_bytes_per_token`: attention memory beyond the flash path's, all layers together
     (padded eager attention, `padded_attention_bytes_per_token`); with checkpointing one layer's.
+
+    Long rows: a row is never split, so the longest one must fit in the memory the GPU really has
+    (or --memory leaves), whatever the planning budget says. Where it would not fit with every
+    activation kept, the layers are checkpointed; where it would not fit with checkpointing either,
+    the checkpointed layer inputs (`layers x hidden` bf16 values a token, the bulk of what
+    checkpointing keeps at long rows) go to pinned host memory, if `host_free_bytes` has room for
+    them (None: not checked). Under --memory a row that fits in no way is a ConfigError.
     """
     lengths = [int(n) for n in tokenized_lengths] or [1]
     budget = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
@@ -249,43 +268,103 @@ def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: in
                               f"alone take about {need:.1f} GiB; give --memory {math.ceil(need + 1)} or more")
         budget = min(budget, memory_cap - resident_bytes)
     budget -= fixed
+    # The longest row is one micro-batch at least, however small the budget: it must fit in what the
+    # GPU (or --memory) really has, not in the 4-bit runs' planning budget.
+    longest = max(lengths)
+    room = _hard_room(free_bytes, resident_bytes, memory_budget, memory_cap) - fixed
     per_token = activation_bytes_per_token(config, dropout, checkpointing=False) + attention_bytes_per_token
-    checkpointing = budget / per_token < MIN_STEP_TOKENS
+    checkpointing = budget / per_token < MIN_STEP_TOKENS or longest * per_token > room
+    offload = False
     if checkpointing:
-        per_token = (activation_bytes_per_token(config, dropout, checkpointing=True)
-                     + attention_bytes_per_token / config.num_hidden_layers)
+        attention = attention_bytes_per_token / config.num_hidden_layers
+        per_token = activation_bytes_per_token(config, dropout, checkpointing=True) + attention
+        if longest * per_token > room:
+            offloaded = activation_bytes_per_token(config, dropout, checkpointing=True, offload=True) + attention
+            host_need = longest * (per_token - offloaded)
+            if host_need > 0 and (host_free_bytes is None or host_need <= HOST_SHARE * host_free_bytes):
+                offload, per_token = True, offloaded
+            if memory_cap is not None and longest * per_token > room:
+                raise ConfigError(_too_long(longest, per_token, room, memory_cap, resident_bytes + fixed, offload))
     step_tokens = int(max(256, min(MAX_STEP_TOKENS, budget / per_token)))
     micro = rows_for_tokens(lengths, step_tokens)
     if batch_size is None:
         batch_size = min(micro, max(8, len(lengths) // MIN_STEPS_PER_EPOCH))
     accumulation = max(1, math.ceil(batch_size / micro))
     micro = math.ceil(batch_size / accumulation)
-    return BatchPlan(checkpointing, step_tokens, batch_size, accumulation, micro, budget, per_token)
+    return BatchPlan(checkpointing, step_tokens, batch_size, accumulation, micro, budget, per_token, offload)
 
 
-def defers_dropout(kept: BatchPlan, deferred: BatchPlan) -> bool:
-    """Whether LoRA dropout is drawn again in the backward pass, given the plans with it kept and with
-    nothing kept for it (`_plan_dropout` says why); the dry run asks the same."""
-    return (kept.checkpointing and not deferred.checkpointing) or deferred.step_tokens > 1.25 * kept.step_tokens
+def _hard_room(free_bytes: int, resident_bytes: int, memory_budget: int | None, memory_cap: int | None) -> float:
+    """Bytes a step may really use beyond the resident model: free memory's usable share, or what
+    --memory (or an explicit budget) leaves."""
+    room = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
+    if memory_cap is not None:
+        room = min(room, memory_cap - resident_bytes)
+    return room
 
 
-def _plan_dropout(model, kept: BatchPlan, deferred: BatchPlan, defer: bool | None, notes: list[str]) -> BatchPlan:
+def _too_long(longest: int, per_token: float, room: float, memory_cap: int, fixed: float, offload: bool) -> str:
+    """The one line for a row that cannot fit under --memory: what it needs, and two ways out."""
+    need = (fixed + longest * per_token) / GIB
+    fits = int(room / per_token) // 256 * 256
+    how = "with its activations offloaded to host memory" if offload else "with checkpointing"
+    return (f"rows of up to {longest:,} tokens need about {need:.1f} GiB {how}, more than --memory "
+            f"{memory_cap / GIB:g}: give --memory {math.ceil(need + 0.5)} or cut rows with --max-length {max(fits, 256)}")
+
+
+def kept_plan(plan_for, dropout: float) -> tuple[BatchPlan | None, ConfigError | None]:
+    """`plan_for(dropout)`, or (None, its error) where only the plan with nothing kept for the dropout
+    might fit (the longest rows under --memory); with no dropout the error is raised."""
+    try:
+        return plan_for(dropout), None
+    except ConfigError as exc:
+        if dropout <= 0.0:
+            raise
+        return None, exc
+
+
+def defers_dropout(kept: BatchPlan | None, deferred: BatchPlan) -> bool:
+    """Whether LoRA dropout is drawn again in the backward pass, given the plans with it kept (None:
+    the longest row does not fit that way) and with nothing kept for it (`_plan_dropout` says why);
+    the dry run asks the same."""
+    return (kept is None or (kept.checkpointing and not deferred.checkpointing)
+            or (kept.offload and not deferred.offload) or deferred.step_tokens > 1.25 * kept.step_tokens)
+
+
+def _dropout_gain(kept: BatchPlan | None, deferred: BatchPlan) -> str:
+    if kept is None:
+        return "the longest rows fit only so"
+    if kept.checkpointing and not deferred.checkpointing:
+        return "no activation checkpointing"
+    if kept.offload and not deferred.offload:
+        return "no activation offloading"
+    return "more tokens a step"
+
+
+def _plan_dropout(model, kept: BatchPlan | None, deferred: BatchPlan, defer: bool | None, notes: list[str],
+                  kept_error: Exception | None = None) -> BatchPlan:
     """The batch plan with LoRA dropout kept (PEFT's way) or drawn again in the backward pass
     (dropout.py: nothing kept for it, one more pass over each adapted input), and the model set to match.
 
     Drawing again costs time (7B shape on an H200 at 47 rows a step, no checkpointing: 13,468
     tokens/s against 14,409 kept and 15,786 without dropout) and saves memory (74.6 GiB peak against
     98.7): it is taken where that memory changes the plan, i.e. spares activation checkpointing
-    (a recomputed forward pass, ~30%) or fits at least a quarter more tokens a step."""
+    (a recomputed forward pass, ~30%) or offloading, fits at least a quarter more tokens a step, or
+    is the only way the longest row fits (`kept` None; `kept_error` says why, raised if the layers
+    cannot draw again)."""
     from ipylora.engine import dropout as lora_dropout
 
     if defer is None:
         defer = defers_dropout(kept, deferred)
+    if kept is None and not defer:
+        raise kept_error
     done, left = lora_dropout.sync(model, enabled=defer)
     if done and not left:
-        notes.append("LoRA dropout drawn again in the backward pass (no copies kept: "
-                     f"{'no activation checkpointing' if kept.checkpointing and not deferred.checkpointing else 'more tokens a step'})")
+        notes.append(f"LoRA dropout drawn again in the backward pass (no copies kept: {_dropout_gain(kept, deferred)})")
         return deferred
+    if kept is None:
+        lora_dropout.sync(model, enabled=False)
+        raise kept_error
     return kept
 
 
@@ -300,13 +379,15 @@ def rows_for_tokens(lengths: list[int], step_tokens: int) -> int:
     return rows
 
 
-def activation_bytes_per_token(config, dropout: float, checkpointing: bool) -> float:
+def activation_bytes_per_token(config, dropout: float, checkpointing: bool, offload: bool = False) -> float:
     """Bytes of saved activations per token for a Llama/Qwen-style decoder with LoRA on all linears.
 
     Counted tensor by tensor (bf16, Liger RMSNorm/SwiGLU, flash attention, LoRA inputs not copied):
     per layer 6 hidden-sized tensors, q/k/v, and 3 intermediate-sized ones (gate, up, their
     product); LoRA dropout adds a copy plus a mask for each adapted input. With checkpointing only
-    each layer's input stays, plus one layer's full set during its backward.
+    each layer's input stays, plus one layer's full set during its backward. With `offload` the layer
+    inputs are in host memory: a few of them stay on the GPU while they are copied (TRL keeps up
+    to 5 saved tensors in flight in the forward pass and fetches the next one ahead in the backward).
     """
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * h)
@@ -321,7 +402,8 @@ def activation_bytes_per_token(config, dropout: float, checkpointing: bool) -> f
     layer_bytes = 2 * layer * 1.1  # 10% for what is not counted (rstd, lse, rotary cos/sin)
     top = 2 * 4 * h  # embeddings out, final norm, hidden fed to the LM head and its grad
     if checkpointing:
-        return layers * 2 * h + layer_bytes + top
+        kept = min(OFFLOAD_IN_FLIGHT, layers) if offload else layers
+        return kept * 2 * h + layer_bytes + top
     return layers * layer_bytes + top
 
 
@@ -347,6 +429,13 @@ def configure_allocator() -> None:
     import os
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def host_free_bytes() -> int:
+    """Host memory available now (pinned copies of offloaded activations come out of it)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _free_bytes() -> int:

@@ -439,6 +439,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
     callback = _callback(flag, emit, steps, started, _Samples(session, dataset, args, steps), args.early_stop,
                          run_dir, name, has_eval=eval_data is not None, metrics=method.metric_values)
     trainer = None
+    hooks = _ModuleHooks(model) if fast.get("activation_offloading") else None
     try:
         settings = training_settings(args, steps, session.precision, str(run_dir / CHECKPOINTS), session.device,
                                      eval_data is not None, fast)
@@ -482,6 +483,8 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             last["eval_loss"] = callback.best_loss
         full_state = _gathered_state(trainer, status)
         del trainer
+        if hooks is not None:
+            hooks.remove_added()
         model.eval()
         if status == "oom":
             from ipylora.engine.models import free_memory
@@ -551,6 +554,29 @@ def step_flops(model):
         return 6 * inputs[main_input].numel() * count if main_input in inputs else 0
 
     return floating_point_ops
+
+
+class _ModuleHooks:
+    """The forward hooks on `model`'s modules now, to take off those added later.
+
+    TRL's activation offloading (`get_act_offloading_ctx_manager`, run by each trainer built with
+    it) hooks the LM head so that its activations stay on the GPU, and keeps no handle: on a
+    resident model every run would add two more hooks for good."""
+
+    def __init__(self, model):
+        self.model = model
+        self.before = {(id(m), kind, key) for m in model.modules() for kind in ("_forward_pre_hooks", "_forward_hooks")
+                       for key in getattr(m, kind)}
+
+    def remove_added(self) -> None:
+        for module in self.model.modules():
+            for kind in ("_forward_pre_hooks", "_forward_hooks"):
+                hooks = getattr(module, kind)
+                for key in [k for k in hooks if (id(module), kind, k) not in self.before]:
+                    del hooks[key]
+                    for extra in ("_forward_hooks_always_called", "_forward_hooks_with_kwargs",
+                                  "_forward_pre_hooks_with_kwargs"):
+                        getattr(module, extra, {}).pop(key, None)
 
 
 def _keep_device_cache(trainer) -> None:
