@@ -233,8 +233,9 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
     peak = weights + trainable + max(activations + lm_head, rollout) + allowance
     tokens_per_step = mean * planned.batch_size
     if cuda:
+        context = sum(n * n for n in lengths) / 2 / max(1, sum(lengths)) if packed else max(lengths) / 2
         tokens_per_s, basis = gpu_tokens_per_s(config, shape.linear, args.quantization, checkpointing, accumulation,
-                                               tokens_per_step)
+                                               tokens_per_step, context)
         notes.append(f"plus ~{_size(CUDA_CONTEXT)} CUDA context outside PyTorch's count")
     else:
         tokens_per_s, basis = cpu_tokens_per_s(config, shape.linear, accumulation, micro, micro_tokens,
@@ -450,8 +451,13 @@ def _precision(device: str) -> str:
 
 # -- speed -----------------------------------------------------------------------------------
 def gpu_tokens_per_s(config, linear: int, quantization: str | None, checkpointing: bool, accumulation: int,
-                     tokens_per_step: float) -> tuple[float, str]:
-    """Tokens/s from the fit to the H200 measurements for this path (GPU_FIT)."""
+                     tokens_per_step: float, context: float = 0.0) -> tuple[float, str]:
+    """Tokens/s from the fit to the H200 measurements for this path (GPU_FIT).
+
+    `context`: the tokens a token attends to on average over a row, weighted by row (sum of squared
+    lengths / 2 / sum of lengths). Attention's FLOPs are added at the same efficiency: at alpaca-like
+    lengths they are under 1% of a step (inside the fit), at 32k-token rows of the 7B shape ~70%.
+    """
     import torch
 
     efficiency, overhead = GPU_FIT["4bit" if quantization else "16bit"]
@@ -464,8 +470,13 @@ def gpu_tokens_per_s(config, linear: int, quantization: str | None, checkpointin
             basis = f"H200 fit scaled to {props.name}, rough"
     if quantization == "8bit":
         basis += "; 8-bit not measured, taken as 4-bit"
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    # QK^T and PV over the context in the forward pass, 2.5x that in flash attention's backward,
+    # and the forward again under checkpointing.
+    attention = 2 * 2 * width * context * config.num_hidden_layers * (4.5 if checkpointing else 3.5)
     step_s = (accumulation * overhead * config.num_hidden_layers / 28
-              + (6 if checkpointing else 4) * linear * tokens_per_step / (efficiency * flops))
+              + ((6 if checkpointing else 4) * linear + attention) * tokens_per_step / (efficiency * flops))
     return tokens_per_step / step_s, basis
 
 
