@@ -205,3 +205,16 @@ def test_offloaded_run_learns_what_the_plain_run_learns(fresh_session, monkeypat
     assert plans[1]["offload"] and plans[1]["checkpointing"] and not plans[0]["offload"]
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
     assert (len(base.lm_head._forward_pre_hooks), len(base.lm_head._forward_hooks)) == head_hooks
+
+
+def test_offload_flag_reaches_the_plan():
+    """`%lora_train ... --offload` asks for offloading whatever the rows; without it the plan decides."""
+    from ipylora.engine import speed
+    from ipylora.magics.args import parse
+    from ipylora.magics.train import TrainMagics, train_args
+
+    assert train_args(parse(TrainMagics.lora_train, "long --offload")).offload is True
+    assert train_args(parse(TrainMagics.lora_train, "long")).offload is None
+    forced = speed.plan_batch(seven_b(), [512] * 64, free_bytes=120 * GIB, resident_bytes=15 * GIB,
+                              trainable_bytes=640 * 2**20, quantization=None, dropout=0.0, batch_size=None, offload=True)
+    assert forced.checkpointing and forced.offload

@@ -303,3 +303,29 @@ def test_offline_hub_makes_no_network_attempt(workdir):
     out = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert "ERROR Could not load 'acme-org/no-such-model'" in out.stdout, out.stdout + out.stderr
     assert "ATTEMPTS 0" in out.stdout
+
+
+def test_oom_at_micro_batch_one_offloads_on_a_gpu_then_gives_up():
+    """The retry ladder (session.oom_retry): halve the micro-batch down to the method's smallest, then
+    on a GPU once more with the checkpointed activations offloaded, then one clear error. On CPU,
+    or where --offload was given or tried already, there is no offloading step."""
+    from ipylora.engine import OutOfMemoryError
+    from ipylora.engine.session import oom_retry
+
+    args, notices = TrainArgs(name="long", batch_size=4), []
+    with pytest.raises(OutOfMemoryError, match="even at micro-batch 1 \\(run long\\)"):
+        while True:
+            args, notice = oom_retry(args, 1, "cuda")
+            notices.append(notice)
+    assert notices == [
+        "Out of memory at micro-batch 4: retrying with 2 x 2 accumulation steps (same batch).",
+        "Out of memory at micro-batch 2: retrying with 1 x 4 accumulation steps (same batch).",
+        "Out of memory at micro-batch 1: retrying with the checkpointed activations offloaded to host memory "
+        "(--offload).",
+    ]
+    assert (args.offload, args.micro_batch_size, args.batch_size) == (True, 1, 4)
+    for device, offload in (("cpu", None), ("cuda", False)):
+        with pytest.raises(OutOfMemoryError):
+            oom_retry(TrainArgs(batch_size=2, micro_batch_size=1, offload=offload), 1, device)
+    # DPO-like methods keep two rows a micro-batch: their last rung is 2.
+    assert oom_retry(TrainArgs(batch_size=4, micro_batch_size=2), 2, "cuda")[0].offload

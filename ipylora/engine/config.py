@@ -159,6 +159,10 @@ class TrainArgs:
     memory: float | None = None
     """GPU only: the most memory (GiB) the run may hold, resident model included; batches and
     activation checkpointing are planned to stay under it (None: plan from free memory)."""
+    offload: bool | None = None
+    """GPU only: hold the checkpointed layer inputs in pinned host memory (TRL's activation offloading),
+    for rows too long for the GPU otherwise. None: only where the longest row needs it (and as the
+    last retry after running out of memory at micro-batch 1); True: always, with checkpointing."""
     report_to: str = "none"
     """Experiment trackers the Trainer logs to, comma-separated: tensorboard, wandb, mlflow, trackio, or none
     (engine/trackers.py: TensorBoard in runs/<name>/tb, W&B offline without a login or network, MLflow to

@@ -206,7 +206,7 @@ def estimate(args: TrainArgs, dataset, device: str | None = None, *, session=Non
                                     trainable_bytes=trainable, quantization=args.quantization,
                                     dropout=dropout, batch_size=args.batch_size,
                                     memory_cap=train.memory_cap(args), attention_bytes_per_token=padded_extra,
-                                    host_free_bytes=speed.host_free_bytes())
+                                    host_free_bytes=speed.host_free_bytes(), offload=args.offload)
 
         batch, _kept_error = speed.kept_plan(plan, dropout)
         if dropout > 0.0:

@@ -104,6 +104,24 @@ class ModelLock:
             self._lock.release()
 
 
+def oom_retry(args: TrainArgs, least: int, device: str) -> tuple[TrainArgs, str]:
+    """The next try after running out of memory, and the notice that says so: half the micro-batch
+    (the effective batch kept), or at the smallest one (`least`), on a GPU, the checkpointed
+    activations in host memory; OutOfMemoryError where nothing is left to try."""
+    from ipylora.engine.train import micro_batch
+
+    micro = micro_batch(args)
+    if micro // 2 >= least:
+        args = replace(args, micro_batch_size=micro // 2)
+        return args, (f"Out of memory at micro-batch {micro}: retrying with {micro // 2} "
+                      f"x {args.batch_size // micro_batch(args)} accumulation steps (same batch).")
+    if args.offload is None and device == "cuda":
+        return replace(args, offload=True), (f"Out of memory at micro-batch {micro}: retrying with the checkpointed "
+                                             "activations offloaded to host memory (--offload).")
+    raise OutOfMemoryError(f"Out of GPU memory even at micro-batch {micro} (run {args.name}): lower --max-length, "
+                           "use --4bit, or a smaller model. The session is still usable.")
+
+
 class Session:
     """Resident model + tokenizer, datasets, adapters; the engine's entry point."""
 
@@ -349,7 +367,7 @@ class Session:
 
     def _train_now(self, data, args: TrainArgs, reporter, wait: bool, resume: bool):
         from ipylora.engine import methods
-        from ipylora.engine.train import StopFlag, micro_batch, run_training
+        from ipylora.engine.train import StopFlag, run_training
 
         if not self._busy.acquire(blocking=wait):
             raise self._busy_error()
@@ -367,19 +385,13 @@ class Session:
             graphdecode.release(self.model)  # chat's static cache and graph: training wants the memory
             end = run_training(self, data, args, reporter, self._stop_flag, resume)
             # Out of memory: halve the micro-batch and accumulate, so the effective batch is the
-            # same, and start the run again in its folder; give up at micro-batch 1.
+            # same, and start the run again in its folder; at the smallest micro-batch, once more with
+            # the checkpointed activations in host memory; then give up.
             least = methods.get(args.method).min_micro_batch
             while end.status == "oom":
-                micro = micro_batch(args)
-                if micro // 2 < least:
-                    raise OutOfMemoryError(
-                        f"Out of GPU memory even at micro-batch {micro} (run {end.name}): lower --max-length, "
-                        "use --4bit, or a smaller model. The session is still usable."
-                    )
-                args = replace(args, name=end.name, micro_batch_size=micro // 2)
+                args, notice = oom_retry(replace(args, name=end.name), least, self.device)
                 if reporter is not None:
-                    reporter(Notice(f"Out of memory at micro-batch {micro}: retrying with {micro // 2} "
-                                    f"x {args.batch_size // micro_batch(args)} accumulation steps (same batch)."))
+                    reporter(Notice(notice))
                 end = run_training(self, data, args, reporter, self._stop_flag, reuse_dir=True)
             return end
         finally:

@@ -76,7 +76,7 @@ class Plan:
 def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
                   batch_size: int | None = None, dropout: float = 0.0, attention: str | None = None,
                   liger: bool | None = None, memory_budget: int | None = None, memory_cap: int | None = None,
-                  force: bool = False, defer_dropout: bool | None = None) -> dict:
+                  force: bool = False, defer_dropout: bool | None = None, offload: bool | None = None) -> dict:
     """Patch `model` (a PeftModel with its adapter attached) for speed; return SFTConfig overrides.
 
     `tokenized_lengths`: tokens per training row. `batch_size`: rows per step the user asked for
@@ -85,6 +85,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     `memory_cap`: bytes the whole run may hold, what is allocated now included (`--memory`).
     `defer_dropout`: LoRA dropout drawn again in the backward pass instead of kept (dropout.py):
     None (the default) where memory binds (`_plan_dropout`), True / False always / never (benchmarks).
+    `offload`: checkpointed layer inputs in pinned host memory; None where the longest row needs it (plan_batch).
     The returned dict has a "_plan" entry (a Plan); pop it before building the SFTConfig.
     `force` plans on CPU too (the benchmark's smoke mode); otherwise CPU gets {} and no patches.
     """
@@ -115,7 +116,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         return plan_batch(base.config, lengths, free_bytes=free, resident_bytes=resident, trainable_bytes=trainable,
                           quantization=quantization, dropout=dropout, batch_size=batch_size,
                           memory_budget=memory_budget, memory_cap=memory_cap, attention_bytes_per_token=extra,
-                          host_free_bytes=host_free_bytes())
+                          host_free_bytes=host_free_bytes(), offload=offload)
 
     batch, kept_error = kept_plan(plan_for, dropout)
     if dropout > 0.0:
@@ -236,7 +237,8 @@ class BatchPlan:
 def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: int, trainable_bytes: int,
                quantization: str | None, dropout: float, batch_size: int | None,
                memory_budget: int | None = None, memory_cap: int | None = None,
-               attention_bytes_per_token: float = 0.0, host_free_bytes: int | None = None) -> BatchPlan:
+               attention_bytes_per_token: float = 0.0, host_free_bytes: int | None = None,
+               offload: bool | None = None) -> BatchPlan:
     """Token budget, checkpointing and batch shape from memory figures, with no model needed.
 
     `free_bytes`: GPU memory free once the model is resident (`_free_bytes`); `resident_bytes`:
@@ -252,6 +254,7 @@ def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: in
     the checkpointed layer inputs (`layers x hidden` bf16 values a token, the bulk of what
     checkpointing keeps at long rows) go to pinned host memory, if `host_free_bytes` has room for
     them (None: not checked). Under --memory a row that fits in no way is a ConfigError.
+    `offload` True checkpoints and offloads whatever the rows (--offload), False never offloads.
     """
     lengths = [int(n) for n in tokenized_lengths] or [1]
     budget = memory_budget if memory_budget is not None else int(0.88 * free_bytes)
@@ -273,15 +276,15 @@ def plan_batch(config, tokenized_lengths, *, free_bytes: int, resident_bytes: in
     longest = max(lengths)
     room = _hard_room(free_bytes, resident_bytes, memory_budget, memory_cap) - fixed
     per_token = activation_bytes_per_token(config, dropout, checkpointing=False) + attention_bytes_per_token
-    checkpointing = budget / per_token < MIN_STEP_TOKENS or longest * per_token > room
-    offload = False
+    checkpointing = budget / per_token < MIN_STEP_TOKENS or longest * per_token > room or bool(offload)
+    asked, offload = offload, False
     if checkpointing:
         attention = attention_bytes_per_token / config.num_hidden_layers
         per_token = activation_bytes_per_token(config, dropout, checkpointing=True) + attention
-        if longest * per_token > room:
+        if asked or (asked is None and longest * per_token > room):
             offloaded = activation_bytes_per_token(config, dropout, checkpointing=True, offload=True) + attention
             host_need = longest * (per_token - offloaded)
-            if host_need > 0 and (host_free_bytes is None or host_need <= HOST_SHARE * host_free_bytes):
+            if asked or (host_need > 0 and (host_free_bytes is None or host_need <= HOST_SHARE * host_free_bytes)):
                 offload, per_token = True, offloaded
             if memory_cap is not None and longest * per_token > room:
                 raise ConfigError(_too_long(longest, per_token, room, memory_cap, resident_bytes + fixed, offload))

@@ -103,7 +103,8 @@ def plan_batches(model, session, lengths: list[int], args: TrainArgs,
 
     fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
                                quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout,
-                               attention=None if packed else "sdpa", memory_cap=memory_cap(args))
+                               attention=None if packed else "sdpa", memory_cap=memory_cap(args),
+                               offload=args.offload)
     if not packed:
         fast.pop("padding_free", None)
     plan = fast.pop("_plan", None)

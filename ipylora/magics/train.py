@@ -29,7 +29,7 @@ def train_args(opts) -> TrainArgs:
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
         gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
-        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, rewards=tuple(opts.reward or ()),
+        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, offload=opts.offload or None, rewards=tuple(opts.reward or ()),
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
         temperature=opts.temperature,
         loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune,
@@ -79,6 +79,9 @@ class TrainMagics(Magics):
     @argument("--max-length", type=int, default=1024, help="Longest sequence in tokens.")
     @argument("--memory", type=float, default=None, metavar="GIB",
               help="GPU: the most memory the run may take, model included (default: plan from free memory).")
+    @argument("--offload", action="store_true",
+              help="GPU: checkpoint the layers and keep their inputs in host memory, for very long rows "
+                   "(default: only where the longest row needs it).")
     @argument("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 turns it off.")
     @argument("--seed", type=int, default=42, help="Seed for adapter init and data order.")
     @argument("--output", default=None, help="Folder for runs/<name>/ (default: %%config Lora.runs_dir, 'runs').")
