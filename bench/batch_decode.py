@@ -12,7 +12,8 @@ with --new-tokens new tokens each, no stop token, so every recipe decodes the sa
                     a layer (its capture timed in the first call: "engine lean first")
     engine          ipylora.engine.chat.generate_batch, what evals run: the same, with the adapter
                     merged into copies of the weights made for the call (decode.merged_lora; the step
-                    is captured again on them every call)
+                    is captured again on them every call), the prompts prefilled as one packed row
+    engine padded prefill   the same with the prompts prefilled as one left-padded batch (before session 13)
 
 tokens/s = new tokens / wall seconds (prefill included). Tokens are compared with generate b64 (the
 same left-padded batch): random weights make near-ties common, so the table gives the share of rows
@@ -156,12 +157,22 @@ def main() -> int:
     def engine() -> list[list[int]]:
         return [result["text"] for result in chat.generate_batch(model, Ids(), prompts, args)]
 
+    def engine_padded() -> list[list[int]]:  # the prefill as one left-padded batch (before session 13)
+        packs = graphdecode._packs_prompts
+        graphdecode.release(model)
+        graphdecode._packs_prompts = lambda *a: False
+        try:
+            return engine()
+        finally:
+            graphdecode._packs_prompts = packs
+            graphdecode.release(model)
+
     hf(64)  # warm-up (cuBLAS, allocator)
     rows = []
     recipes = [] if cli.no_b8 else [("generate b8", lambda: hf(8))]
     for name, fn in (*recipes, ("generate b64", lambda: hf(64)),
                      ("engine lean first", engine_ids), ("engine lean", engine_ids),
-                     ("engine first", engine), ("engine", engine)):
+                     ("engine padded prefill", engine_padded), ("engine first", engine), ("engine", engine)):
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)

@@ -463,3 +463,48 @@ def test_a_grouped_query_model_decodes_a_batch_as_generate_does():
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # put back after decoding
     assert calls.count(1) >= 19 * 2  # every decode step of both layers went through the fold
     assert got == expected
+
+
+@pytest.mark.parametrize("family", ["lora", "mistral", "gemma3", "gemma2"])
+def test_a_packed_prefill_fills_the_cache_the_padded_one_does(family, tmp_path_factory):
+    """prefill_batch runs the rows as one packed row where training packs them (the tiny LoRA Llama,
+    Mistral's and Gemma 3's sliding windows, which prompts of 30 tokens exceed); Gemma 2 soft-caps
+    its attention, so its rows stay padded. Packed or not: the same logits, the same keys and
+    values in the slots the left-padded batch fills, and the greedy tokens generate() gives."""
+    import model_matrix
+    from transformers import AutoModelForCausalLM
+
+    if family == "lora":
+        model = lora_model()
+    else:
+        path = model_matrix.build(model_matrix.BY_NAME[family], tmp_path_factory.mktemp("matrix"))
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (30, 7, 19, 1, 24)]
+    packed_calls = []
+    packing = graphdecode.StepGraph._prefill_packed
+
+    def counted(graph, rows, width):
+        packed_calls.append(len(rows))
+        return packing(graph, rows, width)
+
+    with torch.inference_mode(), lean_lora(model), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graphdecode.StepGraph, "_prefill_packed", counted)
+        fills = []
+        for packed in (False, True):
+            graph = graphdecode.StepGraph(model, 64, capture=False, batch=len(prompts))
+            graph._packed_prefill = packed and graph._packed_prefill
+            logits, width = graph.prefill_batch(prompts, 0)
+            fills.append((logits, graph.cache, graph.mask.clone()))
+        expected = hf_batch(model, prompts, 0, ())
+        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (), capture=False)
+    graphdecode.release(model)
+    assert packed_calls == ([] if family == "gemma2" else [len(prompts)] * 2)
+    (padded_logits, padded, mask), (packed_logits, packed, _) = fills
+    assert torch.allclose(packed_logits, padded_logits, atol=1e-4)
+    real = mask[:, :width].bool()  # the slots of real tokens (the padding's are masked)
+    for a, b in zip(padded.layers, packed.layers):
+        assert int(a.cumulative_length) == int(b.cumulative_length) == width
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            assert torch.allclose(x[:, :, :width].transpose(1, 2)[real], y[:, :, :width].transpose(1, 2)[real], atol=1e-4)
+    assert got == expected

@@ -136,6 +136,7 @@ class StepGraph:
         # transformers 5.x renames past_key_values to cache; both are accepted while it deprecates.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last = "logits_to_keep" in parameters
+        self._packed_prefill = _packs_prompts(self.model, self.device)
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False) if compiled else self._forward
         self._graph = None
         self._logits = None
@@ -196,15 +197,60 @@ class StepGraph:
         rows = [*prompts, *[[pad]] * (self.batch - len(prompts))]
         width = max(len(ids) for ids in rows)
         pads = torch.tensor([[width - len(ids)] for ids in rows], device=self.device)
-        tokens = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
         slots = torch.arange(self.max_len, device=self.device)
         self.mask.copy_(slots >= pads)
         self.offsets.copy_(pads)
+        if self._packed_prefill and len(prompts) > 1:
+            logits = self._prefill_packed(rows, width)
+            if logits is not None:
+                return logits, width
+            self._packed_prefill = False  # this model's cache did not take it: padded from now on
+            self.cache.reset()
+        tokens = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
         positions = (slots[:width] - pads).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
         output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                             cache_position=slots[:width], use_cache=True, **{self._cache_arg: self.cache}, **extra)
         return output.logits[:, -1], width
+
+    def _prefill_packed(self, rows: list[list[int]], width: int):
+        """`prefill_batch` without the padding: the rows as one packed row (positions restarting at 0
+        for each, attended by the varlen kernel as packed training rows are), their keys and values
+        then written to the slots the left-padded batch would have filled; the padding's slots stay
+        empty and masked. A 64-row batch of 40-200-token prompts computes 40% fewer tokens. None if
+        the model's cache does not come out as one full layer per static layer.
+
+        The logits are those after each row's last token (the varlen kernel's rounding, not the
+        padded batch's: the CPU tests check the greedy tokens equal generate()'s)."""
+        import torch
+        from transformers import DynamicCache
+
+        from ipylora.engine.speed import VARLEN, attention_as
+
+        lengths = torch.tensor([len(ids) for ids in rows], device=self.device)
+        tokens = torch.tensor([[token for ids in rows for token in ids]], device=self.device)
+        row = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths)
+        starts = lengths.cumsum(0) - lengths
+        positions = torch.arange(tokens.shape[1], device=self.device) - starts[row]
+        packed = DynamicCache()
+        extra = {"logits_to_keep": starts + lengths - 1} if self._keep_last else {}
+        with attention_as(self.model, VARLEN):
+            output = self.model(input_ids=tokens, position_ids=positions.view(1, -1), use_cache=True,
+                                **{self._cache_arg: packed}, **extra)
+        layers = getattr(packed, "layers", [])
+        if len(layers) != len(self.cache.layers) or not all(hasattr(layer, "keys") for layer in layers):
+            return None
+        slot = positions + (width - lengths)[row]
+        for static, fresh in zip(self.cache.layers, layers):
+            keys, values = fresh.keys[0].transpose(0, 1), fresh.values[0].transpose(0, 1)  # (tokens, heads, dim)
+            if not static.is_initialized:
+                static.lazy_initialization(fresh.keys.expand(self.batch, -1, -1, -1),
+                                           fresh.values.expand(self.batch, -1, -1, -1))
+            static.keys[row, :, slot] = keys
+            static.values[row, :, slot] = values
+            static.cumulative_length.fill_(width)
+        logits = output.logits[0]
+        return logits if self._keep_last else logits[starts + lengths - 1]
 
     def step(self, token, position: int):
         """Logits after feeding `token` (`batch` elements on the device) at cache slot `position`, the next one."""
@@ -251,6 +297,22 @@ class StepGraph:
 
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"{what} failed for this model ({reason}): {then}.", RuntimeWarning, stacklevel=3)
+
+
+def _packs_prompts(model, device) -> bool:
+    """Whether a batch prefill runs as one packed row: where training packs rows (transformers'
+    attention functions, no soft-capping or sinks), through the flash varlen kernel on a GPU in half
+    precision, or through its block-diagonal SDPA form on CPU."""
+    import torch
+
+    from ipylora.engine.speed import attention_path, flash_varlen_available
+
+    if attention_path(type(model), model.config, device.type).kind != "varlen":
+        return False
+    if device.type == "cpu":
+        return True
+    dtype = model.get_input_embeddings().weight.dtype  # the hidden states', 4-bit models included
+    return device.type == "cuda" and flash_varlen_available() and dtype in (torch.bfloat16, torch.float16)
 
 
 def full_static_cache(config, max_len: int):

@@ -28,6 +28,7 @@ model, so `%lora_train --dry-run` (estimate.py) runs the same plan from estimate
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ipylora.engine.errors import ConfigError
@@ -516,7 +517,11 @@ def flash_varlen_available() -> bool:
 
 def set_attention(model, kind: str) -> str:
     """Switch `model` to "varlen" (ours), "flex", "sdpa" or "eager"; returns the transformers name used."""
-    name = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}[kind]
+    return _use_attention(model, {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}[kind])
+
+
+def _use_attention(model, name: str) -> str:
+    """Switch `model` to transformers' attention function `name`."""
     if name == VARLEN:
         register_varlen_attention()
     if getattr(model.config, "_attn_implementation", None) == name:
@@ -526,6 +531,20 @@ def set_attention(model, kind: str) -> str:
     except Exception:
         model.config._attn_implementation = name
     return name
+
+
+@contextmanager
+def attention_as(model, name: str):
+    """`model` attends with attention function `name` inside the block (its own one again after)."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == name:
+        yield
+        return
+    _use_attention(model, name)
+    try:
+        yield
+    finally:
+        _use_attention(model, previous)
 
 
 def register_varlen_attention() -> None:
