@@ -224,9 +224,15 @@ def bench(precision: str, args) -> list[dict]:
         print(f"{precision:>5} Liger applied: {_apply_liger(model, notes)} {notes}", flush=True)
 
     def record(label, m, lean=False, copies=False):
-        for kernels in args.gemv.split(","):
-            _use_gemv(m, kernels == "on")
-            _record(label + ("" if args.gemv == "on" else f" gemv {kernels}"), m, lean, copies)
+        from ipylora.engine import graphdecode
+
+        for slots in args.slot_writes.split(","):
+            graphdecode.SLOT_WRITES = slots == "on"
+            for kernels in args.gemv.split(","):
+                _use_gemv(m, kernels == "on")
+                _record(label + ("" if args.gemv == "on" else f" gemv {kernels}")
+                        + ("" if args.slot_writes == "on" else f" slots {slots}"), m, lean, copies)
+        graphdecode.SLOT_WRITES = True
 
     def _record(label, m, lean=False, copies=False):
         for mode in modes:
@@ -294,6 +300,9 @@ def main() -> int:
     parser.add_argument("--graph-models", default="base,peft,lean,copies,merged", help="Models measured with the graph loop.")
     parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
     parser.add_argument("--gemv", default="on", help="on, off or off,on: captured steps with/without gemv's kernels")
+    parser.add_argument("--slot-writes", default="on",
+                        help="on, off or off,on: the step writes its cache slot at its position (graphdecode.slot_layer) "
+                             "or from each layer's counter (transformers' StaticLayer)")
     parser.add_argument("--liger", action="store_true", help="apply Liger's RMSNorm/RoPE/SwiGLU kernels first")
     parser.add_argument("--profile", action="store_true", help="print where a captured step's GPU time goes")
     parser.add_argument("--json", default=None, help="Also append each row to this JSON-lines file.")

@@ -508,3 +508,36 @@ def test_a_packed_prefill_fills_the_cache_the_padded_one_does(family, tmp_path_f
         for x, y in ((a.keys, b.keys), (a.values, b.values)):
             assert torch.allclose(x[:, :, :width].transpose(1, 2)[real], y[:, :, :width].transpose(1, 2)[real], atol=1e-4)
     assert got == expected
+
+
+def test_a_decode_step_writes_the_cache_at_its_position_and_nothing_more():
+    """The step's cache layers (graphdecode.slot_layer) write the token's key and value at the step's
+    position tensor: two copies a layer, where transformers' StaticLayer also builds the slot from its
+    counter (an arange and an add) and moves the counter on; only the first layer, the one
+    get_seq_length reads, still counts. The decode loop's answers are checked against generate() above."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = lora_model()
+    with torch.inference_mode():
+        graph = graphdecode.StepGraph(model, 32, capture=False)
+        logits = graph.prefill(PROMPT[:5])
+        first, second = graph.cache.layers[:2]
+        assert int(first.cumulative_length) == int(second.cumulative_length) == 5
+        key = torch.randn(1, first.keys.shape[1], 1, first.keys.shape[3])
+        value = key + 1
+        graph.position.fill_(5)
+        for layer, expected in ((first, ["index_copy_", "index_copy_", "add_"]), (second, ["index_copy_", "index_copy_"])):
+            with Ops() as ops:
+                layer.update(key, value)
+            assert [name.split(".")[0] for name in ops.names] == expected
+            assert torch.equal(layer.keys[:, :, 5:6], key) and torch.equal(layer.values[:, :, 5:6], value)
+        assert graph.cache.get_seq_length() == 6 and logits.shape[-1] == model.config.vocab_size

@@ -45,6 +45,9 @@ BATCH_ROWS = 64
 BATCH_CACHE_STEP = 256
 # Static caches are sized in steps of this many tokens, so that most turns reuse the graph.
 CACHE_STEP = 1024
+# A decode step writes its cache slot at its position tensor (slot_layer), not from each layer's own
+# counter; False: transformers' way (benchmarks compare the two).
+SLOT_WRITES = True
 # Generation-config settings whose logits processors this loop does not have, with their neutral
 # values; a model whose config sets one (rare) is decoded by generate() instead.
 _NOT_HANDLED = {"no_repeat_ngram_size": (0,), "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (),
@@ -132,6 +135,9 @@ class StepGraph:
         # torch.ones(cache length + 1), reading the cache's length back to the host, which a
         # capture cannot do. Slots past the current position are masked by causality all the same.
         self.mask = torch.ones((batch, max_len), dtype=torch.long, device=self.device)
+        for index, layer in enumerate(self.cache.layers if SLOT_WRITES else ()):
+            if isinstance(layer, slot_layer()):
+                layer.slot, layer.counts = self.position, index == 0
         parameters = inspect.signature(self.model.forward).parameters
         # transformers 5.x renames past_key_values to cache; both are accepted while it deprecates.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -184,8 +190,9 @@ class StepGraph:
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions.view(1, -1),
-                            cache_position=positions, use_cache=True, **{self._cache_arg: self.cache}, **extra)
+        with prefilling(self.cache):
+            output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions.view(1, -1),
+                                cache_position=positions, use_cache=True, **{self._cache_arg: self.cache}, **extra)
         return output.logits[:, -1]
 
     def prefill_batch(self, prompts: list[list[int]], pad: int):
@@ -209,8 +216,9 @@ class StepGraph:
         tokens = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
         positions = (slots[:width] - pads).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                            cache_position=slots[:width], use_cache=True, **{self._cache_arg: self.cache}, **extra)
+        with prefilling(self.cache):
+            output = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                                cache_position=slots[:width], use_cache=True, **{self._cache_arg: self.cache}, **extra)
         return output.logits[:, -1], width
 
     def _prefill_packed(self, rows: list[list[int]], width: int):
@@ -315,6 +323,49 @@ def _packs_prompts(model, device) -> bool:
     return device.type == "cuda" and flash_varlen_available() and dtype in (torch.bfloat16, torch.float16)
 
 
+@functools.cache
+def slot_layer():
+    """The class of `full_static_cache`'s layers (made on first use: transformers is imported late)."""
+    from transformers.cache_utils import StaticLayer
+
+    class SlotLayer(StaticLayer):
+        """A full static layer whose decode step writes its token at `slot`, the step's position tensor.
+
+        transformers' StaticLayer works out where to write from its own length counter: an arange, an
+        add and the counter's increment, three small kernels a layer and a step (96 of a 7B decode
+        step's ~1,300). Here the step writes at the position it is given, which is the same slot (the
+        prompt's length plus the tokens since), and only the first layer keeps its counter going, the
+        one `Cache.get_seq_length()` reads. A prefill (`prefilling`) writes as StaticLayer does."""
+
+        slot = None
+        counts = False
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.slot is None or not self.is_initialized:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.keys.index_copy_(2, self.slot, key_states)
+            self.values.index_copy_(2, self.slot, value_states)
+            if self.counts:
+                self.cumulative_length.add_(key_states.shape[-2])
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+@contextmanager
+def prefilling(cache):
+    """The cache's slot layers write where their own counters say (a prompt of several tokens) in the block."""
+    layers = [layer for layer in cache.layers if isinstance(layer, slot_layer())]
+    slots = [layer.slot for layer in layers]
+    for layer in layers:
+        layer.slot = None
+    try:
+        yield
+    finally:
+        for layer, slot in zip(layers, slots):
+            layer.slot = slot
+
+
 def full_static_cache(config, max_len: int):
     """transformers' StaticCache for `config` with every layer a full static one.
 
@@ -329,8 +380,8 @@ def full_static_cache(config, max_len: int):
     from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=config, max_cache_len=max_len)
-    cache.layers = [StaticLayer(max_cache_len=max_len) if isinstance(layer, StaticLayer) and layer.is_sliding
-                    else layer for layer in cache.layers]
+    cache.layers = [slot_layer()(max_cache_len=max_len) if type(layer) is StaticLayer or
+                    (isinstance(layer, StaticLayer) and layer.is_sliding) else layer for layer in cache.layers]
     return cache
 
 
