@@ -541,3 +541,43 @@ def test_a_decode_step_writes_the_cache_at_its_position_and_nothing_more():
             assert [name.split(".")[0] for name in ops.names] == expected
             assert torch.equal(layer.keys[:, :, 5:6], key) and torch.equal(layer.values[:, :, 5:6], value)
         assert graph.cache.get_seq_length() == 6 and logits.shape[-1] == model.config.vocab_size
+
+
+def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_tokenizer):
+    """Chat's step runs on the adapter merged into copies of the weights (memory allowing): the
+    answers unmerged generate() gives, the copies made once for two turns and kept with chat's step,
+    made again when the adapter's weights change, and freed with the step."""
+    from ipylora.engine.models import base_of
+
+    model = lora_model()
+    args = GenerateArgs(max_new_tokens=16)
+    expected = chat.generate(model, tiny_tokenizer, PROMPT, args)
+    monkeypatch.setattr(graphdecode, "usable", lambda m: True)
+    monkeypatch.setattr(chat, "_merge_budget", lambda m: 1 << 40)
+    made = []
+    merging = chat.merged_forwards
+
+    def counting(model, budget):
+        patches, used = merging(model, budget)
+        made.append(len(patches))
+        return patches, used
+
+    monkeypatch.setattr(chat, "merged_forwards", counting)
+    warnings.simplefilter("ignore")  # the capture fails on CPU, with a warning
+    first = chat.generate(model, tiny_tokenizer, PROMPT, args)
+    second = chat.generate(model, tiny_tokenizer, PROMPT, args)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert made == [len(layers)] and first["text"] == second["text"] == expected["text"]
+    assert not any("forward" in m.__dict__ for m in layers)  # the copies' forwards are in place only while decoding
+    graph = base_of(model).__dict__[graphdecode._SLOT]
+    assert len(graph.copies[1]) == len(layers)
+    with torch.no_grad():
+        layers[0].lora_B["default"].weight.mul_(-3.0)  # new weights: the copies are stale
+    monkeypatch.setattr(graphdecode, "usable", lambda m: False)
+    changed = chat.generate(model, tiny_tokenizer, PROMPT, args)
+    monkeypatch.setattr(graphdecode, "usable", lambda m: True)
+    third = chat.generate(model, tiny_tokenizer, PROMPT, args)
+    assert changed["text"] != first["text"]  # stale copies would have answered as before
+    assert made == [len(layers)] * 2 and third["text"] == changed["text"]
+    graphdecode.release(model)
+    assert graph.copies is None and graphdecode._SLOT not in base_of(model).__dict__

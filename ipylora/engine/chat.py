@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from ipylora.engine import graphdecode
 from ipylora.engine.config import GenerateArgs
-from ipylora.engine.decode import lean_lora, merged_lora
+from ipylora.engine.decode import forwards, lean_lora, merged_forwards, merged_lora
 from ipylora.engine.errors import ConfigError
 
 # Template names (run.json "template_name") that mean "the tokenizer's own chat template".
@@ -261,10 +261,11 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
         if streamer is not None:
             streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips, as generate() does
         try:
-            return graphdecode.decode(
-                model, ids, args.max_new_tokens, next_token, stop_ids(model, tokenizer),
-                on_token=(lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None,
-                should_stop=should_stop or (lambda: False), compiled=args.compile)
+            with _merged_copies(model, len(ids) + args.max_new_tokens, args.compile):
+                return graphdecode.decode(
+                    model, ids, args.max_new_tokens, next_token, stop_ids(model, tokenizer),
+                    on_token=(lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None,
+                    should_stop=should_stop or (lambda: False), compiled=args.compile)
         finally:
             if streamer is not None:
                 streamer.end()
@@ -351,6 +352,29 @@ def _fused_kernels(model, compiled: bool) -> None:
         from ipylora.engine.speed import _liger_once
 
         _liger_once(base_of(model), [])
+
+
+@contextlib.contextmanager
+def _merged_copies(model, need: int, compiled: bool):
+    """Chat's decode step on the adapter merged into copies of the weights (decode.merged_forwards),
+    where free memory allows: the step then reads what the base model's reads, with nothing more a
+    layer for the adapter (7B shape, H200, session 12: 204 tokens/s for the base against 187 with an
+    unmerged r16 adapter). The copies are kept with chat's captured step and made again when the
+    adapter state it was captured for changes (another adapter, new weights); training frees them
+    with the step (graphdecode.release). Layers the budget leaves out, and 4-bit ones, stay unmerged."""
+    import torch
+
+    graph = graphdecode.step_graph(model, need, compiled)
+    key = graphdecode.state_key(model)  # the lean forwards: rebuilt when an adapter's weights change
+    if graph.copies is None or graph.copies[0] != key:
+        graph.copies = None  # the old copies go before new ones are made
+        try:
+            patches, _ = merged_forwards(model, _merge_budget(model))
+        except torch.cuda.OutOfMemoryError:
+            patches = []
+        graph.copies = (key, patches)
+    with forwards(graph.copies[1]):
+        yield
 
 
 def _merge_budget(model) -> int:

@@ -201,6 +201,15 @@ def merged_lora(model, budget: int):
     bench/batch_decode.py --profile), where the merged weight reads the same bytes as the base's.
     The base weights are not touched (merging into them and back would round them); the copies go
     when the block ends, so a step captured inside it must be released with it. Yields the bytes merged."""
+    patches, used = merged_forwards(model, budget)
+    with forwards(patches):
+        yield used
+
+
+def merged_forwards(model, budget: int) -> tuple[list, int]:
+    """[(layer, forward over its merged copy W + scale B A)] for merged_lora's layers (largest first,
+    while the copies fit in `budget` bytes), and the bytes they take. Keep the list to keep the copies;
+    `forwards(list)` puts them in place."""
     import torch
 
     dtype = _compute_dtype(model)
@@ -213,27 +222,35 @@ def merged_lora(model, budget: int):
             continue  # quantized bases (bitsandbytes' Linear4bit is a Linear of uint8), Conv1D, others
         layers.append((base.weight.numel() * base.weight.element_size(), module, name))
     layers.sort(key=lambda item: -item[0])
-    patched, used = [], 0
+    patches, used = [], 0
+    with torch.no_grad():
+        for size, module, name in layers:
+            if used + size > budget:
+                continue
+            base = module.base_layer
+            a = module.lora_A[name].weight.detach().to(dtype)
+            b = module.lora_B[name].weight.detach().to(dtype)
+            # One rounding, at the end: addmm accumulates W + scale B A in fp32.
+            weight = torch.addmm(base.weight.detach(), b, a, alpha=float(module.scaling[name]))
+            patches.append((module, functools.partial(torch.nn.functional.linear, weight=weight, bias=base.bias)))
+            used += size
+    return patches, used
+
+
+@contextlib.contextmanager
+def forwards(patches):
+    """Within the block, each layer of `patches` [(layer, forward)] runs that forward; after it, the one it had."""
+    previous = [(module, module.__dict__.get("forward")) for module, _ in patches]
+    for module, forward in patches:
+        module.forward = forward
     try:
-        with torch.no_grad():
-            for size, module, name in layers:
-                if used + size > budget:
-                    continue
-                base = module.base_layer
-                a = module.lora_A[name].weight.detach().to(dtype)
-                b = module.lora_B[name].weight.detach().to(dtype)
-                # One rounding, at the end: addmm accumulates W + scale B A in fp32.
-                weight = torch.addmm(base.weight.detach(), b, a, alpha=float(module.scaling[name]))
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(torch.nn.functional.linear, weight=weight, bias=base.bias)
-                used += size
-        yield used
+        yield
     finally:
-        for module, previous in patched:
-            if previous is None:
+        for module, before in previous:
+            if before is None:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = previous
+                module.forward = before
 
 
 @contextlib.contextmanager

@@ -148,6 +148,7 @@ class StepGraph:
         self._logits = None
         self._lora_kernels = True
         self.key = None
+        self.copies = None  # chat's merged weight copies for this step: (adapter state, [(layer, forward)])
 
     def _forward(self):
         output = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position - self.offsets,
@@ -520,7 +521,7 @@ def _free(base, slot: str) -> None:
 
     current = base.__dict__.pop(slot, None)
     if current is not None:
-        current._graph = current._logits = current.cache = None
+        current._graph = current._logits = current.cache = current.copies = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
