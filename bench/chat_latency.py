@@ -10,8 +10,9 @@ generation of --new-tokens tokens after a --prompt-tokens prompt (KV cache, batc
                     unmerged, through PEFT's own LoRA forward
     lean r16 all    the same adapter, unmerged, through `ipylora.engine.decode.lean_lora` (one mm
                     and one addmm per adapted layer; in a captured step, small compiled kernels)
-    copies r16 all  bf16: the adapter merged into copies of the weights made for the call
-                    (`ipylora.engine.decode.merged_lora`), the base untouched
+    copies r16 all  the adapter merged into copies of the weights made for the call
+                    (`ipylora.engine.decode.merged_lora`, what chat runs where memory allows), the
+                    base untouched; for 4-bit, the nf4 weights dequantized into bf16 copies
     merged          the r16 adapter merged into the weights (merge_and_unload; for 4-bit, the nf4
                     base layout that a merged-and-requantized model has)
 
@@ -263,8 +264,7 @@ def bench(precision: str, args) -> list[dict]:
           f"{check_graph(model, args.prompt_tokens):.2e}", flush=True)
     record("peft r16 all", model)
     record("lean r16 all", model, lean=True)
-    if precision == "bf16":
-        record("copies r16 all", model, lean=True, copies=True)
+    record("copies r16 all", model, lean=True, copies=True)  # 4-bit: dequantized copies (decode.merged_forwards)
     if precision == "4bit":
         # A merged 4-bit model (dequantize, add B·A, re-quantize) has exactly the base's nf4 layout and
         # kernels, so its speed is measured on the unloaded base: the numbers differ, not the work.

@@ -176,3 +176,29 @@ def test_merged_copies_give_peft_logits_within_the_budget_and_leave_the_base_alo
     assert torch.allclose(logits, reference, atol=1e-5)
     assert all(torch.equal(m.base_layer.weight, w) for m, w in zip(layers, bases))
     assert patched_layers(model) == []
+
+
+def test_a_4bit_base_is_merged_into_a_dequantized_copy():
+    """merged_lora on a bitsandbytes 4-bit model (CPU): each adapted layer's copy is its nf4 weight
+    dequantized plus scale B A, in the compute dtype; the logits are the 4-bit model's own."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ipylora.engine.decode import merged_lora
+    from ipylora.engine.models import _keep_4bit_layout_trainable
+    from ipylora.engine.tiny import tiny_model_path
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), quantization_config=quantized, device_map={"": "cpu"},
+                                                dtype=torch.float32)
+    _keep_4bit_layout_trainable(base)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert layers and all(type(m.base_layer).__name__ == "Linear4bit" for m in layers)
+    with torch.inference_mode():
+        reference = model(IDS).logits
+        with lean_lora(model), merged_lora(model, 1 << 40) as merged:
+            logits = model(IDS).logits
+    assert merged == sum(m.base_layer.out_features * m.base_layer.in_features * 4 for m in layers)
+    assert torch.allclose(logits, reference, atol=1e-4)

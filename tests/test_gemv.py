@@ -116,3 +116,21 @@ def test_a_compiled_step_keeps_the_layers_own_forward(interpreted):
             gemv.gemv = original
     assert patched == 2 and len(launched) == 2  # the eager call ran the kernels, the compiled one did not
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_merged_copies_run_the_kernel_in_the_captured_form(interpreted, monkeypatch):
+    """Chat's and evals' merged weight copies (decode.merged_lora) run gemv's kernel for one token in
+    the captured step, with no adapter term left to add: PEFT's logits."""
+    from ipylora.engine import decode
+    from tests.test_decode import lora_model, step_logits
+
+    model = lora_model()
+    calls = []
+    original = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, spec, *rest, **kw: calls.append(len(rest)) or original(x, spec, *rest, **kw))
+    expected, _ = step_logits(model)
+    got, (_, merged, _) = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40),
+                                      decode.capturing())
+    adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    assert merged > 0 and calls == [0] * adapted  # one kernel a layer, over its merged copy
+    assert torch.allclose(expected, got, atol=1e-4)
