@@ -120,7 +120,8 @@ def test_a_compiled_step_keeps_the_layers_own_forward(interpreted):
 
 def test_merged_copies_run_the_kernel_in_the_captured_form(interpreted, monkeypatch):
     """Chat's and evals' merged weight copies (decode.merged_lora) run gemv's kernel for one token in
-    the captured step, with no adapter term left to add: PEFT's logits."""
+    the captured step, with no adapter term left to add, q/k/v and gate/up each as one kernel over
+    their stacked copies: PEFT's logits."""
     from ipylora.engine import decode
     from tests.test_decode import lora_model, step_logits
 
@@ -131,6 +132,6 @@ def test_merged_copies_run_the_kernel_in_the_captured_form(interpreted, monkeypa
     expected, _ = step_logits(model)
     got, (_, merged, _) = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40),
                                       decode.capturing())
-    adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
-    assert merged > 0 and calls == [0] * adapted  # one kernel a layer, over its merged copy
+    blocks = len(model.get_base_model().model.layers)
+    assert merged > 0 and calls == [0] * 4 * blocks  # q/k/v stacked, o, gate/up stacked, down: four kernels a block
     assert torch.allclose(expected, got, atol=1e-4)

@@ -46,6 +46,9 @@ _CACHED = "_ipylora_lean"
 _GROUP = "_ipylora_group"
 # Attribute of a linear layer holding (key, gemv.Spec or None) for the captured step's kernel.
 _GEMV = "_ipylora_gemv"
+# Layers that read one input in every family that has them, by their attribute names: their merged
+# copies are stacked (merged_forwards).
+STACKED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 _capture = threading.local()
 _groups: weakref.WeakSet = weakref.WeakSet()
 
@@ -227,19 +230,43 @@ def merged_forwards(model, budget: int) -> tuple[list, int]:
             continue  # 8-bit bases, Conv1D, other dtypes
         layers.append((base.out_features * base.in_features * width, module, name))
     layers.sort(key=lambda item: -item[0])
-    patches, used = [], 0
-    with torch.no_grad():
-        for size, module, name in layers:
-            if used + size > budget:
-                continue
-            base = module.base_layer
-            a = module.lora_A[name].weight.detach().to(dtype)
-            b = module.lora_B[name].weight.detach().to(dtype)
-            # One rounding, at the end: addmm accumulates W + scale B A in fp32.
-            weight = torch.addmm(_dense(base, dtype)(), b, a, alpha=float(module.scaling[name]))
-            bias = None if base.bias is None else base.bias.detach().to(dtype)
-            patches.append((module, _copy_forward(weight, bias)))
+    chosen, used = [], 0
+    for size, module, name in layers:
+        if used + size <= budget:
+            chosen.append((module, name))
             used += size
+    # q/k/v and gate/up of one block, merged together, get one stacked copy, each its rows of it:
+    # one token runs one kernel for all of them (_Stack). By name: siblings of the same input width
+    # may read different inputs (o_proj reads the attention's output), which would read the stack twice.
+    names = {id(module): name for name, module in model.named_modules()}
+    stacks: dict = {}
+    for module, name in chosen:
+        parent, _, attribute = names[id(module)].rpartition(".")
+        kind = next((i for i, group in enumerate(STACKED) if attribute in group), None)
+        key = (parent, kind, module.base_layer.in_features) if kind is not None else id(module)
+        stacks.setdefault(key, []).append((module, name))
+    patches = []
+    with torch.no_grad():
+        for members in stacks.values():
+            weights, biases = [], []
+            for module, name in members:
+                base = module.base_layer
+                a = module.lora_A[name].weight.detach().to(dtype)
+                b = module.lora_B[name].weight.detach().to(dtype)
+                # One rounding, at the end: addmm accumulates W + scale B A in fp32.
+                weights.append(torch.addmm(_dense(base, dtype)(), b, a, alpha=float(module.scaling[name])))
+                biases.append(None if base.bias is None else base.bias.detach().to(dtype))
+            if len(members) == 1:
+                patches.append((members[0][0], _copy_forward(weights[0], biases[0])))
+                continue
+            stack = _Stack(torch.cat(weights), None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else weights[i].new_zeros(weights[i].shape[0]) for i, b in enumerate(biases)]))
+            del weights
+            start = 0
+            for module, _ in members:
+                rows = slice(start, start + module.base_layer.out_features)
+                patches.append((module, stack.forward(rows)))
+                start = rows.stop
     return patches, used
 
 
@@ -256,6 +283,34 @@ def _dense(base, dtype):
 
         return lambda: bnb.functional.dequantize_4bit(base.weight.data, state).to(dtype)
     return None
+
+
+class _Stack:
+    """Sibling layers' merged copies stacked into one (out, in) weight. In a captured decode step, the
+    first sibling's call runs gemv's kernel over all of them and the others take their rows of that
+    output (they are called with the same input tensor); elsewhere each runs F.linear over its rows
+    (a view: no second copy)."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+        self.full = _copy_forward(weight, bias)
+        self.last = None
+        _groups.add(self)  # capturing() forgets the captured output when the capture ends
+
+    def forward(self, rows: slice):
+        import torch
+
+        weight = self.weight[rows]
+        bias = None if self.bias is None else self.bias[rows]
+
+        def forward(x, *args, **kwargs):
+            if not torch.compiler.is_compiling() and getattr(_capture, "kernels", False) and x.numel() == x.shape[-1]:
+                if self.last is None or self.last[0] is not x:
+                    self.last = (x, self.full(x))
+                return self.last[1][..., rows]
+            return torch.nn.functional.linear(x, weight, bias)
+
+        return forward
 
 
 def _copy_forward(weight, bias):
