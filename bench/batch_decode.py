@@ -11,8 +11,9 @@ with --new-tokens new tokens each, no stop token, so every recipe decodes the sa
                     captured as a CUDA graph and replayed per token, the adapter as two small products
                     a layer (its capture timed in the first call: "engine lean first")
     engine          ipylora.engine.chat.generate_batch, what evals run: the same, with the adapter
-                    merged into copies of the weights made for the call (decode.merged_lora; the step
-                    is captured again on them every call), the prompts prefilled as one packed row
+                    merged into copies of the weights (graphdecode.held_copies; since session 13 the
+                    copies and the step captured on them are kept for the next call: "engine first"
+                    makes them), the prompts prefilled as one packed row
     engine padded prefill   the same with the prompts prefilled as one left-padded batch (before session 13)
 
 tokens/s = new tokens / wall seconds (prefill included). Tokens are compared with generate b64 (the
@@ -176,6 +177,7 @@ def main() -> int:
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
+    graphdecode.release(model)  # the engine's kept copies and step: the merged step below makes its own
     for label, merge in (("lean", False), ("merged", True)):  # one decode step's time, prefill left out
         with torch.inference_mode(), lean_lora(model), merged_lora(model, chat._merge_budget(model) if merge else 0) \
                 as merged, graphdecode.folded_gqa():

@@ -376,8 +376,10 @@ def test_a_captured_batch_step_replays_the_uncaptured_batch():
 
 def test_generate_batch_merges_the_adapter_into_copies_and_answers_as_unmerged(monkeypatch, tiny_tokenizer):
     """generate_batch decodes with the adapter merged into copies of the weights (on the GPU, memory
-    allowing): the same answers as the unmerged step, and the step captured on the copies goes with
-    them. On CPU the batched path is forced (its capture fails there, with a warning)."""
+    allowing): the same answers as the unmerged step; the copies and the step captured on them are
+    kept for the next call, and freed with the steps. On CPU the batched path is forced (its capture
+    fails there, with a warning)."""
+    from ipylora.engine import decode
     from ipylora.engine.models import base_of
 
     model = lora_model().cuda() if torch.cuda.is_available() else lora_model()
@@ -389,23 +391,26 @@ def test_generate_batch_merges_the_adapter_into_copies_and_answers_as_unmerged(m
     prompts = batch_prompts()
     args = GenerateArgs(max_new_tokens=20)
     merged_bytes = []
-    merging = chat.merged_lora
+    merging = decode.merged_forwards
 
-    @contextlib.contextmanager
     def recording(model, budget):
-        with merging(model, budget) as used:
-            merged_bytes.append(used)
-            yield used
+        patches, used = merging(model, budget)
+        merged_bytes.append(used)
+        return patches, used
 
-    monkeypatch.setattr(chat, "merged_lora", recording)
+    monkeypatch.setattr(decode, "merged_forwards", recording)
     monkeypatch.setattr(chat, "_merge_budget", lambda model: 0)
     expected = chat.generate_batch(model, tiny_tokenizer, prompts, args)
+    graphdecode.release(model)
     monkeypatch.setattr(chat, "_merge_budget", budget)
     got = chat.generate_batch(model, tiny_tokenizer, prompts, args)
-    assert merged_bytes[0] == 0 and merged_bytes[1] > 0
-    assert base_of(model).__dict__.get(graphdecode._BATCH_SLOT) is None
-    assert [r["text"] for r in got] == [r["text"] for r in expected]
+    again = chat.generate_batch(model, tiny_tokenizer, prompts, args)
+    assert merged_bytes[0] == 0 and merged_bytes[1] > 0 and len(merged_bytes) == 2  # kept for the second call
+    assert [r["text"] for r in got] == [r["text"] for r in again] == [r["text"] for r in expected]
+    base = base_of(model)
+    assert base.__dict__.get(graphdecode._BATCH_SLOT) is not None and base.__dict__[graphdecode._COPIES][1]
     graphdecode.release(model)
+    assert graphdecode._COPIES not in base.__dict__ and graphdecode._BATCH_SLOT not in base.__dict__
 
 
 def test_one_token_grouped_query_attention_folded_equals_transformers_sdpa():
@@ -545,8 +550,8 @@ def test_a_decode_step_writes_the_cache_at_its_position_and_nothing_more():
 
 def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_tokenizer):
     """Chat's step runs on the adapter merged into copies of the weights (memory allowing): the
-    answers unmerged generate() gives, the copies made once for two turns and kept with chat's step,
-    made again when the adapter's weights change, and freed with the step."""
+    answers unmerged generate() gives, the copies made once for two turns and kept with the model,
+    made again when the adapter's weights change, and freed with the steps."""
     from ipylora.engine.models import base_of
 
     model = lora_model()
@@ -554,23 +559,24 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
     expected = chat.generate(model, tiny_tokenizer, PROMPT, args)
     monkeypatch.setattr(graphdecode, "usable", lambda m: True)
     monkeypatch.setattr(chat, "_merge_budget", lambda m: 1 << 40)
+    from ipylora.engine import decode
+
     made = []
-    merging = chat.merged_forwards
+    merging = decode.merged_forwards
 
     def counting(model, budget):
         patches, used = merging(model, budget)
         made.append(len(patches))
         return patches, used
 
-    monkeypatch.setattr(chat, "merged_forwards", counting)
+    monkeypatch.setattr(decode, "merged_forwards", counting)
     warnings.simplefilter("ignore")  # the capture fails on CPU, with a warning
     first = chat.generate(model, tiny_tokenizer, PROMPT, args)
     second = chat.generate(model, tiny_tokenizer, PROMPT, args)
     layers = [m for m in model.modules() if hasattr(m, "lora_A")]
     assert made == [len(layers)] and first["text"] == second["text"] == expected["text"]
     assert not any("forward" in m.__dict__ for m in layers)  # the copies' forwards are in place only while decoding
-    graph = base_of(model).__dict__[graphdecode._SLOT]
-    assert len(graph.copies[1]) == len(layers)
+    assert len(base_of(model).__dict__[graphdecode._COPIES][1]) == len(layers)
     with torch.no_grad():
         layers[0].lora_B["default"].weight.mul_(-3.0)  # new weights: the copies are stale
     monkeypatch.setattr(graphdecode, "usable", lambda m: False)
@@ -580,4 +586,4 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
     assert changed["text"] != first["text"]  # stale copies would have answered as before
     assert made == [len(layers)] * 2 and third["text"] == changed["text"]
     graphdecode.release(model)
-    assert graph.copies is None and graphdecode._SLOT not in base_of(model).__dict__
+    assert not {graphdecode._COPIES, graphdecode._SLOT} & set(base_of(model).__dict__)

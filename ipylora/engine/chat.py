@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from ipylora.engine import graphdecode
 from ipylora.engine.config import GenerateArgs
-from ipylora.engine.decode import forwards, lean_lora, merged_forwards, merged_lora
+from ipylora.engine.decode import forwards, lean_lora
 from ipylora.engine.errors import ConfigError
 
 # Template names (run.json "template_name") that mean "the tokenizer's own chat template".
@@ -261,7 +261,7 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
         if streamer is not None:
             streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips, as generate() does
         try:
-            with _merged_copies(model, len(ids) + args.max_new_tokens, args.compile):
+            with _merged_copies(model):
                 return graphdecode.decode(
                     model, ids, args.max_new_tokens, next_token, stop_ids(model, tokenizer),
                     on_token=(lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None,
@@ -304,9 +304,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
 
     On CUDA the prompts are decoded graphdecode.BATCH_ROWS at a time through one captured step
     (graphdecode.decode_batch; shortest prompts together, so that little is padding), the adapter
-    merged into copies of the weights where free memory allows (decode.merged_lora); if that runs
-    out of memory, unmerged; elsewhere, or if that runs out too, by transformers' generate()
-    `batch_size` at a time."""
+    merged into copies of the weights where free memory allows (`_merged_copies`, chat's: the step
+    and the copies are kept for the next call); if that runs out of memory, unmerged; elsewhere, or
+    if that runs out too, by transformers' generate() `batch_size` at a time."""
     import torch
 
     check_args(args)
@@ -318,12 +318,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], args: GenerateArg
             _fused_kernels(model, args.compile)
         for merge in (True, False) if next_token is not None else ():
             try:
-                with merged_lora(model, _merge_budget(model) if merge else 0) as merged:
-                    try:
-                        return _decode_batches(model, tokenizer, prompts, args, next_token, pad, stops)
-                    finally:
-                        if merged:  # its step reads the block's merged copies
-                            graphdecode.release(model, chat=False)
+                with _merged_copies(model) if merge else contextlib.nullcontext():
+                    return _decode_batches(model, tokenizer, prompts, args, next_token, pad, stops)
             except torch.cuda.OutOfMemoryError:
                 graphdecode.release(model)
         results = []
@@ -354,27 +350,14 @@ def _fused_kernels(model, compiled: bool) -> None:
         _liger_once(base_of(model), [])
 
 
-@contextlib.contextmanager
-def _merged_copies(model, need: int, compiled: bool):
-    """Chat's decode step on the adapter merged into copies of the weights (decode.merged_forwards),
-    where free memory allows: the step then reads what the base model's reads, with nothing more a
-    layer for the adapter (7B shape, H200, session 12: 204 tokens/s for the base against 187 with an
-    unmerged r16 adapter). The copies are kept with chat's captured step and made again when the
-    adapter state it was captured for changes (another adapter, new weights); training frees them
-    with the step (graphdecode.release). Layers the budget leaves out, and 4-bit ones, stay unmerged."""
-    import torch
-
-    graph = graphdecode.step_graph(model, need, compiled)
-    key = graphdecode.state_key(model)  # the lean forwards: rebuilt when an adapter's weights change
-    if graph.copies is None or graph.copies[0] != key:
-        graph.copies = None  # the old copies go before new ones are made
-        try:
-            patches, _ = merged_forwards(model, _merge_budget(model))
-        except torch.cuda.OutOfMemoryError:
-            patches = []
-        graph.copies = (key, patches)
-    with forwards(graph.copies[1]):
-        yield
+def _merged_copies(model):
+    """Chat's and batched decoding's steps on the adapter merged into copies of the weights
+    (graphdecode.held_copies, within half the free GPU memory): the step then reads what the base
+    model's reads, with nothing more a layer for the adapter (7B shape, H200, session 12: 204
+    tokens/s for the base against 187 with an unmerged r16 adapter). Kept across turns and calls
+    while the adapter state is the same; training frees them with the steps. Layers the budget
+    leaves out stay unmerged; 4-bit bases are dequantized into their copies."""
+    return forwards(graphdecode.held_copies(model, lambda: _merge_budget(model)))
 
 
 def _merge_budget(model) -> int:

@@ -35,9 +35,11 @@ from typing import Callable, Collection
 from ipylora.engine.decode import capturing, kernel_linears
 from ipylora.engine.models import base_of
 
-# Attributes of the model holding its StepGraphs: chat's (one row) and batched decoding's.
+# Attributes of the model holding its StepGraphs: chat's (one row) and batched decoding's; and the
+# adapter merged into copies of the weights that both decode on (held_copies).
 _SLOT = "_ipylora_step_graph"
 _BATCH_SLOT = "_ipylora_batch_graph"
+_COPIES = "_ipylora_merged_copies"
 # Rows decoded together by `decode_batch` at most: a decode step of a 7B model reads its 15 GB of
 # weights whatever the batch, so 64 rows take about as long a step as one.
 BATCH_ROWS = 64
@@ -148,7 +150,6 @@ class StepGraph:
         self._logits = None
         self._lora_kernels = True
         self.key = None
-        self.copies = None  # chat's merged weight copies for this step: (adapter state, [(layer, forward)])
 
     def _forward(self):
         output = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position - self.offsets,
@@ -509,11 +510,35 @@ def step_graph(model, need: int, compiled: bool, capture: bool = True, batch: in
 
 
 def release(model, chat: bool = True) -> None:
-    """Free the model's captured steps and their caches (training needs the memory; weights changed);
-    without `chat`, only the batched one."""
+    """Free the model's captured steps, their caches and the merged copies they decode on (training
+    needs the memory; weights changed); without `chat`, only the batched step."""
     base = base_of(model)
+    if chat:
+        base.__dict__.pop(_COPIES, None)
     for slot in (_SLOT, _BATCH_SLOT) if chat else (_BATCH_SLOT,):
         _free(base, slot)
+
+
+def held_copies(model, budget: Callable[[], int]) -> list:
+    """[(layer, forward)] over the adapter merged into copies of the weights (decode.merged_forwards,
+    within `budget()` bytes), for the adapter state the model is in now (lean_lora entered): made
+    once and kept with the model for chat's step and the batched one alike (their captures read them),
+    made again when that state changes, freed by `release`. Put them in place with decode.forwards."""
+    import torch
+
+    from ipylora.engine.decode import merged_forwards
+
+    base = base_of(model)
+    key = state_key(model)  # the lean forwards: rebuilt when an adapter's weights change
+    held = base.__dict__.get(_COPIES)
+    if held is None or held[0] != key:
+        base.__dict__.pop(_COPIES, None)  # the old copies go before new ones are made
+        try:
+            patches, _ = merged_forwards(model, budget())
+        except torch.cuda.OutOfMemoryError:
+            patches = []
+        held = base.__dict__[_COPIES] = (key, patches)
+    return held[1]
 
 
 def _free(base, slot: str) -> None:
@@ -521,7 +546,7 @@ def _free(base, slot: str) -> None:
 
     current = base.__dict__.pop(slot, None)
     if current is not None:
-        current._graph = current._logits = current.cache = current.copies = None
+        current._graph = current._logits = current.cache = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
