@@ -577,6 +577,10 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
     assert made == [len(layers)] and first["text"] == second["text"] == expected["text"]
     assert not any("forward" in m.__dict__ for m in layers)  # the copies' forwards are in place only while decoding
     assert len(base_of(model).__dict__[graphdecode._COPIES][1]) == len(layers)
+    from ipylora.engine.session import _memory_text
+
+    assert graphdecode.copies_bytes(model) == sum(m.base_layer.weight.numel() * 4 for m in layers)
+    assert "merged into copies for decoding" in _memory_text(model)  # %lora_status says where the memory is
     with torch.no_grad():
         layers[0].lora_B["default"].weight.mul_(-3.0)  # new weights: the copies are stale
     monkeypatch.setattr(graphdecode, "usable", lambda m: False)
@@ -587,3 +591,4 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
     assert made == [len(layers)] * 2 and third["text"] == changed["text"]
     graphdecode.release(model)
     assert not {graphdecode._COPIES, graphdecode._SLOT} & set(base_of(model).__dict__)
+    assert graphdecode.copies_bytes(model) == 0

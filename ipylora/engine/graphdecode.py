@@ -534,11 +534,17 @@ def held_copies(model, budget: Callable[[], int]) -> list:
     if held is None or held[0] != key:
         base.__dict__.pop(_COPIES, None)  # the old copies go before new ones are made
         try:
-            patches, _ = merged_forwards(model, budget())
+            patches, used = merged_forwards(model, budget())
         except torch.cuda.OutOfMemoryError:
-            patches = []
-        held = base.__dict__[_COPIES] = (key, patches)
+            patches, used = [], 0
+        held = base.__dict__[_COPIES] = (key, patches, used)
     return held[1]
+
+
+def copies_bytes(model) -> int:
+    """Bytes of the merged copies `held_copies` keeps for `model` now (0: none)."""
+    held = base_of(model).__dict__.get(_COPIES)
+    return held[2] if held else 0
 
 
 def _free(base, slot: str) -> None:

@@ -611,6 +611,9 @@ def _memory_text(model) -> str:
     text = f"{params / 2**20:,.1f} MiB weights"
     if torch.cuda.is_available():
         text += f", {torch.cuda.memory_allocated() / 2**30:,.2f} GiB on GPU"
+    copies = graphdecode.copies_bytes(model)
+    if copies:
+        text += f" ({copies / 2**30:,.2f} GiB of it the adapter merged into copies for decoding: training frees them)"
     return text
 
 
