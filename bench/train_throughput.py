@@ -139,6 +139,10 @@ def run_one(spec: dict) -> dict:
         from ipylora.engine.models import choose_precision
 
         precision = choose_precision(device, None)
+        if spec.get("dropout_kernel"):  # how a deferred dropout draws its mask (dropout.KERNEL)
+            from ipylora.engine import dropout as lora_dropout
+
+            lora_dropout.KERNEL = spec["dropout_kernel"]
         lengths = [len(x) for x in data["input_ids"]]
         overrides = speed.fast_settings(model, tokenizer, lengths, precision, device, quantization=quant,
                                         batch_size=spec.get("batch"), dropout=lora["dropout"],
@@ -274,6 +278,8 @@ def plan(smoke: bool, which: str) -> list[dict]:
         "loss": [
             dict(name="loss-reference", model="1.5b", recipe="reference", batch=16, steps=100, warmup=5),
             dict(name="loss-engine", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5, check=True),
+            dict(name="loss-engine-fused-dropout", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5,
+                 defer_dropout=True, dropout_kernel="fused"),
         ],
         "retune": [
             dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3, check=True),
@@ -290,6 +296,8 @@ def plan(smoke: bool, which: str) -> list[dict]:
         "dropout": [  # LoRA dropout: the engine's choice, drawn again in backward, PEFT's kept copies, none
             dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
             dict(name="engine-bf16-redrawn", model="7b", recipe="engine", defer_dropout=True, steps=10, warmup=3),
+            dict(name="engine-bf16-fused-dropout", model="7b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="fused", steps=10, warmup=3),
             dict(name="engine-bf16-peft-dropout", model="7b", recipe="engine", defer_dropout=False, steps=10, warmup=3),
             dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
             dict(name="engine-4bit-budget11g", model="7b", recipe="engine", quant="4bit", budget_gib=11, steps=8,

@@ -166,3 +166,106 @@ def test_the_plan_draws_dropout_again_only_where_memory_binds():
     assert deferred_layers() == 14 and "more tokens a step" in notes[-1]
     assert _plan_dropout(model, tight, roomy, False, notes) is tight and deferred_layers() == 0
     assert _plan_dropout(model, roomy, roomy, True, notes) is roomy and deferred_layers() == 14
+
+
+# -- the fused kernels (dropout_kernels: the mask made inside A's product and its gradients) ----
+
+def _fmix32(h):
+    h = h & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def fused_reference_mask(seed: int, rows: int, width: int, threshold: int):
+    """The kernels' mask, computed with PyTorch's integer ops: MurmurHash3's finalizer of each element's index."""
+    index = torch.arange(rows)[:, None] * width + torch.arange(width)[None, :]
+    return (_fmix32(index ^ _fmix32(torch.tensor(seed))) & 0xFFFF) >= threshold
+
+
+@pytest.fixture()
+def fused_device():
+    from ipylora.engine import gemv
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if not gemv.interpreted():
+        pytest.skip("no GPU, and Triton's interpreter is off")
+    return "cpu"
+
+
+@pytest.mark.parametrize("shape,rank", [((3, 13, 96), 16), ((70, 200), 8)])
+def test_fused_dropout_values_and_gradients_match_pytorch_with_the_same_mask(fused_device, shape, rank):
+    """FusedDropoutLinear against linear(x * mask * scale, A) in PyTorch, with the mask the kernels
+    compute (rebuilt here from the seed the forward draws): output, grad x and grad A, rows and
+    widths that do not fill the last block, a rank under the kernels' 16."""
+    from ipylora.engine.dropout import FusedDropoutLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, device=fused_device, requires_grad=True)
+    weight = torch.randn(rank, shape[-1], device=fused_device, requires_grad=True)
+    p = 0.3
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=fused_device, dtype=torch.int64))
+    torch.manual_seed(7)
+    out = FusedDropoutLinear.apply(x, weight, p)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    threshold = round(p * 65536)
+    rows = x.numel() // shape[-1]
+    mask = fused_reference_mask(seed, rows, shape[-1], threshold).view(shape).to(fused_device)
+    scale = 65536 / (65536 - threshold)
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = weight.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.linear(x2 * mask * scale, w2)
+    expected.backward(grad)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.05
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(weight.grad, w2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_dropout_masks_are_fresh_each_call_and_the_same_when_recomputed(fused_device):
+    """Two calls draw two masks (the seed comes from the default generator); a checkpointed layer,
+    whose generator state is put back before its recomputation, gets the same mask again: its
+    gradients equal the plain call's."""
+    from ipylora.engine.dropout import FusedDropoutLinear
+
+    torch.manual_seed(1)
+    x = torch.randn(64, 128, device=fused_device)
+    weight = torch.randn(16, 128, device=fused_device)
+    one, two = FusedDropoutLinear.apply(x, weight, 0.5), FusedDropoutLinear.apply(x, weight, 0.5)
+    assert not torch.allclose(one, two)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        xi, wi = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(FusedDropoutLinear.apply, xi, wi, 0.5, use_reentrant=False)
+        else:
+            out = FusedDropoutLinear.apply(xi, wi, 0.5)
+        (out ** 2).sum().backward()
+        grads.append((out.detach(), xi.grad, wi.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_deferred_lora_layers_take_the_fused_kernels_when_asked(fused_device, monkeypatch):
+    """dropout.KERNEL = "fused": a deferred PEFT model's A layers run FusedDropoutLinear, train, and
+    leave the gradients flowing to the input (a checkpointed model needs them)."""
+    from ipylora.engine import dropout
+
+    calls = []
+    original = dropout.FusedDropoutLinear.apply
+    monkeypatch.setattr(dropout.FusedDropoutLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(dropout, "KERNEL", "fused")
+    model = peft_model(0.1).to(fused_device).train()
+    assert dropout.sync(model)[0] == 14
+    ids = torch.randint(5, 500, (2, 12), device=fused_device)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(calls) == 14 and torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

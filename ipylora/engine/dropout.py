@@ -34,6 +34,13 @@ class DeferredDropout(torch.nn.Dropout):
         return x
 
 
+# How DropoutLinear draws its mask again: "torch" (torch.native_dropout from the saved generator
+# state) or "fused" (dropout_kernels: the mask computed inside A's product and its gradients, never
+# stored; CUDA, or Triton's interpreter). "fused" is not the default until it is measured on a GPU
+# (bench/train_throughput.py --groups dropout has both).
+KERNEL = "torch"
+
+
 class DropoutLinear(torch.nn.Linear):
     """`lora_A` applying dropout `dropout_p` to its input in training, the mask drawn again for the backward pass."""
 
@@ -42,7 +49,92 @@ class DropoutLinear(torch.nn.Linear):
     def forward(self, x):
         if not self.training or self.dropout_p == 0.0:
             return super().forward(x)
+        if KERNEL == "fused" and fused_available(x):
+            return FusedDropoutLinear.apply(x, self.weight, self.dropout_p)
         return DropoutThenLinear.apply(x, self.weight, self.dropout_p)
+
+
+def fused_available(x) -> bool:
+    """FusedDropoutLinear can run on `x`: Triton on CUDA, or its interpreter (TRITON_INTERPRET=1) on CPU."""
+    from ipylora.engine import gemv
+
+    return gemv.available() and (x.is_cuda or gemv.interpreted())
+
+
+class FusedDropoutLinear(torch.autograd.Function):
+    """`linear(dropout(x, p), weight)` with the mask made inside the kernels that read x
+    (dropout_kernels): nothing is saved but x, A and a seed, and no pass over x is added to those
+    of A's product and its two gradients. The seed is drawn from the default generator of x's
+    device, which torch.utils.checkpoint puts back before recomputing, so a recomputed layer
+    draws the same mask. p is rounded to a multiple of 1/65536 (the mask compares 16 bits).
+
+    Computed in the autocast dtype where autocast is on, else in the weight's dtype, as
+    DropoutThenLinear is."""
+
+    BLOCK_M, BLOCK_K = 64, 64
+
+    @staticmethod
+    def forward(ctx, x, weight, p: float):
+        import triton
+
+        device = x.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        threshold = min(65535, round(p * 65536))
+        scale = 65536.0 / (65536 - threshold)
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+        rows, rank = x.numel() // x.shape[-1], weight.shape[0]
+        flat = x.reshape(rows, x.shape[-1]).contiguous()
+        a = weight.detach().to(dtype).contiguous()
+        t = torch.empty((rows, rank), dtype=dtype, device=device)
+        block_r = max(16, triton.next_power_of_2(rank))
+        kernels = _kernels()
+        kernels.dropout_a_forward[(triton.cdiv(rows, FusedDropoutLinear.BLOCK_M),)](
+            flat, a, t, seed, rows, flat.shape[1], rank, threshold, scale, BLOCK_M=FusedDropoutLinear.BLOCK_M,
+            BLOCK_K=FusedDropoutLinear.BLOCK_K, BLOCK_R=block_r, PRECISION=_precision(dtype))
+        ctx.save_for_backward(x, weight, seed)
+        ctx.dtype, ctx.threshold, ctx.scale = dtype, threshold, scale
+        return t.view(*x.shape[:-1], rank)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import triton
+
+        x, weight, seed = ctx.saved_tensors
+        dtype, block_m, block_k = ctx.dtype, FusedDropoutLinear.BLOCK_M, FusedDropoutLinear.BLOCK_K
+        rows, width, rank = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+        g = grad_out.reshape(rows, rank).to(dtype).contiguous()
+        a = weight.detach().to(dtype).contiguous()
+        block_r = max(16, triton.next_power_of_2(rank))
+        common = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, PRECISION=_precision(dtype))
+        kernels = _kernels()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty((rows, width), dtype=dtype, device=x.device)
+            kernels.dropout_a_grad_input[(triton.cdiv(rows, block_m), triton.cdiv(width, block_k))](
+                g, a, grad_x, seed, rows, width, rank, ctx.threshold, ctx.scale, **common)
+            grad_x = grad_x.to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            flat = x.reshape(rows, width).contiguous()
+            # Enough programs to fill the GPU: the rows are cut into splits, each summing its share.
+            splits = max(1, min(triton.cdiv(rows, 4 * block_m), 512 // triton.cdiv(width, block_k) or 1))
+            per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
+            splits = triton.cdiv(rows, per_split)
+            partial = torch.empty((splits, rank, width), dtype=torch.float32, device=x.device)
+            kernels.dropout_a_grad_weight[(triton.cdiv(width, block_k), splits)](
+                g, flat, partial, seed, rows, width, rank, ctx.threshold, ctx.scale, per_split, **common)
+            grad_weight = partial.sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+def _precision(dtype) -> str:
+    # fp32 inputs: IEEE products (PyTorch's matmul does not use TF32 unless asked); 16-bit: the tensor cores'.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kernels():
+    from ipylora.engine import dropout_kernels  # imports Triton (decorating while TRITON_INTERPRET is read)
+
+    return dropout_kernels
 
 
 def _rng_state(device):
