@@ -6,7 +6,6 @@ captured replay itself is checked against the uncaptured loop where CUDA is avai
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
