@@ -244,6 +244,11 @@ class StepGraph:
         positions = torch.arange(tokens.shape[1], device=self.device) - starts[row]
         packed = DynamicCache()
         extra = {"logits_to_keep": starts + lengths - 1} if self._keep_last else {}
+        # The boundaries as TRL's padding-free collator hands them to training: the varlen kernel
+        # would otherwise find them from the positions, with a host sync in every layer.
+        bounds = torch.cat([starts, starts[-1:] + lengths[-1:]]).to(torch.int32)
+        longest = max(len(ids) for ids in rows)
+        extra.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
         with attention_as(self.model, VARLEN):
             output = self.model(input_ids=tokens, position_ids=positions.view(1, -1), use_cache=True,
                                 **{self._cache_arg: packed}, **extra)
