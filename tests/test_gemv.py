@@ -135,3 +135,25 @@ def test_merged_copies_run_the_kernel_in_the_captured_form(interpreted, monkeypa
     blocks = len(model.get_base_model().model.layers)
     assert merged > 0 and calls == [0] * 4 * blocks  # q/k/v stacked, o, gate/up stacked, down: four kernels a block
     assert torch.allclose(expected, got, atol=1e-4)
+
+
+def test_stacked_copies_with_biases_give_peft_logits(interpreted):
+    """Qwen2's q/k/v have biases and fewer key/value heads: their stacked copy (rows of different
+    heights, biases stacked with them) gives PEFT's logits in the captured form and out of it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ipylora.engine import decode
+    from tests.test_decode import step_logits
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    for module in base.modules():
+        if getattr(module, "bias", None) is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)  # zero biases would hide a misplaced one
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    expected, _ = step_logits(model)
+    captured, _ = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40), decode.capturing())
+    eager, _ = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40))
+    assert torch.allclose(expected, captured, atol=1e-4) and torch.allclose(expected, eager, atol=1e-4)

@@ -248,25 +248,27 @@ def merged_forwards(model, budget: int) -> tuple[list, int]:
     patches = []
     with torch.no_grad():
         for members in stacks.values():
-            weights, biases = [], []
-            for module, name in members:
-                base = module.base_layer
+            bases = [module.base_layer for module, _ in members]
+            # The members' copies are written into their rows of one tensor (no copy made twice).
+            weight = torch.empty((sum(base.out_features for base in bases), bases[0].in_features), dtype=dtype,
+                                 device=bases[0].weight.device)
+            bias = None if all(base.bias is None for base in bases) else weight.new_zeros(weight.shape[0])
+            spans, start = [], 0
+            for (module, name), base in zip(members, bases):
+                rows = slice(start, start + base.out_features)
                 a = module.lora_A[name].weight.detach().to(dtype)
                 b = module.lora_B[name].weight.detach().to(dtype)
                 # One rounding, at the end: addmm accumulates W + scale B A in fp32.
-                weights.append(torch.addmm(_dense(base, dtype)(), b, a, alpha=float(module.scaling[name])))
-                biases.append(None if base.bias is None else base.bias.detach().to(dtype))
-            if len(members) == 1:
-                patches.append((members[0][0], _copy_forward(weights[0], biases[0])))
-                continue
-            stack = _Stack(torch.cat(weights), None if all(b is None for b in biases) else torch.cat(
-                [b if b is not None else weights[i].new_zeros(weights[i].shape[0]) for i, b in enumerate(biases)]))
-            del weights
-            start = 0
-            for module, _ in members:
-                rows = slice(start, start + module.base_layer.out_features)
-                patches.append((module, stack.forward(rows)))
+                torch.addmm(_dense(base, dtype)(), b, a, alpha=float(module.scaling[name]), out=weight[rows])
+                if base.bias is not None:
+                    bias[rows] = base.bias.detach().to(dtype)
+                spans.append(rows)
                 start = rows.stop
+            if len(members) == 1:
+                patches.append((members[0][0], _copy_forward(weight, bias)))
+                continue
+            stack = _Stack(weight, bias)
+            patches.extend((module, stack.forward(rows)) for (module, _), rows in zip(members, spans))
     return patches, used
 
 
