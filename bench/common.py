@@ -27,6 +27,20 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                  tie_word_embeddings=False),
 }
+def cuda_or_skip(without: str) -> bool:
+    """Whether torch and a CUDA GPU are both there; if not, prints the bench's one "skipped" line
+    (`without`: what it says when there is no GPU), and the caller exits 0."""
+    try:
+        import torch
+    except ImportError:
+        print("skipped: torch is not installed")
+        return False
+    if not torch.cuda.is_available():
+        print(f"skipped: {without}")
+        return False
+    return True
+
+
 RESULT_PREFIX = "RESULT "  # a child process's last word: this prefix, then its result as JSON
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cuda_or_skip  # noqa: E402
+
 # (name, out_features, in_features)
 SHAPES = [("llama7b q/k/v/o", 4096, 4096), ("llama7b gate/up", 11008, 4096), ("llama7b down", 4096, 11008),
           ("qwen2-7b q/o", 3584, 3584), ("qwen2-7b k/v", 512, 3584), ("qwen2-7b gate/up", 18944, 3584),
@@ -64,14 +66,10 @@ def main() -> int:
     parser.add_argument("--grid", action="store_true", help="time every tiling and print the best")
     parser.add_argument("--json", default=None, help="also append each row to this JSON-lines file")
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("skipped: torch is not installed")
+    if not cuda_or_skip("the kernels are timed on a CUDA GPU and none is available"):
         return 0
-    if not torch.cuda.is_available():
-        print("skipped: the kernels are timed on a CUDA GPU and none is available")
-        return 0
+    import torch
+
     from ipylora.engine import gemv
 
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, bf16, {CALLS} calls a graph")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cuda_or_skip  # noqa: E402
+
 SHAPES = [3584, 18944]  # Qwen2-7B: hidden (q/k/v, o, gate/up inputs) and intermediate (down's input)
 
 
@@ -33,14 +35,10 @@ def main() -> int:
     parser.add_argument("--p", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("skipped: torch is not installed")
+    if not cuda_or_skip("no CUDA GPU (the kernels' values are checked on CPU by tests/test_dropout.py)"):
         return 0
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU (the kernels' values are checked on CPU by tests/test_dropout.py)")
-        return 0
+    import torch
+
     from ipylora.engine.dropout import DropoutThenLinear, FusedDropoutLinear
 
     def recipes(p):
