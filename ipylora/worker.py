@@ -192,7 +192,19 @@ def main(argv: list[str]) -> int:
     finally:
         if main_rank and (run_dir / "run.json").exists():
             _record_as_launched(run_dir, world)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to exit, a gloo rank now and then
+    aborted there ("terminate called without an active exception", SIGABRT) after its run had
+    finished and saved, and the kernel reported the run as failed (CI, session 13). Only after a run
+    ends well: after a failure the other ranks may still wait in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
