@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cuda_or_skip  # noqa: E402
 
-SHAPES = [3584, 18944]  # Qwen2-7B: hidden (q/k/v, o, gate/up inputs) and intermediate (down's input)
+SHAPES = [1536, 3584, 8960, 18944]  # hidden (q/k/v, o, gate/up inputs) and intermediate (down's input): Qwen2-1.5B, 7B
 
 
 def main() -> int:

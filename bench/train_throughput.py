@@ -305,6 +305,25 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-4bit-budget11g-peft-dropout", model="7b", recipe="engine", quant="4bit", budget_gib=11,
                  defer_dropout=False, steps=8, warmup=3),
         ],
+        "kernels": [  # how a deferred dropout draws its mask (dropout.KERNEL: auto is the default), 7B and 1.5B
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-auto-dropout", model="7b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="auto", steps=10, warmup=3),
+            dict(name="engine-bf16-torch-dropout", model="7b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="torch", steps=10, warmup=3),
+            dict(name="engine-bf16-fused-dropout", model="7b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="fused", steps=10, warmup=3),
+            dict(name="engine-bf16-peft-dropout", model="7b", recipe="engine", defer_dropout=False, steps=10, warmup=3),
+            dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+            dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-auto-dropout", model="1.5b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="auto", steps=10, warmup=3),
+            dict(name="engine-bf16-torch-dropout", model="1.5b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="torch", steps=10, warmup=3),
+            dict(name="engine-bf16-fused-dropout", model="1.5b", recipe="engine", defer_dropout=True,
+                 dropout_kernel="fused", steps=10, warmup=3),
+            dict(name="engine-bf16-nodrop", model="1.5b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+        ],
         "small": [
             dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),
             dict(name="trl-bf16-b4", model="1.5b", recipe="trl", batch=4, steps=10, warmup=3),
@@ -354,7 +373,7 @@ def loss_comparison(results: list[dict]) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, variants, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, retune, variants, dropout, kernels, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")

@@ -269,3 +269,23 @@ def test_deferred_lora_layers_take_the_fused_kernels_when_asked(fused_device, mo
     loss.backward()
     assert len(calls) == 14 and torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_auto_kernel_fuses_only_the_wide_inputs(fused_device, monkeypatch):
+    """dropout.KERNEL = "auto" (the default): the fused kernel runs for inputs at least
+    FUSED_MIN_WIDTH wide (down_proj's, the intermediate width), the others draw again with torch."""
+    from ipylora.engine import dropout
+
+    fused, redrawn = [], []
+    original_fused, original_torch = dropout.FusedDropoutLinear.apply, dropout.DropoutThenLinear.apply
+    monkeypatch.setattr(dropout.FusedDropoutLinear, "apply", lambda x, *a: fused.append(x.shape[-1]) or original_fused(x, *a))
+    monkeypatch.setattr(dropout.DropoutThenLinear, "apply", lambda x, *a: redrawn.append(x.shape[-1]) or original_torch(x, *a))
+    assert dropout.KERNEL == "auto"
+    model = peft_model(0.1).to(fused_device).train()
+    config = model.config
+    monkeypatch.setattr(dropout, "FUSED_MIN_WIDTH", config.intermediate_size)
+    assert dropout.sync(model)[0] == 7 * config.num_hidden_layers
+    ids = torch.randint(5, 500, (2, 12), device=fused_device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert fused == [config.intermediate_size] * config.num_hidden_layers
+    assert set(redrawn) == {config.hidden_size} and len(redrawn) == 6 * config.num_hidden_layers

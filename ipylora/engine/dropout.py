@@ -35,10 +35,18 @@ class DeferredDropout(torch.nn.Dropout):
 
 
 # How DropoutLinear draws its mask again: "torch" (torch.native_dropout from the saved generator
-# state) or "fused" (dropout_kernels: the mask computed inside A's product and its gradients, never
-# stored; CUDA, or Triton's interpreter). "fused" is not the default until it is measured on a GPU
-# (bench/train_throughput.py --groups dropout has both).
-KERNEL = "torch"
+# state), "fused" (dropout_kernels: the mask computed inside A's product and its gradients, never
+# stored; CUDA, or Triton's interpreter) or "auto": fused for inputs at least FUSED_MIN_WIDTH wide,
+# torch for narrower ones. Per layer on an H100 (bench/dropout_kernels.py, 16k tokens, r16; session
+# 14 in bench/RESULTS.md) the fused kernel beats drawing again on the 7B shape's 18,944-wide input
+# of down_proj (1.91 ms against 3.15) and loses on its 3,584-wide ones (0.87 against 0.79).
+KERNEL = "auto"
+FUSED_MIN_WIDTH = 8192
+
+
+def uses_fused(width: int) -> bool:
+    """Whether a deferred dropout over inputs `width` wide runs the fused kernel (where it can run)."""
+    return KERNEL == "fused" or (KERNEL == "auto" and width >= FUSED_MIN_WIDTH)
 
 
 class DropoutLinear(torch.nn.Linear):
@@ -49,7 +57,7 @@ class DropoutLinear(torch.nn.Linear):
     def forward(self, x):
         if not self.training or self.dropout_p == 0.0:
             return super().forward(x)
-        if KERNEL == "fused" and fused_available(x):
+        if uses_fused(x.shape[-1]) and fused_available(x):
             return FusedDropoutLinear.apply(x, self.weight, self.dropout_p)
         return DropoutThenLinear.apply(x, self.weight, self.dropout_p)
 
