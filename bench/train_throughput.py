@@ -323,6 +323,15 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-bf16-fused-dropout", model="1.5b", recipe="engine", defer_dropout=True,
                  dropout_kernel="fused", steps=10, warmup=3),
             dict(name="engine-bf16-nodrop", model="1.5b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+            dict(name="engine-bf16-peft-dropout", model="1.5b", recipe="engine", defer_dropout=False, steps=10,
+                 warmup=3),
+            # 16 rows a step, as the learning guard trains (--groups loss)
+            dict(name="b16-peft-dropout", model="1.5b", recipe="engine", batch=16, defer_dropout=False, steps=10,
+                 warmup=3),
+            dict(name="b16-auto-dropout", model="1.5b", recipe="engine", batch=16, defer_dropout=True,
+                 dropout_kernel="auto", steps=10, warmup=3),
+            dict(name="b16-nodrop", model="1.5b", recipe="engine", batch=16, lora={"dropout": 0.0}, steps=10,
+                 warmup=3),
         ],
         "small": [
             dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),

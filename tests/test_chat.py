@@ -195,3 +195,36 @@ def test_the_captured_step_gets_ligers_kernels_unless_compiled(monkeypatch, tiny
     assert applied == []
     chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2))
     assert applied == [model]
+
+
+def test_liger_style_module_patches_stay_on_the_instance_and_off_the_cpu(monkeypatch):
+    """speed.instance_only: what Liger's apply functions change in a family's modeling module (its
+    RMSNorm class, the rotary function) is undone on leaving, the function kept for CUDA tensors
+    only, so a model of that family made later on the CPU runs as before (on a GPU machine it hit
+    Liger's Triton kernels: "Pointer argument cannot be accessed from Triton (cpu tensor?)")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from ipylora.engine import speed
+    from ipylora.engine.tiny import tiny_model_path
+
+    norm, rotary = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", norm)  # put back after the test whatever happens
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rotary)
+
+    def cuda_only(*args, **kwargs):
+        raise AssertionError("the CUDA kernel ran on a CPU tensor")
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (1, 10))
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_path())(input_ids=ids).logits
+    for _ in range(2):  # a second base model of the family: one wrapper, not one per load
+        with speed.instance_only():
+            modeling_llama.LlamaRMSNorm = type("FusedNorm", (torch.nn.Module,), {})
+            modeling_llama.apply_rotary_pos_emb = cuda_only
+    assert modeling_llama.LlamaRMSNorm is norm
+    assert modeling_llama.apply_rotary_pos_emb.cuda is cuda_only
+    assert modeling_llama.apply_rotary_pos_emb.elsewhere is rotary
+    after = AutoModelForCausalLM.from_pretrained(tiny_model_path())(input_ids=ids).logits
+    assert torch.equal(before, after)

@@ -27,7 +27,9 @@ model, so `%lora_train --dry-run` (estimate.py) runs the same plan from estimate
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -498,12 +500,52 @@ def _apply_liger(base, notes: list[str]) -> bool:
     if not swiglu:
         notes.append("Liger's SwiGLU is off: the LoRA-wrapped MoE experts keep their own forward")
     try:
-        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=swiglu,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        with instance_only():
+            _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=swiglu,
+                                            cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as exc:  # an architecture Liger does not know, or an API drift
         notes.append(f"liger not applied: {type(exc).__name__}: {exc}")
         return False
     return True
+
+
+@contextmanager
+def instance_only():
+    """Undo, on leaving, what the block changed in transformers' modeling modules, keeping it for CUDA.
+
+    Liger's apply functions patch the model instance and also its family's module (the RMSNorm and
+    MLP classes, the rotary function), so every model of the family made afterwards in the kernel
+    runs Liger's Triton kernels, on the CPU too, where they fail ("Pointer argument (at 0) cannot be
+    accessed from Triton (cpu tensor?)": the GPU test run, a CPU model made after a GPU run). The
+    classes go back (the instance keeps its patched modules); a function (the rotary one, which the
+    attention code looks up in its module at each call) is kept for CUDA tensors only."""
+    before = {name: dict(vars(module)) for name, module in list(sys.modules.items())
+              if name.startswith("transformers.models.") and module is not None}
+    try:
+        yield
+    finally:
+        for name, old in before.items():
+            module = sys.modules.get(name)
+            for attr, new in list(vars(module).items()) if module is not None else ():
+                if attr not in old or old[attr] is new:
+                    continue
+                if isinstance(new, type) or not callable(new):
+                    setattr(module, attr, old[attr])
+                else:
+                    setattr(module, attr, _on_cuda(new, getattr(old[attr], "elsewhere", old[attr])))
+
+
+def _on_cuda(cuda_fn, elsewhere):
+    """`cuda_fn` where the call's first tensor is on a CUDA device, `elsewhere` otherwise."""
+    import torch
+
+    @functools.wraps(elsewhere)
+    def dispatch(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (cuda_fn if first is not None and first.is_cuda else elsewhere)(*args, **kwargs)
+
+    dispatch.cuda, dispatch.elsewhere = cuda_fn, elsewhere
+    return dispatch
 
 
 # -- attention -------------------------------------------------------------------------------
