@@ -139,6 +139,10 @@ def run_one(spec: dict) -> dict:
         from ipylora.engine.models import choose_precision
 
         precision = choose_precision(device, None)
+        if spec.get("lean_forward") is False:  # PEFT's LoRA forward, not lora_forward.py's (the before)
+            from ipylora.engine import lora_forward
+
+            lora_forward.ENABLED = False
         if spec.get("dropout_kernel"):  # how a deferred dropout draws its mask (dropout.KERNEL)
             from ipylora.engine import dropout as lora_dropout
 
@@ -163,12 +167,20 @@ def run_one(spec: dict) -> dict:
     warmup = spec.get("warmup", 3)
     measured = spec["steps"] - warmup
 
+    profiler = None
+    if spec.get("profile"):  # where a step's time goes: every kernel over the timed steps (slows them)
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == warmup:
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                if profiler is not None:
+                    profiler.__enter__()
                 timing["start"] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
@@ -176,6 +188,8 @@ def run_one(spec: dict) -> dict:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 timing["end"] = time.perf_counter()
+                if profiler is not None:
+                    profiler.__exit__(None, None, None)
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -219,8 +233,54 @@ def run_one(spec: dict) -> dict:
         "losses": losses,
         "plan": plan.__dict__ if plan is not None else None,
         "packed_check": check,
+        "profile": profile_summary(profiler, seconds, measured) if profiler is not None else None,
     }
     return result
+
+
+# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs, FlashAttention, Liger's and
+# our Triton kernels, PyTorch's elementwise and reduction kernels, the optimizer's fused steps).
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("matmul", ("gemm", "cutlass", "sm90_", "nvjet", "cublas", "splitk", "gemv")),
+    ("4-bit dequantize", ("dequantize",)),
+    ("cross-entropy / LM head", ("cross_entropy", "liger_cross", "_ce_", "logsumexp", "softmax")),
+    ("dropout", ("dropout", "masked_scale")),
+    ("elementwise (add, scale, cast)", ("elementwise", "vectorized", "unrolled")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat", "index")),
+    ("reduction", ("reduce", "sum")),
+    ("triton (norms, rope, swiglu)", ("triton", "_kernel", "rms", "rope", "swiglu")),
+]
+
+
+def profile_summary(profiler, seconds: float, steps: int) -> dict:
+    """The profiled steps' kernels: GPU-busy share of the wall time, launches a step, time by kind, the
+    15 longest. Busy well under 100% means the GPU waits on the host (launches, Python, syncs)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA]
+    own = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    busy = sum(own(e) for e in kernels) / 1e6
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + own(e) / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -own(e))[:15]
+    return {"step_ms": 1e3 * seconds / steps, "gpu_busy": busy / seconds, "kernel_ms": 1e3 * busy / steps,
+            "launches_per_step": sum(e.count for e in kernels) / steps,
+            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [[e.key[:100], e.count / steps, own(e) / 1e3 / steps] for e in top]}
+
+
+def profile_table(r: dict) -> str:
+    p = r["profile"]
+    lines = [f"profile {r['model']} {r['name']}: step {p['step_ms']:.0f} ms (profiled), kernels {p['kernel_ms']:.0f} ms, "
+             f"GPU busy {100 * p['gpu_busy']:.0f}%, {p['launches_per_step']:,.0f} launches a step",
+             "  by kind (ms a step): " + ", ".join(f"{k} {v:.1f}" for k, v in p["kinds_ms"].items())]
+    lines += [f"  {ms:8.2f} ms  x{count:6.0f}  {name}" for name, count, ms in p["top"]]
+    return "\n".join(lines)
 
 
 def packed_check(model, tokenizer, data) -> dict:
@@ -333,6 +393,27 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="b16-nodrop", model="1.5b", recipe="engine", batch=16, lora={"dropout": 0.0}, steps=10,
                  warmup=3),
         ],
+        "loss4bit": [  # the learning guard for QLoRA: the same 100 steps over a 4-bit base
+            dict(name="loss-reference-4bit", model="1.5b", recipe="reference", quant="4bit", batch=16, steps=100,
+                 warmup=5),
+            dict(name="loss-engine-4bit", model="1.5b", recipe="engine", quant="4bit", batch=16, steps=100, warmup=5),
+        ],
+        "lean": [  # lora_forward.py's LoRA forward (B's product added by its GEMM) against PEFT's, alternating
+            dict(name="engine-bf16-peft-forward", model="1.5b", recipe="engine", lean_forward=False, steps=10, warmup=3),
+            dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-peft-forward", model="7b", recipe="engine", lean_forward=False, steps=10, warmup=3),
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-4bit-peft-forward", model="7b", recipe="engine", quant="4bit", lean_forward=False,
+                 steps=8, warmup=3),
+            dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
+            dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
+        ],
+        "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
+            dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
+            dict(name="engine-bf16-profiled", model="7b", recipe="engine", steps=6, warmup=3, profile=True),
+            dict(name="engine-4bit-profiled", model="7b", recipe="engine", quant="4bit", steps=6, warmup=3,
+                 profile=True),
+        ],
         "small": [
             dict(name="seed-4bit-b16", model="1.5b", recipe="seed", quant="4bit", batch=16, steps=10, warmup=3),
             dict(name="trl-bf16-b4", model="1.5b", recipe="trl", batch=4, steps=10, warmup=3),
@@ -366,11 +447,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def loss_comparison(results: list[dict]) -> str | None:
-    ref = next((r for r in results if r["name"] == "loss-reference" and r.get("losses")), None)
-    eng = next((r for r in results if r["name"] == "loss-engine" and r.get("losses")), None)
-    if not ref or not eng:
-        return None
+def loss_comparisons(results: list[dict]) -> list[str]:
+    """One line per loss-reference{suffix} / loss-engine{suffix} pair that both ran (bf16, 4-bit)."""
+    lines = []
+    for ref in results:
+        if ref["name"].startswith("loss-reference") and ref.get("losses"):
+            suffix = ref["name"][len("loss-reference"):]
+            eng = next((r for r in results if r["name"] == "loss-engine" + suffix and r.get("losses")), None)
+            if eng:
+                lines.append(f"{suffix.strip('-') or 'bf16'}: " + loss_comparison(ref, eng))
+    return lines
+
+
+def loss_comparison(ref: dict, eng: dict) -> str:
     n = min(len(ref["losses"]), len(eng["losses"]))
     rel = [abs(a - b) / abs(a) for a, b in zip(ref["losses"][:n], eng["losses"][:n])]
     drop = ref["losses"][0] - min(ref["losses"][:n])
@@ -382,7 +471,7 @@ def loss_comparison(results: list[dict]) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, retune, variants, dropout, kernels, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, profile, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
@@ -432,9 +521,11 @@ def main() -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
-    comparison = loss_comparison(results)
-    if comparison:
-        print(comparison)
+    for line in loss_comparisons(results):
+        print(line)
+    for r in results:
+        if r.get("profile"):
+            print(profile_table(r))
     for r in results:
         if r.get("packed_check"):
             print(f"packed check {r['model']} {r['name']}: {r['packed_check']}")

@@ -261,7 +261,7 @@ def _answer_ids(model, tokenizer, ids: list[int], args: GenerateArgs, streamer=N
         if streamer is not None:
             streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips, as generate() does
         try:
-            with _merged_copies(model):
+            with _merged_copies(model) if not _four_bit(model) else contextlib.nullcontext():
                 return graphdecode.decode(
                     model, ids, args.max_new_tokens, next_token, stop_ids(model, tokenizer),
                     on_token=(lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None,
@@ -342,8 +342,9 @@ def _fused_kernels(model, compiled: bool) -> None:
     """Liger's RMSNorm, RoPE and SwiGLU kernels on the resident model for a captured decode step, as
     a training run on the GPU applies them (once per base model; where Liger is installed and knows
     the architecture). 7B shape, r16 adapter, H200: 145.9 -> 186.6 tokens/s (bench/RESULTS.md,
-    session 12). Not for --compile, whose step is compiled whole (fullgraph)."""
-    if not compiled:
+    session 12). Not for --compile, whose step is compiled whole (fullgraph), nor off CUDA (Liger's
+    kernels are Triton's: a CPU model would fail on them, and keep them on its instance)."""
+    if not compiled and next(model.parameters()).is_cuda:
         from ipylora.engine.models import base_of
         from ipylora.engine.speed import _liger_once
 
@@ -356,8 +357,18 @@ def _merged_copies(model):
     model's reads, with nothing more a layer for the adapter (7B shape, H200, session 12: 204
     tokens/s for the base against 187 with an unmerged r16 adapter). Kept across turns and calls
     while the adapter state is the same; training frees them with the steps. Layers the budget
-    leaves out stay unmerged; 4-bit bases are dequantized into their copies."""
+    leaves out stay unmerged; 4-bit bases are dequantized into their copies (batched decoding only:
+    chat's one-row step on a 4-bit base keeps bitsandbytes' kernels, `_four_bit`)."""
     return forwards(graphdecode.held_copies(model, lambda: _merge_budget(model)))
+
+
+def _four_bit(model) -> bool:
+    """Whether bitsandbytes holds the model's layers in 4 bits. Chat's one-row step then keeps its
+    kernels over the nf4 codes (lean_lora's forwards) instead of bf16 merged copies: the copies took
+    4x the weights' memory and decoded no faster (7B shape, r16 adapter, H100, session 14: 166-170
+    tokens/s against 169-173). Batched decoding still merges into copies (a 64-row step reads each
+    weight once for all rows, where bitsandbytes dequantizes it first)."""
+    return any(type(module).__name__ == "Linear4bit" for module in model.modules())
 
 
 def _merge_budget(model) -> int:

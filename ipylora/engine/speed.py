@@ -103,6 +103,9 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         _narrow_frozen_weights(base, compute_dtype)
     if precision.bf16 or precision.fp16:
         _stop_lora_input_casts(model)
+    from ipylora.engine import lora_forward
+
+    lora_forward.sync(model)  # B's product added into the base output by its GEMM (lora_forward.py)
     path = attention_path(type(base), base.config, device) if attention is None else AttentionPath(attention, True, None)
     if path.note:
         notes.append(path.note)

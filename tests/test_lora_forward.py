@@ -1,0 +1,134 @@
+"""The LoRA layer's training forward (ipylora.engine.lora_forward): PEFT's values and gradients,
+with kept or deferred dropout, under autocast, on 4-bit bases; PEFT's own forward for the rest."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ipylora.engine import dropout as lora_dropout
+from ipylora.engine import lora_forward
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 250, 11, 7, 64], [9, 1, 300, 77, 2, 41, 6, 19, 120, 33]])
+
+
+def tiny_pair(dropout: float = 0.0, device: str = "cpu", **lora):
+    """(PEFT's model, a deep copy with the lean forward): the tiny model, an adapter on every linear
+    layer with B not zero, so that the adapter changes the output."""
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32).to(device)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
+                        init_lora_weights=False, **lora)
+    peft_model = get_peft_model(base, config).train()
+    lean = copy.deepcopy(peft_model)
+    assert lora_forward.sync(lean) == 14  # 2 layers x 7 linear layers
+    return peft_model, lean
+
+
+def loss_and_grads(model, seed: int = 3, autocast: torch.dtype | None = None):
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = model(input_ids=IDS.to(device), labels=IDS.to(device))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach().float(), out.loss.item(), grads
+
+
+def assert_same(expected, got, atol, params: int = 28):
+    (logits, loss, grads), (logits2, loss2, grads2) = expected, got
+    assert torch.allclose(logits, logits2, atol=atol)
+    assert abs(loss - loss2) < atol
+    assert grads.keys() == grads2.keys() and len(grads) == params  # A and B of 14 layers
+    for name in grads:
+        assert torch.allclose(grads[name], grads2[name], atol=atol, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_values_and_gradients_are_peft_s(device, dropout):
+    """Kept dropout too: the same mask is drawn (the dropout module runs on the same input)."""
+    peft_model, lean = tiny_pair(dropout, device)
+    expected = loss_and_grads(peft_model)
+    got = loss_and_grads(lean)
+    assert_same(expected, got, atol=2e-5)
+    assert not torch.equal(expected[0], loss_and_grads(lean, seed=4)[0]) or dropout == 0.0  # a real mask
+
+
+def test_the_deferred_dropout_composes_with_it():
+    """dropout.py's lora_A (the mask drawn again in backward) under the lean forward: PEFT's gradients."""
+    peft_model, lean = tiny_pair(0.2)
+    for model in (peft_model, lean):
+        assert lora_dropout.sync(model) == (14, 0)
+    assert_same(loss_and_grads(peft_model), loss_and_grads(lean), atol=2e-5)
+
+
+def test_under_autocast_the_sum_is_peft_s_to_bf16_rounding():
+    peft_model, lean = tiny_pair(0.1)
+    expected, got = loss_and_grads(peft_model, autocast=torch.bfloat16), loss_and_grads(lean, autocast=torch.bfloat16)
+    assert abs(expected[1] - got[1]) < 1e-2 * abs(expected[1])
+    for name, grad in expected[2].items():
+        assert got[2][name].dtype == torch.float32  # the adapter's weights keep their dtype
+        assert (got[2][name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+
+
+def test_peft_s_forward_runs_where_the_lean_one_would_be_wrong():
+    """Disabled or merged adapters, DoRA, and ENABLED False: PEFT's own output (the lean sum would
+    add the adapter, or leave the magnitude out)."""
+    peft_model, lean = tiny_pair()
+    with torch.no_grad():
+        with peft_model.disable_adapter(), lean.disable_adapter():
+            assert torch.equal(peft_model(IDS).logits, lean(IDS).logits)
+        plain = lean(IDS).logits
+        lora_forward.ENABLED = False
+        try:
+            assert torch.equal(lean(IDS).logits, peft_model(IDS).logits)
+        finally:
+            lora_forward.ENABLED = True
+        assert torch.allclose(plain, peft_model(IDS).logits, atol=1e-5)
+        lean.merge_adapter()
+        assert torch.allclose(lean(IDS).logits, plain, atol=1e-4)
+        lean.unmerge_adapter()
+    dora_peft, dora_lean = tiny_pair(use_dora=True)
+    assert_same(loss_and_grads(dora_peft), loss_and_grads(dora_lean), atol=2e-5, params=42)  # and magnitudes
+
+
+def test_restore_gives_peft_s_classes_back_and_the_type_checks_hold():
+    from peft.tuners.lora.layer import Linear
+
+    _, lean = tiny_pair()
+    layers = [m for m in lean.modules() if isinstance(m, Linear)]
+    assert len(layers) == 14 and all(type(m) is not Linear for m in layers)
+    assert lora_forward.sync(lean) == 14  # again: nothing changes
+    lora_forward.restore(lean)
+    assert all(type(m) is Linear for m in layers)
+
+
+def test_a_4bit_base_gives_peft_s_gradients():
+    """bitsandbytes' 4-bit layer (on the CPU): PEFT clones its output before adding; here the GEMM adds."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ipylora.engine.models import _keep_4bit_layout_trainable
+    from ipylora.engine.tiny import tiny_model_path
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), quantization_config=quantized, device_map={"": "cpu"},
+                                                dtype=torch.float32)
+    _keep_4bit_layout_trainable(base)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear",
+                                                 init_lora_weights=False)).train()
+    expected = loss_and_grads(peft_model)
+    assert lora_forward.sync(peft_model) == 14
+    assert {type(m).__mro__[1].__name__ for m in peft_model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
+    assert_same(expected, loss_and_grads(peft_model), atol=2e-5)
