@@ -191,6 +191,9 @@ def test_the_captured_step_gets_ligers_kernels_unless_compiled(monkeypatch, tiny
     monkeypatch.setattr(graphdecode, "usable", lambda m: True)  # as on CUDA
     monkeypatch.setattr(speed, "_liger_once", lambda base, notes: applied.append(base))
     monkeypatch.setattr(graphdecode, "decode", lambda *args, **kwargs: [tiny_tokenizer.eos_token_id])
+    chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2))
+    assert applied == []  # a CPU model: Liger's Triton kernels would fail on it
+    monkeypatch.setattr(chat, "_is_cuda", lambda m: True)
     chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2, compile=True))
     assert applied == []
     chat.generate(model, tiny_tokenizer, "hi", GenerateArgs(max_new_tokens=2))

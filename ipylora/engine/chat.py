@@ -344,11 +344,15 @@ def _fused_kernels(model, compiled: bool) -> None:
     the architecture). 7B shape, r16 adapter, H200: 145.9 -> 186.6 tokens/s (bench/RESULTS.md,
     session 12). Not for --compile, whose step is compiled whole (fullgraph), nor off CUDA (Liger's
     kernels are Triton's: a CPU model would fail on them, and keep them on its instance)."""
-    if not compiled and next(model.parameters()).is_cuda:
+    if not compiled and _is_cuda(model):
         from ipylora.engine.models import base_of
         from ipylora.engine.speed import _liger_once
 
         _liger_once(base_of(model), [])
+
+
+def _is_cuda(model) -> bool:
+    return next(model.parameters()).is_cuda
 
 
 def _merged_copies(model):
