@@ -4,7 +4,7 @@ PEFT computes `result + lora_B(lora_A(dropout(x))) * scaling`: after B's product
 layer's output to scale it and one to add it (its 4-bit layer first clones the base output, a
 third), and in the backward pass one more to scale the gradient, plus per-call Python (argument
 checks, a loop over the adapters, casts). On an H200 (bench/train_throughput.py --groups profile,
-session 15) those passes were 10-17% of the GPU time of a step, and the 1.5B shape's GPU sat idle
+session 15) those passes were 12-18% of the GPU kernel time of a step, and the 1.5B shape's GPU sat idle
 for half of each step waiting on the host (~5,700 launches a step).
 
 `sync(model)` gives every PEFT LoRA linear layer (plain or bitsandbytes 4-bit) a forward that,
