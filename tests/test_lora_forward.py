@@ -132,3 +132,13 @@ def test_a_4bit_base_gives_peft_s_gradients():
     assert lora_forward.sync(peft_model) == 14
     assert {type(m).__mro__[1].__name__ for m in peft_model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
     assert_same(expected, loss_and_grads(peft_model), atol=2e-5)
+
+
+def test_a_checkpointed_model_gives_peft_s_gradients():
+    """Under activation checkpointing (the engine's 4-bit and long-row plans) each layer runs again
+    in the backward pass, its in-place add included: the same dropout mask, the same gradients."""
+    peft_model, lean = tiny_pair(0.2)
+    for model in (peft_model, lean):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    assert_same(loss_and_grads(peft_model), loss_and_grads(lean), atol=2e-5)
