@@ -380,7 +380,7 @@ def _merge_budget(model) -> int:
     (free, and cached by torch but unallocated); the rest is for the batch cache and activations."""
     from ipylora.engine.speed import _free_bytes
 
-    return _free_bytes() // 2 if next(model.parameters()).is_cuda else 0
+    return _free_bytes() // 2 if _is_cuda(model) else 0
 
 
 def _decode_batches(model, tokenizer, prompts, args: GenerateArgs, next_token, pad: int, stops) -> list[dict]:
