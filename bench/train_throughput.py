@@ -152,6 +152,7 @@ def run_one(spec: dict) -> dict:
                                         batch_size=spec.get("batch"), dropout=lora["dropout"],
                                         attention=spec.get("attention"), liger=spec.get("liger"),
                                         force=True, defer_dropout=spec.get("defer_dropout"),
+                                        compile_layers=spec.get("compile_layers"),
                                         memory_budget=int(spec["budget_gib"] * 2**30) if spec.get("budget_gib") else None)
         plan = overrides.pop("_plan", None)
         kwargs = {**common, "per_device_train_batch_size": spec.get("batch") or 8, "gradient_checkpointing": False,
@@ -174,6 +175,9 @@ def run_one(spec: dict) -> dict:
         profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            timing["train_begin"] = time.perf_counter()
+
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == warmup:
                 if device == "cuda":
@@ -230,6 +234,8 @@ def run_one(spec: dict) -> dict:
         "accumulation": ga,
         "checkpointing": args.gradient_checkpointing,
         "step_s": seconds / measured,
+        # the warmup steps' wall time beyond as many timed steps: what compiling (or any first-step setup) costs
+        "first_steps_extra_s": timing["start"] - timing["train_begin"] - warmup * seconds / measured,
         "losses": losses,
         "plan": plan.__dict__ if plan is not None else None,
         "packed_check": check,
@@ -408,6 +414,16 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
         ],
+        "compile": [  # compiled_layers.py's compiled decoder layers against the eager ones, alternating
+            dict(name="engine-bf16-eager", model="1.5b", recipe="engine", compile_layers=False, steps=12, warmup=4),
+            dict(name="engine-bf16-compiled", model="1.5b", recipe="engine", compile_layers=True, steps=12, warmup=4),
+            dict(name="engine-bf16-eager", model="7b", recipe="engine", compile_layers=False, steps=10, warmup=3),
+            dict(name="engine-bf16-compiled", model="7b", recipe="engine", compile_layers=True, steps=10, warmup=4),
+            dict(name="engine-bf16-compiled-nodrop", model="1.5b", recipe="engine", compile_layers=True,
+                 lora={"dropout": 0.0}, steps=12, warmup=4),
+            dict(name="engine-bf16-compiled-profiled", model="1.5b", recipe="engine", compile_layers=True, steps=9,
+                 warmup=5, profile=True),
+        ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
             dict(name="engine-bf16-profiled", model="7b", recipe="engine", steps=6, warmup=3, profile=True),
@@ -471,7 +487,7 @@ def loss_comparison(ref: dict, eng: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, profile, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, profile, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
@@ -516,7 +532,8 @@ def main() -> int:
             f.write(f"\n===== {spec['model']} {spec['name']} ({time.time() - started:.0f}s)\n{text[-6000:]}\n")
         result["wall_s"] = time.time() - started
         results.append(result)
-        brief = {k: result.get(k) for k in ("tokens_per_s", "mfu", "peak_gib", "tokens_per_step", "error")}
+        brief = {k: result.get(k) for k in ("tokens_per_s", "mfu", "peak_gib", "tokens_per_step", "first_steps_extra_s",
+                                            "error")}
         print(f"{spec['model']:>5} {spec['name']:<22} {json.dumps(brief)} ({result['wall_s']:.0f}s)", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print()

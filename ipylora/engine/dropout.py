@@ -211,6 +211,11 @@ def restore(layer, name: str) -> None:
         dropout.__class__ = torch.nn.Dropout
 
 
+def deferred(model) -> bool:
+    """Whether any LoRA layer of `model` draws its dropout again in the backward pass."""
+    return any(type(m) is DropoutLinear for m in model.modules())
+
+
 def sync(model, enabled: bool = True) -> tuple[int, int]:
     """Give every plain LoRA layer of `model` with dropout the deferred form (`DropoutLinear` for
     lora_A, `DeferredDropout` for lora_dropout), and take it back from layers whose dropout is now 0

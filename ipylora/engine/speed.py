@@ -74,12 +74,14 @@ class Plan:
     budget_bytes: int
     notes: tuple[str, ...]
     offload: bool = False
+    compiled: bool = False
 
 
 def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
                   batch_size: int | None = None, dropout: float = 0.0, attention: str | None = None,
                   liger: bool | None = None, memory_budget: int | None = None, memory_cap: int | None = None,
-                  force: bool = False, defer_dropout: bool | None = None, offload: bool | None = None) -> dict:
+                  force: bool = False, defer_dropout: bool | None = None, offload: bool | None = None,
+                  compile_layers: bool | None = None) -> dict:
     """Patch `model` (a PeftModel with its adapter attached) for speed; return SFTConfig overrides.
 
     `tokenized_lengths`: tokens per training row. `batch_size`: rows per step the user asked for
@@ -89,6 +91,8 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     `defer_dropout`: LoRA dropout drawn again in the backward pass instead of kept (dropout.py):
     None (the default) where memory binds (`_plan_dropout`), True / False always / never (benchmarks).
     `offload`: checkpointed layer inputs in pinned host memory; None where the longest row needs it (plan_batch).
+    `compile_layers`: the decoder layers compiled (compiled_layers.py) where the plan allows it;
+    None: `compiled_layers.DEFAULT`.
     The returned dict has a "_plan" entry (a Plan); pop it before building the SFTConfig.
     `force` plans on CPU too (the benchmark's smoke mode); otherwise CPU gets {} and no patches.
     """
@@ -111,7 +115,6 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         notes.append(path.note)
     if path.kind != "native":
         set_attention(base, path.kind)
-    use_liger = _liger_once(base, notes) if liger is not False else False
 
     cuda = device == "cuda"
     lengths, extra = padded_plan(base.config, path, [int(n) for n in tokenized_lengths] or [1])
@@ -127,10 +130,17 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     batch, kept_error = kept_plan(plan_for, dropout)
     if dropout > 0.0:
         batch = _plan_dropout(model, batch, plan_for(0.0), defer_dropout, notes, kept_error)
+    from ipylora.engine import compiled_layers
+
+    compiled = _compiles(model, base, compile_layers, quantization, batch, notes)
+    # Liger's kernels do not trace (compiled_layers.py): a compiled layer gets inductor's fusions instead.
+    use_liger = _liger_once(base, notes) if liger is not False and not compiled else False
+    if compiled:
+        compiled_layers.compile_layers(model)
     if batch.offload:
         notes.append(f"rows of up to {max(lengths):,} tokens: checkpointed layer inputs offloaded to pinned host memory")
     plan = Plan(path.kind, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
-                batch.budget_bytes, tuple(notes), batch.offload)
+                batch.budget_bytes, tuple(notes), batch.offload, compiled)
     overrides = {
         "padding_free": path.packed,
         "per_device_train_batch_size": batch.micro_batch,
@@ -147,6 +157,29 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
         "_plan": plan,
     }
     return overrides
+
+
+def _compiles(model, base, asked: bool | None, quantization: str | None, batch: BatchPlan,
+              notes: list[str]) -> bool:
+    """Whether this run's decoder layers are compiled: asked for (or the default), and the plan is
+    one compiling helps. Checkpointed layers and the deferred dropout break the graph (the layer
+    would run eagerly in pieces); bitsandbytes' 4-bit layers and Liger's kernels (if an earlier run
+    on this resident model applied them) do not trace."""
+    from ipylora.engine import compiled_layers
+    from ipylora.engine.models import base_memo
+
+    if not (compiled_layers.DEFAULT if asked is None else asked):
+        return False
+    from ipylora.engine import dropout as lora_dropout
+
+    why = ("the 4-bit base" if quantization else "activation checkpointing" if batch.checkpointing
+           else "the dropout drawn again in the backward pass" if lora_dropout.deferred(model)
+           else "Liger's kernels, applied by an earlier run" if base_memo(base, "liger") else None)
+    if why:
+        notes.append(f"decoder layers not compiled: {why} would break the compiled graph")
+        return False
+    notes.append("decoder layers compiled (torch.compile, dynamic shapes): the first steps include compiling")
+    return True
 
 
 @dataclass(frozen=True)

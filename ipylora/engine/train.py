@@ -147,6 +147,16 @@ def micro_batch(args: TrainArgs) -> int:
     return micro
 
 
+def _compile_errors_run_eagerly(plan: dict | None):
+    """Under compiled decoder layers (compiled_layers.py): a layer the compiler fails on runs eagerly
+    (dynamo's suppress_errors) instead of ending the run."""
+    if not (plan and plan.get("compiled")):
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(suppress_errors=True)
+
+
 class StopFlag:
     """Set by SIGINT, request_stop() or a Stop button; read at each step boundary."""
 
@@ -189,10 +199,13 @@ class _Samples:
     def __call__(self, model, step: int):
         from ipylora.engine.chat import chat_messages, generate, template_prompt_ids
 
+        from ipylora.engine import compiled_layers
+
         tokenizer = self.session.tokenizer
         for prompt in self.prompts:
             ids = template_prompt_ids(tokenizer, self.template, chat_messages(prompt, system=self.system))
-            answer = generate(model, tokenizer, ids, self.generate_args, adapter=None)
+            with compiled_layers.eager(model):  # decoding's cache and shapes are not the training graph's
+                answer = generate(model, tokenizer, ids, self.generate_args, adapter=None)
             yield Sample(step=step, prompt=prompt, text=answer["text"])
 
 
@@ -463,7 +476,7 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             _keep_device_cache(trainer)
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
-        with _SigintToFlag(flag):
+        with _SigintToFlag(flag), _compile_errors_run_eagerly(plan):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if flag.is_set():
             status = flag.reason
@@ -486,6 +499,10 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
         del trainer
         if hooks is not None:
             hooks.remove_added()
+        if plan is not None and plan.get("compiled"):
+            from ipylora.engine import compiled_layers
+
+            compiled_layers.restore(model)  # chat and generation run the eager layers they always ran
         model.eval()
         if status == "oom":
             from ipylora.engine.models import free_memory
