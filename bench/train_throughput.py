@@ -399,6 +399,10 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="b16-nodrop", model="1.5b", recipe="engine", batch=16, lora={"dropout": 0.0}, steps=10,
                  warmup=3),
         ],
+        "losscompiled": [  # the learning guard with compiled decoder layers (compiled_layers.py)
+            dict(name="loss-engine-compiled", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5,
+                 compile_layers=True),
+        ],
         "loss4bit": [  # the learning guard for QLoRA: the same 100 steps over a 4-bit base
             dict(name="loss-reference-4bit", model="1.5b", recipe="reference", quant="4bit", batch=16, steps=100,
                  warmup=5),
@@ -464,14 +468,14 @@ def table(results: list[dict]) -> str:
 
 
 def loss_comparisons(results: list[dict]) -> list[str]:
-    """One line per loss-reference{suffix} / loss-engine{suffix} pair that both ran (bf16, 4-bit)."""
+    """One line per loss-engine* run against the loss-reference run of its precision (bf16, 4-bit)."""
     lines = []
-    for ref in results:
-        if ref["name"].startswith("loss-reference") and ref.get("losses"):
-            suffix = ref["name"][len("loss-reference"):]
-            eng = next((r for r in results if r["name"] == "loss-engine" + suffix and r.get("losses")), None)
-            if eng:
-                lines.append(f"{suffix.strip('-') or 'bf16'}: " + loss_comparison(ref, eng))
+    for eng in results:
+        if eng["name"].startswith("loss-engine") and eng.get("losses"):
+            want = "loss-reference" + ("-4bit" if eng.get("quant") else "")
+            ref = next((r for r in results if r["name"] == want and r.get("losses")), None)
+            if ref:
+                lines.append(f"{eng['name']} against {want}: " + loss_comparison(ref, eng))
     return lines
 
 

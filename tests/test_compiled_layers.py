@@ -1,0 +1,110 @@
+"""Compiled decoder layers for training (ipylora.engine.compiled_layers): eager's loss and gradients on
+packed batches of changing shapes, one graph for all layers past the first, eager again after."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ipylora.engine import compiled_layers, lora_forward, speed
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def packed(lengths: list[int], seed: int = 0) -> dict:
+    """One packed row of `lengths` sequences, with the boundaries TRL's padding-free collator passes."""
+    ids = torch.randint(3, 200, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return dict(input_ids=ids, labels=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                max_length_q=max(lengths), max_length_k=max(lengths))
+
+
+def loss_and_grads(model, batch: dict):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(eager model, compiled copy): the tiny model with varlen attention and the lean LoRA forward, as
+    fast_settings leaves it, an adapter on every linear layer with B not zero."""
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine.tiny import tiny_model_path
+
+    torch._dynamo.reset()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    speed.set_attention(base, "varlen")
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    eager = get_peft_model(base, config).train()
+    lora_forward.sync(eager)
+    compiled = copy.deepcopy(eager)
+    assert compiled_layers.compile_layers(compiled) == 2 and compiled_layers.compiled(compiled)
+    assert not compiled_layers.compiled(eager)
+    return eager, compiled
+
+
+def test_eager_s_loss_and_gradients_on_changing_shapes_with_two_graphs(pair):
+    from torch._dynamo.utils import counters
+
+    eager, compiled = pair
+    for i, lengths in enumerate(([5, 9, 3], [7, 12], [4, 4, 4, 6])):
+        batch = packed(lengths, seed=i)
+        (loss, grads), (loss2, grads2) = loss_and_grads(eager, batch), loss_and_grads(compiled, batch)
+        assert abs(loss - loss2) < 1e-5 * abs(loss)
+        assert grads.keys() == grads2.keys() and len(grads) == 28
+        for name in grads:
+            assert torch.allclose(grads[name], grads2[name], atol=1e-5, rtol=1e-4), name
+        # the first layer's graph (its input needs no gradient) and the other layers'; new token
+        # counts and sequence counts compile nothing more; nothing runs outside a graph
+        assert counters["stats"]["unique_graphs"] == 2, lengths
+        assert not counters["graph_break"]
+
+
+def test_restore_gives_the_eager_forward_and_compiling_again_reuses_the_code(pair):
+    from torch._dynamo.utils import counters
+
+    _, compiled = pair
+    with compiled_layers.eager(compiled):  # samples mid-run
+        assert all(layer._compiled_call_impl is None for layer in compiled_layers.decoder_layers(compiled))
+    assert all(layer._compiled_call_impl is not None for layer in compiled_layers.decoder_layers(compiled))
+    compiled_layers.restore(compiled)
+    assert not compiled_layers.compiled(compiled)
+    assert all(layer._compiled_call_impl is None for layer in compiled_layers.decoder_layers(compiled))
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_layers.compile_layers(compiled)
+    loss_and_grads(compiled, packed([6, 10], seed=7))
+    assert counters["stats"]["unique_graphs"] == graphs  # a second run on the resident model compiles nothing
+    compiled_layers.restore(compiled)
+
+
+@pytest.mark.parametrize("case", ["asked", "default", "deferred dropout", "4-bit"])
+def test_fast_settings_compiles_only_where_the_graph_stays_whole(case, monkeypatch):
+    """Compiled layers replace Liger's kernels; checkpointing, the deferred dropout and 4-bit bases
+    (which break the graph) keep the layers eager, with a note."""
+    from transformers import AutoModelForCausalLM
+
+    from ipylora.engine.models import choose_precision
+    from ipylora.engine.tiny import tiny_model_path
+
+    monkeypatch.setattr(speed, "_narrow_frozen_weights", lambda *a: None)  # no 4-bit weights on this CPU model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    plan = speed.fast_settings(model, None, [40] * 600, choose_precision("cpu", None), "cpu", force=True,
+                               dropout=0.1, compile_layers=None if case == "default" else True,
+                               defer_dropout=case == "deferred dropout",
+                               quantization="4bit" if case == "4-bit" else None)["_plan"]
+    assert plan.compiled == compiled_layers.compiled(model) == (case == "asked" or compiled_layers.DEFAULT)
+    if plan.compiled:
+        assert not plan.liger and any("decoder layers compiled" in n for n in plan.notes)
+        compiled_layers.restore(model)
+    elif case != "default":
+        why = {"deferred dropout": "dropout drawn again", "4-bit": "4-bit base"}[case]
+        assert any("not compiled" in n and why in n for n in plan.notes), plan.notes
