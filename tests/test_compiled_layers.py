@@ -108,3 +108,47 @@ def test_fast_settings_compiles_only_where_the_graph_stays_whole(case, monkeypat
     elif case != "default":
         why = {"deferred dropout": "dropout drawn again", "4-bit": "4-bit base"}[case]
         assert any("not compiled" in n and why in n for n in plan.notes), plan.notes
+
+
+def test_the_train_magic_s_compile_flags():
+    from IPython.core.error import UsageError
+
+    from ipylora.magics.args import parse
+    from ipylora.magics.train import TrainMagics, train_args
+
+    assert [train_args(parse(TrainMagics.lora_train, line)).compile
+            for line in ("demo --compile", "demo --no-compile", "demo")] == [True, False, None]
+    with pytest.raises(UsageError, match="one of --compile and --no-compile"):
+        train_args(parse(TrainMagics.lora_train, "demo --compile --no-compile"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled training layers run on a GPU")
+def test_a_compiled_run_learns_what_the_eager_run_learns(fresh_session, concepts):
+    """On a GPU, through Session.train: the same steps with eager and compiled layers give the same
+    losses (bf16: to rounding), run.json's plan says which, a sample mid-run decodes eagerly, and
+    after the run the resident model's layers are eager again."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from support import PROMPT
+
+    from ipylora.engine import DataArgs, LoraArgs, TrainArgs
+
+    session = fresh_session
+    session.add_dataset("concepts", concepts, DataArgs(prompt=PROMPT, response="{description}"))
+    args = TrainArgs(steps=8, batch_size=8, lora=LoraArgs(dropout=0.0), name="eager", compile=False)
+    runs = [session.train("concepts", args),
+            session.train("concepts", replace(args, name="compiled", compile=True, samples=("What is LoRA?",),
+                                              sample_every=4))]
+    losses, plans = [], []
+    for end in runs:
+        folder = Path("runs") / end.name
+        events = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        losses.append([e["loss"] for e in events if e["event"] == "StepEnd"])
+        plans.append(json.loads((folder / "run.json").read_text())["speed_plan"])
+        assert end.status == "finished"
+    assert [p["compiled"] for p in plans] == [False, True]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert any(e["event"] == "Sample" for e in events)
+    assert not compiled_layers.compiled(session.model)

@@ -163,6 +163,11 @@ class TrainArgs:
     """GPU only: hold the checkpointed layer inputs in pinned host memory (TRL's activation offloading),
     for rows too long for the GPU otherwise. None: only where the longest row needs it (and as the
     last retry after running out of memory at micro-batch 1); True: always, with checkpointing."""
+    compile: bool | None = None
+    """GPU only: compile the decoder layers for training (torch.compile, compiled_layers.py): fewer,
+    fused kernels and far less host time a step; the first steps pay the compile. None: the engine's
+    default (`compiled_layers.DEFAULT`) where the plan allows it (not with checkpointing, 4-bit bases
+    or the dropout drawn again); True / False: asked for / never."""
     report_to: str = "none"
     """Experiment trackers the Trainer logs to, comma-separated: tensorboard, wandb, mlflow, trackio, or none
     (engine/trackers.py: TensorBoard in runs/<name>/tb, W&B offline without a login or network, MLflow to

@@ -104,7 +104,7 @@ def plan_batches(model, session, lengths: list[int], args: TrainArgs,
     fast = speed.fast_settings(model, session.tokenizer, lengths, session.precision, session.device,
                                quantization=args.quantization, batch_size=args.batch_size, dropout=args.lora.dropout,
                                attention=None if packed else "sdpa", memory_cap=memory_cap(args),
-                               offload=args.offload)
+                               offload=args.offload, compile_layers=args.compile)
     if not packed:
         fast.pop("padding_free", None)
     plan = fast.pop("_plan", None)

@@ -18,6 +18,8 @@ def train_args(opts) -> TrainArgs:
     settings = get_settings()
     if opts.q4 and opts.q8:
         raise UsageError("Choose one of --4bit and --8bit.")
+    if opts.compile and opts.no_compile:
+        raise UsageError("Choose one of --compile and --no-compile.")
     quantization = "4bit" if opts.q4 else "8bit" if opts.q8 else settings.quantization
     return TrainArgs(
         model=opts.model or settings.default_model, name=opts.name, quantization=quantization,
@@ -29,7 +31,8 @@ def train_args(opts) -> TrainArgs:
         trust_remote_code=opts.trust_remote_code, eval_every=opts.eval_every, early_stop=opts.early_stop,
         save_every=opts.save_every, samples=tuple(opts.sample or ()), sample_every=opts.sample_every,
         gpus=opts.gpus, strategy=opts.strategy, method=opts.method, beta=opts.beta, loss_type=opts.loss_type,
-        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, offload=opts.offload or None, rewards=tuple(opts.reward or ()),
+        gamma=opts.gamma, from_adapter=opts.from_adapter, memory=opts.memory, offload=opts.offload or None,
+        compile=True if opts.compile else False if opts.no_compile else None, rewards=tuple(opts.reward or ()),
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
         temperature=opts.temperature,
         loraplus_ratio=opts.loraplus_ratio, neftune=opts.neftune,
@@ -82,6 +85,9 @@ class TrainMagics(Magics):
     @argument("--offload", action="store_true",
               help="GPU: checkpoint the layers and keep their inputs in host memory, for very long rows "
                    "(default: only where the longest row needs it).")
+    @argument("--compile", action="store_true",
+              help="GPU: compile the decoder layers (torch.compile; the first steps compile).")
+    @argument("--no-compile", action="store_true", help="GPU: keep the decoder layers eager.")
     @argument("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 turns it off.")
     @argument("--seed", type=int, default=42, help="Seed for adapter init and data order.")
     @argument("--output", default=None, help="Folder for runs/<name>/ (default: %%config Lora.runs_dir, 'runs').")
