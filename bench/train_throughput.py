@@ -129,7 +129,9 @@ def run_one(spec: dict) -> dict:
         args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
                          dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
     elif recipe == "reference":  # plain padded LoRA, no tricks: the loss-trajectory reference
-        args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], gradient_checkpointing=False,
+        # (checkpointing recomputes the same values: the 4-bit reference needs it to fit 80 GB at 16 padded rows)
+        args = SFTConfig(**common, per_device_train_batch_size=spec["batch"],
+                         gradient_checkpointing=spec.get("checkpointing", False),
                          dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
     elif recipe == "trl":  # the best off-the-shelf flags: BFD packing (padding-free) + Liger
         args = SFTConfig(**common, per_device_train_batch_size=spec["batch"], packing=True, max_length=1024,
@@ -405,7 +407,7 @@ def plan(smoke: bool, which: str) -> list[dict]:
         ],
         "loss4bit": [  # the learning guard for QLoRA: the same 100 steps over a 4-bit base
             dict(name="loss-reference-4bit", model="1.5b", recipe="reference", quant="4bit", batch=16, steps=100,
-                 warmup=5),
+                 warmup=5, checkpointing=True),
             dict(name="loss-engine-4bit", model="1.5b", recipe="engine", quant="4bit", batch=16, steps=100, warmup=5),
         ],
         "lean": [  # lora_forward.py's LoRA forward (B's product added by its GEMM) against PEFT's, alternating
