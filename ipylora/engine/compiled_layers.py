@@ -7,7 +7,7 @@ On an H200 the 1.5B shape's GPU sat idle half of each training step (bench/train
 backward into one autograd node, and inductor fuses the elementwise work between the GEMMs
 (norms, rotary, SwiGLU, residual adds, LoRA's dropout) into a few Triton kernels.
 
-What makes it cheap enough to be a default: every decoder layer runs the same code, so one
+What keeps the compile short: every decoder layer runs the same code, so one
 compilation serves them all (torch.compile guards on the modules' structure, not on which
 parameters they hold). Two graphs come out in practice, the first layer's (its input, the frozen
 embedding's output, needs no gradient) and the others'. `dynamic=True` from the start: packed
@@ -28,7 +28,9 @@ from contextlib import contextmanager
 import torch
 
 FLAG = "_ipylora_compiled"
-# Off until measured on a GPU against the eager layers (bench/train_throughput.py --groups compile).
+# Off: on the 1.5B shape (H100, bench/RESULTS.md session 16) two runs measured -5% and +6% against
+# the eager layers, and the first steps compiled for 17-35 s. Launches fell only from ~5,700 to
+# ~4,800 a step, because the GEMMs (about 60 a layer) remain. `%lora_train --compile` asks for it.
 DEFAULT = False
 
 
