@@ -85,7 +85,8 @@ def test_restore_gives_the_eager_forward_and_compiling_again_reuses_the_code(pai
     compiled_layers.restore(compiled)
 
 
-@pytest.mark.parametrize("case", ["asked", "default", "deferred dropout", "4-bit"])
+@pytest.mark.parametrize("case", ["asked", "default", "deferred dropout", "4-bit", "liger tried, not applied",
+                                  "liger applied"])
 def test_fast_settings_compiles_only_where_the_graph_stays_whole(case, monkeypatch):
     """Compiled layers replace Liger's kernels; checkpointing, the deferred dropout and 4-bit bases
     (which break the graph) keep the layers eager, with a note."""
@@ -96,17 +97,20 @@ def test_fast_settings_compiles_only_where_the_graph_stays_whole(case, monkeypat
 
     monkeypatch.setattr(speed, "_narrow_frozen_weights", lambda *a: None)  # no 4-bit weights on this CPU model
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    if case.startswith("liger"):  # what an earlier run on this resident model found (models.base_memo)
+        base.__dict__["_ipylora_memo"] = {"liger": (case == "liger applied", [])}
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
     plan = speed.fast_settings(model, None, [40] * 600, choose_precision("cpu", None), "cpu", force=True,
                                dropout=0.1, compile_layers=None if case == "default" else True,
                                defer_dropout=case == "deferred dropout",
                                quantization="4bit" if case == "4-bit" else None)["_plan"]
-    assert plan.compiled == compiled_layers.compiled(model) == (case == "asked" or compiled_layers.DEFAULT)
+    asked = case in ("asked", "liger tried, not applied") or (case == "default" and compiled_layers.DEFAULT)
+    assert plan.compiled == compiled_layers.compiled(model) == asked
     if plan.compiled:
         assert not plan.liger and any("decoder layers compiled" in n for n in plan.notes)
         compiled_layers.restore(model)
     elif case != "default":
-        why = {"deferred dropout": "dropout drawn again", "4-bit": "4-bit base"}[case]
+        why = {"deferred dropout": "dropout drawn again", "4-bit": "4bit base", "liger applied": "Liger's kernels"}[case]
         assert any("not compiled" in n and why in n for n in plan.notes), plan.notes
 
 

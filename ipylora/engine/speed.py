@@ -172,9 +172,10 @@ def _compiles(model, base, asked: bool | None, quantization: str | None, batch: 
         return False
     from ipylora.engine import dropout as lora_dropout
 
-    why = ("the 4-bit base" if quantization else "activation checkpointing" if batch.checkpointing
+    liger_applied = (base_memo(base, "liger") or (False,))[0]  # (applied, notes), once a run tried it
+    why = (f"the {quantization} base" if quantization else "activation checkpointing" if batch.checkpointing
            else "the dropout drawn again in the backward pass" if lora_dropout.deferred(model)
-           else "Liger's kernels, applied by an earlier run" if base_memo(base, "liger") else None)
+           else "Liger's kernels, applied by an earlier run" if liger_applied else None)
     if why:
         notes.append(f"decoder layers not compiled: {why} would break the compiled graph")
         return False
