@@ -155,6 +155,7 @@ def run_one(spec: dict) -> dict:
                                         attention=spec.get("attention"), liger=spec.get("liger"),
                                         force=True, defer_dropout=spec.get("defer_dropout"),
                                         compile_layers=spec.get("compile_layers"),
+                                        layer_graphs=spec.get("layer_graphs"),
                                         memory_budget=int(spec["budget_gib"] * 2**30) if spec.get("budget_gib") else None)
         plan = overrides.pop("_plan", None)
         kwargs = {**common, "per_device_train_batch_size": spec.get("batch") or 8, "gradient_checkpointing": False,
@@ -333,6 +334,8 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-4bit", model=m, recipe="engine", quant="4bit", steps=4, warmup=1, rows=600),
             dict(name="loss-reference", model=m, recipe="reference", batch=8, steps=6, warmup=1, rows=200),
             dict(name="loss-engine", model=m, recipe="engine", batch=8, steps=6, warmup=1, rows=200),
+            dict(name="engine-graphed", model=m, recipe="engine", compile_layers=True, layer_graphs=True, steps=4,
+                 warmup=1, rows=600),
         ]
     runs = {
         "main": [
@@ -430,6 +433,19 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-bf16-compiled-profiled", model="1.5b", recipe="engine", compile_layers=True, steps=9,
                  warmup=5, profile=True),
         ],
+        "graphs": [  # compiled layers replayed as CUDA graphs (the rows padded to buckets) against eager and
+            # plain compiled layers; more steps than other groups, since each new bucket records a graph
+            dict(name="engine-bf16-eager", model="1.5b", recipe="engine", compile_layers=False, steps=30, warmup=10),
+            dict(name="engine-bf16-graphed", model="1.5b", recipe="engine", compile_layers=True, steps=30, warmup=10),
+            dict(name="engine-bf16-compiled", model="1.5b", recipe="engine", compile_layers=True, layer_graphs=False,
+                 steps=30, warmup=10),
+            dict(name="engine-bf16-graphed-profiled", model="1.5b", recipe="engine", compile_layers=True, steps=16,
+                 warmup=12, profile=True),
+            dict(name="engine-bf16-eager-nodrop", model="7b", recipe="engine", compile_layers=False,
+                 lora={"dropout": 0.0}, steps=14, warmup=5),
+            dict(name="engine-bf16-graphed-nodrop", model="7b", recipe="engine", compile_layers=True,
+                 lora={"dropout": 0.0}, steps=14, warmup=5),
+        ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
             dict(name="engine-bf16-profiled", model="7b", recipe="engine", steps=6, warmup=3, profile=True),
@@ -493,7 +509,7 @@ def loss_comparison(ref: dict, eng: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, profile, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, graphs, profile, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")

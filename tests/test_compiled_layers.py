@@ -85,6 +85,63 @@ def test_restore_gives_the_eager_forward_and_compiling_again_reuses_the_code(pai
     compiled_layers.restore(compiled)
 
 
+def test_padding_to_buckets_changes_no_loss_or_gradient_and_gives_the_layers_few_shapes(pair):
+    """What CUDA-graphed layers need (pad_to_buckets): token counts in multiples of the bucket, a
+    fixed number of boundaries and one longest length, while the loss and every gradient stay
+    eager's unpadded ones (the padding is a sequence of its own, cut off before the LM head)."""
+    eager, _ = pair
+    padded = copy.deepcopy(eager)
+    assert compiled_layers.pad_to_buckets(padded, bucket=16, sequences=6, longest=12)
+    seen = []
+    first = compiled_layers.decoder_layers(padded)[0]
+    hook = first.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0].shape[1] if a else k["hidden_states"].shape[1], k["cu_seq_lens_q"].tolist(),
+                                     k["max_length_q"])), with_kwargs=True)
+    for i, lengths in enumerate(([5, 9, 3], [7, 12], [4, 4, 4, 6], [16])):
+        batch = packed(lengths, seed=i)
+        (loss, grads), (loss2, grads2) = loss_and_grads(eager, batch), loss_and_grads(padded, batch)
+        assert abs(loss - loss2) < 1e-5 * abs(loss), lengths
+        for name in grads:
+            assert torch.allclose(grads[name], grads2[name], atol=1e-6, rtol=1e-5), name
+    hook.remove()
+    assert [tokens for tokens, _, _ in seen] == [32, 32, 32, 16]
+    assert all(len(cu) == 7 and cu[-1] == tokens for tokens, cu, _ in seen)
+    assert seen[0][1] == [0, 5, 14, 17, 32, 32, 32] and seen[3][1] == [0, 16, 16, 16, 16, 16, 16]
+    assert {most for _, _, most in seen} == {16}
+    with torch.no_grad():  # eval and generation forwards are left as they are
+        assert padded.eval()(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[1] == 3
+    padded.train()
+    compiled_layers.restore(padded)  # no hooks left
+    seen.clear()
+    loss_and_grads(padded, packed([5, 9, 3]))
+    assert not getattr(compiled_layers._layer_stack(padded), compiled_layers.BUCKETS, None)
+
+
+def test_graphed_layers_through_fast_settings_keep_eager_s_loss(pair):
+    """`layer_graphs=True` (forced here: CUDA graphs themselves need a GPU, where inductor records
+    them; on CPU the same compiled code runs without): the plan says so, the layers are compiled in
+    "reduce-overhead" mode behind the bucket padding, and the loss is eager's."""
+    from ipylora.engine.models import choose_precision
+
+    eager, _ = pair
+    model = copy.deepcopy(eager)
+    plan = speed.fast_settings(model, None, [40] * 600, choose_precision("cpu", None), "cpu", force=True,
+                               attention="varlen", compile_layers=True, layer_graphs=True)["_plan"]
+    assert plan.compiled and plan.graphs and compiled_layers.graphed(model)
+    assert any("CUDA graphs" in note for note in plan.notes), plan.notes
+    for i, lengths in enumerate(([5, 9, 3], [7, 12])):
+        batch = packed(lengths, seed=i)
+        assert abs(loss_and_grads(eager, batch)[0] - loss_and_grads(model, batch)[0]) < 1e-5
+    compiled_layers.restore(model)
+    assert not compiled_layers.compiled(model)
+
+
+def test_bucket_for_pads_about_a_sixteenth():
+    assert compiled_layers.bucket_for(500) == 128
+    assert compiled_layers.bucket_for(12_500) == 896
+    assert compiled_layers.bucket_for(12_500) / 2 / 12_500 < 0.04
+
+
 @pytest.mark.parametrize("case", ["asked", "default", "deferred dropout", "4-bit", "liger tried, not applied",
                                   "liger applied"])
 def test_fast_settings_compiles_only_where_the_graph_stays_whole(case, monkeypatch):

@@ -27,11 +27,15 @@ from contextlib import contextmanager
 
 import torch
 
-FLAG = "_ipylora_compiled"
+FLAG = "_ipylora_compiled"  # on a compiled layer: PLAIN or GRAPHED
+PLAIN, GRAPHED = "compiled", "graphed"
 # Off: on the 1.5B shape (H100, bench/RESULTS.md session 16) two runs measured -5% and +6% against
 # the eager layers, and the first steps compiled for 17-35 s. Launches fell only from ~5,700 to
 # ~4,800 a step, because the GEMMs (about 60 a layer) remain. `%lora_train --compile` asks for it.
 DEFAULT = False
+# Compiled layers replayed as CUDA graphs on a GPU, packed rows padded to a few token counts
+# (pad_to_buckets): the host's ~5,000 launches a step become a few graph replays a layer.
+GRAPHS = True
 
 
 def decoder_layers(model) -> list:
@@ -48,14 +52,24 @@ def decoder_layers(model) -> list:
     return best
 
 
-def compile_layers(model) -> int:
-    """Compile each decoder layer's call (dynamic shapes); returns how many layers are compiled."""
+def compile_layers(model, graphs: bool = False) -> int:
+    """Compile each decoder layer's call (dynamic shapes); returns how many layers are compiled.
+
+    `graphs`: each compiled layer's forward and backward also replayed as CUDA graphs (torch.compile's
+    "reduce-overhead" mode, inductor's CUDA graph trees), one recording per token count; with
+    `pad_to_buckets` the token counts a run sees are few."""
+    mode = GRAPHED if graphs else PLAIN
     layers = decoder_layers(model)
     for layer in layers:
-        if not getattr(layer, FLAG, False):
-            layer.compile(dynamic=True)
-            setattr(layer, FLAG, True)
+        if getattr(layer, FLAG, None) != mode:
+            layer._compiled_call_impl = None
+            layer.compile(dynamic=True, **({"mode": "reduce-overhead"} if graphs else {}))
+            setattr(layer, FLAG, mode)
     return len(layers)
+
+
+def graphed(model) -> bool:
+    return any(getattr(layer, FLAG, None) == GRAPHED for layer in decoder_layers(model))
 
 
 def compiled(model) -> bool:
@@ -63,11 +77,17 @@ def compiled(model) -> bool:
 
 
 def restore(model) -> None:
-    """The layers' eager forward again (the compiled code stays cached for the next compile_layers)."""
+    """The layers' eager forward again (the compiled code stays cached for the next compile_layers),
+    and no padding to buckets."""
     for layer in decoder_layers(model):
         if getattr(layer, FLAG, False):
             layer._compiled_call_impl = None
             delattr(layer, FLAG)
+    stack = _layer_stack(model)
+    for handle in getattr(stack, BUCKETS, None) or ():
+        handle.remove()
+    if stack is not None and hasattr(stack, BUCKETS):
+        delattr(stack, BUCKETS)
 
 
 @contextmanager
@@ -82,3 +102,78 @@ def eager(model):
     finally:
         for layer, impl in zip(layers, kept):
             layer._compiled_call_impl = impl
+
+
+BUCKETS = "_ipylora_buckets"  # on the layers' parent module: pad_to_buckets' hook handles
+
+
+def _layer_stack(model):
+    """The module that runs the decoder layers (Qwen2Model for Qwen2ForCausalLM): the layers' parent."""
+    layers = decoder_layers(model)
+    if not layers:
+        return None
+    from ipylora.engine.models import base_of
+
+    for module in base_of(model).modules():
+        if any(child is layers[0] for child in getattr(module, "layers", ()) or ()):
+            return module
+    return None
+
+
+def pad_to_buckets(model, bucket: int, sequences: int, longest: int) -> bool:
+    """Packed training rows padded so that CUDA-graphed layers see few shapes: the token count up to a
+    multiple of `bucket` (the padding one more sequence, sliced off the layers' output before the LM
+    head, so no loss, gradient or token count sees it), the boundaries (`cu_seq_lens_*`) to
+    `sequences` + 1 entries (empty sequences at the end) and the longest sequence (`max_length_*`,
+    the attention kernel's grid) to max(`longest`, `bucket`), numbers a graph is recorded for.
+    Only training forwards with TRL's padding-free boundaries are padded. False if the model's
+    layer stack was not found."""
+    stack = _layer_stack(model)
+    if stack is None:
+        return False
+    for handle in getattr(stack, BUCKETS, None) or ():
+        handle.remove()
+    bucket, longest = int(bucket), max(int(longest), int(bucket))
+    unpadded: list[int] = []
+
+    def pad(module, args, kwargs):
+        unpadded.clear()
+        ids, positions, cu = kwargs.get("input_ids"), kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+        if not (module.training and torch.is_grad_enabled()) or args or ids is None or positions is None \
+                or cu is None or ids.dim() != 2 or ids.shape[0] != 1 or kwargs.get("cache_position") is not None \
+                or kwargs.get("inputs_embeds") is not None:
+            return None
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs are done with
+        tokens = ids.shape[1]
+        width = -(-tokens // bucket) * bucket
+        extra = width - tokens
+        boundaries = [cu]
+        count = cu.numel() - 1 + (1 if extra else 0)
+        if extra:
+            kwargs["input_ids"] = torch.cat([ids, ids.new_zeros((1, extra))], dim=1)
+            kwargs["position_ids"] = torch.cat([positions, torch.arange(extra, device=positions.device)[None]], dim=1)
+        ends = max(sequences, count) - cu.numel() + 1
+        if ends > 0:
+            boundaries.append(cu.new_full((ends,), width))
+        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = torch.cat(boundaries) if len(boundaries) > 1 else cu
+        most = max(longest, int(kwargs.get("max_length_q") or 0), extra)
+        kwargs["max_length_q"] = kwargs["max_length_k"] = most
+        unpadded.append(tokens)
+        return args, kwargs
+
+    def unpad(module, args, kwargs, output):
+        if not unpadded:
+            return None
+        tokens = unpadded.pop()
+        output.last_hidden_state = output.last_hidden_state[:, :tokens]
+        return output
+
+    setattr(stack, BUCKETS, (stack.register_forward_pre_hook(pad, with_kwargs=True),
+                             stack.register_forward_hook(unpad, with_kwargs=True)))
+    return True
+
+
+def bucket_for(step_tokens: int) -> int:
+    """Token-count bucket for a run of `step_tokens` a micro-step: about a sixteenth of it (in steps
+    of 128), so that padding adds ~3% on average and a run records ~10 graphs."""
+    return max(128, -(-int(step_tokens) // 16 // 128) * 128)

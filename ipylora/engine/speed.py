@@ -75,13 +75,14 @@ class Plan:
     notes: tuple[str, ...]
     offload: bool = False
     compiled: bool = False
+    graphs: bool = False  # the compiled layers replayed as CUDA graphs
 
 
 def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *, quantization: str | None = None,
                   batch_size: int | None = None, dropout: float = 0.0, attention: str | None = None,
                   liger: bool | None = None, memory_budget: int | None = None, memory_cap: int | None = None,
                   force: bool = False, defer_dropout: bool | None = None, offload: bool | None = None,
-                  compile_layers: bool | None = None) -> dict:
+                  compile_layers: bool | None = None, layer_graphs: bool | None = None) -> dict:
     """Patch `model` (a PeftModel with its adapter attached) for speed; return SFTConfig overrides.
 
     `tokenized_lengths`: tokens per training row. `batch_size`: rows per step the user asked for
@@ -92,7 +93,9 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     None (the default) where memory binds (`_plan_dropout`), True / False always / never (benchmarks).
     `offload`: checkpointed layer inputs in pinned host memory; None where the longest row needs it (plan_batch).
     `compile_layers`: the decoder layers compiled (compiled_layers.py) where the plan allows it;
-    None: `compiled_layers.DEFAULT`.
+    None: `compiled_layers.DEFAULT`. `layer_graphs`: compiled layers replayed as CUDA graphs, packed
+    rows padded to a few token counts (compiled_layers.pad_to_buckets); None: `compiled_layers.GRAPHS`
+    on CUDA with packed rows.
     The returned dict has a "_plan" entry (a Plan); pop it before building the SFTConfig.
     `force` plans on CPU too (the benchmark's smoke mode); otherwise CPU gets {} and no patches.
     """
@@ -135,12 +138,20 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     compiled = _compiles(model, base, compile_layers, quantization, batch, notes)
     # Liger's kernels do not trace (compiled_layers.py): a compiled layer gets inductor's fusions instead.
     use_liger = _liger_once(base, notes) if liger is not False and not compiled else False
+    graphs = compiled and path.packed and (compiled_layers.GRAPHS and cuda if layer_graphs is None else layer_graphs)
     if compiled:
-        compiled_layers.compile_layers(model)
+        compiled_layers.compile_layers(model, graphs=graphs)
+    if graphs:
+        per_micro = batch.micro_batch * sum(lengths) / len(lengths)
+        graphs = compiled_layers.pad_to_buckets(model, compiled_layers.bucket_for(per_micro),
+                                                sequences=batch.micro_batch + 1, longest=max(lengths))
+        notes.append("compiled layers replayed as CUDA graphs: packed rows padded to multiples of "
+                     f"{compiled_layers.bucket_for(per_micro):,} tokens" if graphs else
+                     "compiled layers not replayed as CUDA graphs: this model's layer stack was not found")
     if batch.offload:
         notes.append(f"rows of up to {max(lengths):,} tokens: checkpointed layer inputs offloaded to pinned host memory")
     plan = Plan(path.kind, use_liger, batch.checkpointing, batch.step_tokens, batch.batch_size, batch.accumulation,
-                batch.budget_bytes, tuple(notes), batch.offload, compiled)
+                batch.budget_bytes, tuple(notes), batch.offload, compiled, graphs)
     overrides = {
         "padding_free": path.packed,
         "per_device_train_batch_size": batch.micro_batch,

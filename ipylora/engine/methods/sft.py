@@ -43,6 +43,7 @@ def _trainer(eval_tokens: dict | None, **kwargs):
     """
     from trl import SFTTrainer
 
+    from ipylora.engine import compiled_layers
     from ipylora.engine.evaluate import token_loss
 
     class Trainer(SFTTrainer):
@@ -51,7 +52,9 @@ def _trainer(eval_tokens: dict | None, **kwargs):
             training = model.training
             model.eval()
             try:
-                loss, count = token_loss(model, eval_tokens, self.args.per_device_eval_batch_size)
+                # eval batches are padded rows of any shape: compiled (graphed) layers would record each
+                with compiled_layers.eager(model):
+                    loss, count = token_loss(model, eval_tokens, self.args.per_device_eval_batch_size)
             finally:
                 model.train(training)
             metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": count}
