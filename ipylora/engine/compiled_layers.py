@@ -15,6 +15,15 @@ batches change their token count every step, and a compilation that specialised 
 shape would compile again at the second. Within a kernel the compiled code is kept, so later runs
 on the resident model (sweep trials, a second `%lora_train`) start without compiling.
 
+On a GPU the compiled layers are also replayed as CUDA graphs (`GRAPHS`; torch.compile's
+"reduce-overhead" mode, inductor's CUDA graph trees, which record the forward and backward of each
+layer): compiling alone left ~4,800 launches a step, mostly the GEMMs (session 16), and a graph
+replay launches a layer's kernels at once. A graph is recorded per shape, so packed rows are
+padded (`pad_to_buckets`) to a multiple of about a sixteenth of a step's tokens, with a fixed
+number of sequence boundaries and one longest length for the attention kernel: a run records about
+ten graphs. The padding is one extra sequence whose outputs are cut off before the LM head, so the
+loss, the gradients and the tokens counted are the unpadded ones.
+
 Not for 4-bit bases (bitsandbytes' kernels are opaque to the compiler) or Liger's kernels (their
 Triton functions do not trace; inductor generates the same fusions). `restore(model)` gives the
 layers their eager forward back, as the engine does after training: chat and generation then run
