@@ -407,6 +407,8 @@ def plan(smoke: bool, which: str) -> list[dict]:
         "losscompiled": [  # the learning guard with compiled decoder layers (compiled_layers.py)
             dict(name="loss-engine-compiled", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5,
                  compile_layers=True),
+            dict(name="loss-engine-graphed", model="1.5b", recipe="engine", batch=16, steps=100, warmup=5,
+                 compile_layers=True, layer_graphs=True),
         ],
         "loss4bit": [  # the learning guard for QLoRA: the same 100 steps over a 4-bit base
             dict(name="loss-reference-4bit", model="1.5b", recipe="reference", quant="4bit", batch=16, steps=100,
@@ -436,15 +438,17 @@ def plan(smoke: bool, which: str) -> list[dict]:
         "graphs": [  # compiled layers replayed as CUDA graphs (the rows padded to buckets) against eager and
             # plain compiled layers; more steps than other groups, since each new bucket records a graph
             dict(name="engine-bf16-eager", model="1.5b", recipe="engine", compile_layers=False, steps=30, warmup=10),
-            dict(name="engine-bf16-graphed", model="1.5b", recipe="engine", compile_layers=True, steps=30, warmup=10),
+            dict(name="engine-bf16-graphed", model="1.5b", recipe="engine", compile_layers=True, layer_graphs=True,
+                 steps=30, warmup=10),
             dict(name="engine-bf16-compiled", model="1.5b", recipe="engine", compile_layers=True, layer_graphs=False,
                  steps=30, warmup=10),
-            dict(name="engine-bf16-graphed-profiled", model="1.5b", recipe="engine", compile_layers=True, steps=16,
+            dict(name="engine-bf16-graphed-profiled", model="1.5b", recipe="engine", compile_layers=True,
+                 layer_graphs=True, steps=16,
                  warmup=12, profile=True),
             dict(name="engine-bf16-eager-nodrop", model="7b", recipe="engine", compile_layers=False,
                  lora={"dropout": 0.0}, steps=14, warmup=5),
             dict(name="engine-bf16-graphed-nodrop", model="7b", recipe="engine", compile_layers=True,
-                 lora={"dropout": 0.0}, steps=14, warmup=5),
+                 layer_graphs=True, lora={"dropout": 0.0}, steps=14, warmup=5),
         ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
