@@ -15,7 +15,7 @@ batches change their token count every step, and a compilation that specialised 
 shape would compile again at the second. Within a kernel the compiled code is kept, so later runs
 on the resident model (sweep trials, a second `%lora_train`) start without compiling.
 
-On a GPU the compiled layers can also be replayed as CUDA graphs (`GRAPHS`, off until measured; torch.compile's
+On a GPU the compiled layers can also be replayed as CUDA graphs (`GRAPHS`, off: see there; torch.compile's
 "reduce-overhead" mode, inductor's CUDA graph trees, which record the forward and backward of each
 layer): compiling alone left ~4,800 launches a step, mostly the GEMMs (session 16), and a graph
 replay launches a layer's kernels at once. A graph is recorded per shape, so packed rows are
@@ -44,8 +44,9 @@ PLAIN, GRAPHED = "compiled", "graphed"
 DEFAULT = False
 # Compiled layers replayed as CUDA graphs on a GPU, packed rows padded to a few token counts
 # (pad_to_buckets): the host's ~5,000 launches a step would become a few graph replays a layer.
-# Off until measured: built in session 17 without a GPU (none could be started); the CPU tests check
-# the padding, and `python3 bench/train_throughput.py --groups graphs` forces it on (`layer_graphs`).
+# Off: one H100 run of the 1.5B shape (bench/RESULTS.md, session 17) learned what eager learns, but
+# its step was only ~10% shorter (0.28 s against 0.31), after 96 s of compiling and 6-7 s for each
+# new bucket. `python3 bench/train_throughput.py --groups graphs` forces it on (`layer_graphs`).
 GRAPHS = False
 
 
