@@ -104,9 +104,10 @@ def test_padding_to_buckets_changes_no_loss_or_gradient_and_gives_the_layers_few
         for name in grads:
             assert torch.allclose(grads[name], grads2[name], atol=1e-6, rtol=1e-5), name
     hook.remove()
-    assert [tokens for tokens, _, _ in seen] == [32, 32, 32, 16]
+    # 32 is this model's head_dim, a count the compiler would specialise on: 48 instead
+    assert [tokens for tokens, _, _ in seen] == [48, 48, 48, 16]
     assert all(len(cu) == 7 and cu[-1] == tokens for tokens, cu, _ in seen)
-    assert seen[0][1] == [0, 5, 14, 17, 32, 32, 32] and seen[3][1] == [0, 16, 16, 16, 16, 16, 16]
+    assert seen[0][1] == [0, 5, 14, 17, 33, 48, 48] and seen[3][1] == [0, 16, 16, 16, 16, 16, 16]
     assert {most for _, _, most in seen} == {16}
     with torch.no_grad():  # eval and generation forwards are left as they are
         assert padded.eval()(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[1] == 3
@@ -134,6 +135,24 @@ def test_graphed_layers_through_fast_settings_keep_eager_s_loss(pair):
         assert abs(loss_and_grads(eager, batch)[0] - loss_and_grads(model, batch)[0]) < 1e-5
     compiled_layers.restore(model)
     assert not compiled_layers.compiled(model)
+
+
+def test_bucketed_token_counts_compile_nothing_more(pair):
+    """Each bucket is a new shape for the graphed layers, never a new compilation: a count equal to
+    one of the model's sizes (32, this model's head_dim) would be compiled as a constant, so it
+    takes the next bucket."""
+    from torch._dynamo.utils import counters
+
+    _, compiled = pair
+    assert compiled_layers.compile_layers(compiled, graphs=True) == 2 and compiled_layers.graphed(compiled)
+    assert compiled_layers.pad_to_buckets(compiled, bucket=16, sequences=6, longest=20)
+    assert compiled.base_model.model.config.head_dim == 32
+    loss_and_grads(compiled, packed([5, 9, 3]))  # 17 tokens: 32 is head_dim, so 48
+    graphs = counters["stats"]["unique_graphs"]
+    for i, lengths in enumerate(([7, 12], [4, 4, 4, 6, 9, 10], [16], [20, 20, 5], [3, 3])):
+        loss_and_grads(compiled, packed(lengths, seed=i))
+    assert counters["stats"]["unique_graphs"] == graphs
+    compiled_layers.restore(compiled)
 
 
 def test_bucket_for_pads_about_a_sixteenth():

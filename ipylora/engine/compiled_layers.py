@@ -134,18 +134,25 @@ def _layer_stack(model):
 
 def pad_to_buckets(model, bucket: int, sequences: int, longest: int) -> bool:
     """Packed training rows padded so that CUDA-graphed layers see few shapes: the token count up to a
-    multiple of `bucket` (the padding one more sequence, sliced off the layers' output before the LM
+    multiple of `bucket` (the padding more sequences of at most `bucket` tokens, sliced off the layers' output before the LM
     head, so no loss, gradient or token count sees it), the boundaries (`cu_seq_lens_*`) to
     `sequences` + 1 entries (empty sequences at the end) and the longest sequence (`max_length_*`,
     the attention kernel's grid) to max(`longest`, `bucket`), numbers a graph is recorded for.
     Only training forwards with TRL's padding-free boundaries are padded. False if the model's
     layer stack was not found."""
+    from ipylora.engine.models import base_of
+
     stack = _layer_stack(model)
     if stack is None:
         return False
     for handle in getattr(stack, BUCKETS, None) or ():
         handle.remove()
     bucket, longest = int(bucket), max(int(longest), int(bucket))
+    # A token count equal to one of the model's sizes (head_dim, say) gets specialised by the compiler
+    # (a constant, not a symbol) and the next count compiles again (CPU, session 17): such counts
+    # take one more bucket.
+    sizes = {value for value in base_of(model).config.to_dict().values() if isinstance(value, int)} \
+        if hasattr(base_of(model), "config") else set()
     unpadded: list[int] = []
 
     def pad(module, args, kwargs):
@@ -158,17 +165,20 @@ def pad_to_buckets(model, bucket: int, sequences: int, longest: int) -> bool:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs are done with
         tokens = ids.shape[1]
         width = -(-tokens // bucket) * bucket
-        extra = width - tokens
-        boundaries = [cu]
-        count = cu.numel() - 1 + (1 if extra else 0)
-        if extra:
-            kwargs["input_ids"] = torch.cat([ids, ids.new_zeros((1, extra))], dim=1)
-            kwargs["position_ids"] = torch.cat([positions, torch.arange(extra, device=positions.device)[None]], dim=1)
-        ends = max(sequences, count) - cu.numel() + 1
-        if ends > 0:
-            boundaries.append(cu.new_full((ends,), width))
-        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = torch.cat(boundaries) if len(boundaries) > 1 else cu
-        most = max(longest, int(kwargs.get("max_length_q") or 0), extra)
+        while width in sizes:
+            width += bucket
+        # The padding as sequences of at most `bucket` tokens, so that the longest stays `longest`.
+        pieces = [min(bucket, width - start) for start in range(tokens, width, bucket)]
+        if pieces:
+            kwargs["input_ids"] = torch.cat([ids, ids.new_zeros((1, width - tokens))], dim=1)
+            kwargs["position_ids"] = torch.cat([positions, *(torch.arange(n, device=positions.device)[None]
+                                                             for n in pieces)], dim=1)
+        ends = [min(start + bucket, width) for start in range(tokens, width, bucket)]
+        count = cu.numel() - 1 + len(pieces)
+        ends += [width] * (max(sequences, count) - count)
+        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = \
+            torch.cat([cu, torch.tensor(ends, dtype=cu.dtype).to(cu.device, non_blocking=True)]) if ends else cu
+        most = max(longest, int(kwargs.get("max_length_q") or 0))
         kwargs["max_length_q"] = kwargs["max_length_k"] = most
         unpadded.append(tokens)
         return args, kwargs

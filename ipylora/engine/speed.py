@@ -144,7 +144,7 @@ def fast_settings(model, tokenizer, tokenized_lengths, precision, device: str, *
     if graphs:
         per_micro = batch.micro_batch * sum(lengths) / len(lengths)
         graphs = compiled_layers.pad_to_buckets(model, compiled_layers.bucket_for(per_micro),
-                                                sequences=batch.micro_batch + 1, longest=max(lengths))
+                                                sequences=batch.micro_batch + 3, longest=max(lengths))
         notes.append("compiled layers replayed as CUDA graphs: packed rows padded to multiples of "
                      f"{compiled_layers.bucket_for(per_micro):,} tokens" if graphs else
                      "compiled layers not replayed as CUDA graphs: this model's layer stack was not found")
