@@ -101,6 +101,38 @@ def profile(fn, steps: int, top: int = 15) -> None:
         print(f"    {us / 1e3:7.3f} ms {count // steps:5d}x  {name[:110]}")
 
 
+def breakdown(engine, graphdecode) -> None:
+    """One engine call with its prefills and whole batch decodes timed (synchronized around each)."""
+    import torch
+
+    spent = {"prefill": 0.0, "decode_batch": 0.0, "ready": 0.0}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timing(name, fn):
+        def wrapped(*args, **kwargs):
+            sync()
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[name] += time.perf_counter() - started
+        return wrapped
+
+    saved = graphdecode.StepGraph.prefill_batch, graphdecode._decode_batch, graphdecode.StepGraph.ready
+    graphdecode.StepGraph.prefill_batch = timing("prefill", saved[0])
+    graphdecode._decode_batch = timing("decode_batch", saved[1])
+    graphdecode.StepGraph.ready = timing("ready", saved[2])
+    try:
+        _, seconds = timed(engine)
+    finally:
+        graphdecode.StepGraph.prefill_batch, graphdecode._decode_batch, graphdecode.StepGraph.ready = saved
+    steps = spent["decode_batch"] - spent["prefill"] - spent["ready"]
+    print(f"  breakdown of one engine call: {seconds:.3f} s in all; prefill {spent['prefill']:.3f} s, "
+          f"capture check {spent['ready']:.3f} s, decode loop {steps:.3f} s, "
+          f"outside decode_batch (merge, sort, texts) {seconds - spent['decode_batch']:.3f} s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny shape on CPU (no capture there)")
@@ -111,6 +143,7 @@ def main() -> int:
     parser.add_argument("--no-b8", action="store_true", help="leave out generate b8 (the slowest recipe)")
     parser.add_argument("--profile", action="store_true", help="print where one captured batch step's GPU time goes")
     parser.add_argument("--liger", action="store_true", help="Liger's RMSNorm/RoPE/SwiGLU kernels on the model")
+    parser.add_argument("--breakdown", action="store_true", help="one more engine call, its prefill and decode timed apart")
     cli = parser.parse_args()
     import torch
 
@@ -177,6 +210,8 @@ def main() -> int:
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
+    if cli.breakdown:
+        breakdown(engine, graphdecode)
     graphdecode.release(model)  # the engine's kept copies and step: the merged step below makes its own
     for label, merge in (("lean", False), ("merged", True)):  # one decode step's time, prefill left out
         with torch.inference_mode(), lean_lora(model), merged_lora(model, chat._merge_budget(model) if merge else 0) \
