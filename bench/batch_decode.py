@@ -143,6 +143,8 @@ def main() -> int:
     parser.add_argument("--no-b8", action="store_true", help="leave out generate b8 (the slowest recipe)")
     parser.add_argument("--profile", action="store_true", help="print where one captured batch step's GPU time goes")
     parser.add_argument("--liger", action="store_true", help="Liger's RMSNorm/RoPE/SwiGLU kernels on the model")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also the engine with its decoder layers compiled (GenerateArgs(compile=True), decode_layers.py)")
     parser.add_argument("--breakdown", action="store_true", help="one more engine call, its prefill and decode timed apart")
     cli = parser.parse_args()
     import torch
@@ -188,8 +190,9 @@ def main() -> int:
                     found[i] = ids
             return [found[i] for i in range(len(prompts))]
 
-    def engine() -> list[list[int]]:
-        return [result["text"] for result in chat.generate_batch(model, Ids(), prompts, args)]
+    def engine(compiled: bool = False) -> list[list[int]]:
+        chosen = GenerateArgs(max_new_tokens=cli.new_tokens, compile=compiled)
+        return [result["text"] for result in chat.generate_batch(model, Ids(), prompts, chosen)]
 
     def engine_padded() -> list[list[int]]:  # the prefill as one left-padded batch (before session 13)
         packs = graphdecode._packs_prompts
@@ -206,12 +209,16 @@ def main() -> int:
     recipes = [] if cli.no_b8 else [("generate b8", lambda: hf(8))]
     for name, fn in (*recipes, ("generate b64", lambda: hf(64)),
                      ("engine lean first", engine_ids), ("engine lean", engine_ids),
-                     ("engine padded prefill", engine_padded), ("engine first", engine), ("engine", engine)):
+                     ("engine padded prefill", engine_padded), ("engine first", engine), ("engine", engine),
+                     *([("engine compiled first", lambda: engine(True)), ("engine compiled", lambda: engine(True)),
+                        ("engine again", engine)] if cli.compiled else [])):
         out, seconds = timed(fn)
         rows.append((name, seconds, out))
         print(f"  {name}: {seconds:.2f} s, {new / seconds:,.0f} tokens/s", flush=True)
     if cli.breakdown:
         breakdown(engine, graphdecode)
+        if cli.compiled:
+            breakdown(lambda: engine(True), graphdecode)
     graphdecode.release(model)  # the engine's kept copies and step: the merged step below makes its own
     for label, merge in (("lean", False), ("merged", True)):  # one decode step's time, prefill left out
         with torch.inference_mode(), lean_lora(model), merged_lora(model, chat._merge_budget(model) if merge else 0) \

@@ -145,7 +145,7 @@ class StepGraph:
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last = "logits_to_keep" in parameters
         self._packed_prefill = _packs_prompts(self.model, self.device)
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False) if compiled else self._forward
+        self._step = self._forward
         self._graph = None
         self._logits = None
         self._lora_kernels = True
@@ -272,7 +272,8 @@ class StepGraph:
         self.token.copy_(token.view(-1, 1))
         self.position.fill_(position)
         if self._graph is None:
-            return self._step()
+            with self._compiling():
+                return self._step()
         self._graph.replay()
         return self._logits
 
@@ -292,7 +293,7 @@ class StepGraph:
         # LoRA layers take their graph-friendly form (decode.py), one-token linear layers gemv.py's
         # kernels; Falcon splits its keys by slices.
         with capturing(kernels), _sliced_falcon_splits(self.model), \
-                (kernel_linears(self.model) if kernels else nullcontext()):
+                (kernel_linears(self.model) if kernels else nullcontext()), self._compiling():
             with torch.cuda.stream(stream):
                 for _ in range(3):
                     self._step()
@@ -305,6 +306,22 @@ class StepGraph:
                 _end_failed_capture(self.device)
                 raise
         self._graph, self._logits, self.key = graph, logits, key
+
+    @contextmanager
+    def _compiling(self):
+        """With `compiled`, the step's decoder layers compiled one at a time (decode_layers.py); a model
+        whose layers that does not find is compiled whole instead (fullgraph)."""
+        if not self.compiled:
+            yield
+            return
+        from ipylora.engine.decode_layers import compiled_layers
+
+        with compiled_layers(self.model, self.cache) as layered:
+            if not layered and self._step == self._forward:
+                import torch
+
+                self._step = torch.compile(self._forward, fullgraph=True, dynamic=False)
+            yield
 
     @staticmethod
     def _warn(what: str, exc: Exception, then: str) -> None:

@@ -1,0 +1,115 @@
+"""The decode step's decoder layers compiled one layer at a time (`%lora_chat --compile`, batched decoding).
+
+Compiling the whole decode step (torch.compile of the model's forward, fullgraph) traces and lowers
+every layer of the model: 1-2.5 minutes for a 7B model before the first answer. The layers of a
+model are the same code on weights of the same shapes, so here one compiled function serves them
+all: each decoder layer's forward, for the one-token step only, runs `_layer_forward` compiled.
+What stops dynamo from reusing one compilation is what differs between layers:
+
+- the cache: a decoder layer is handed the whole cache and indexes its layers by `layer_idx` (an
+  int, which dynamo would compile as a constant: one compilation a layer). Each layer is handed its
+  own cache layer instead (`_LayerCache`), which ignores the index, and ints on modules are left
+  symbolic (`allow_unspec_int_on_nn_module`);
+- Liger's kernels, where a training run or chat put them on the resident model: their Triton calls
+  are opaque to inductor, which fuses the same norms, rotary and SwiGLU itself. Inside the compiled
+  step the modules' own forwards and the family's own rotary function stand in (`_unfused`).
+
+The step is then captured as a CUDA graph as before (graphdecode.StepGraph), so dynamo's guards and
+the layers' Python run only while capturing. Two compilations serve a model's layers (the first
+layer's cache keeps the length counter), more as the cache size or batch changes (dynamo then
+marks those sizes dynamic); inductor keeps what it compiled on disk across kernels (its FX graph
+cache), so a later kernel finds it there.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from contextlib import contextmanager
+
+
+class _LayerCache:
+    """One static cache layer, handed to a decoder layer as its whole cache."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+def _layer_forward(layer, hidden_states, kwargs):
+    return type(layer).forward(layer, hidden_states, **kwargs)
+
+
+@functools.cache
+def _compiled():
+    import torch
+
+    return torch.compile(_layer_forward)
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers (the first ModuleList of more than one layer with an attention module)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and \
+                any(hasattr(module[0], name) for name in ("self_attn", "attention", "attn")):
+            return list(module)
+    return []
+
+
+@contextmanager
+def compiled_layers(model, cache):
+    """While inside, each decoder layer of `model` runs its one-token step compiled on its layer of
+    `cache` (a static cache of one layer a decoder layer); longer inputs (a prefill) run eagerly."""
+    import torch
+
+    layers = decoder_layers(model)
+    if not layers or len(layers) != len(cache.layers):
+        yield False
+        return
+    compiled = _compiled()
+    for index, layer in enumerate(layers):
+        attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)
+        own = _LayerCache(cache.layers[getattr(attention, "layer_idx", index)])
+
+        def forward(self, hidden_states, *args, _own=own, **kwargs):
+            if args or hidden_states.shape[1] != 1:
+                return type(self).forward(self, hidden_states, *args, **kwargs)
+            kwargs["cache" if "cache" in kwargs else "past_key_values"] = _own
+            return compiled(self, hidden_states, kwargs)
+
+        layer.forward = types.MethodType(forward, layer)
+    try:
+        with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            yield True
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+@contextmanager
+def _unfused(layers):
+    """Liger's instance forwards off the layers' modules, and the family's own rotary function in place
+    of the CUDA dispatch `speed.instance_only` left in its modeling module, for the block."""
+    popped = []
+    for layer in layers:
+        for module in layer.modules():
+            bound = module.__dict__.get("forward")
+            if bound is not None and getattr(getattr(bound, "__func__", bound), "__module__", "").startswith("liger_kernel"):
+                popped.append((module, module.__dict__.pop("forward")))
+    family = sys.modules.get(type(layers[0]).__module__) if layers else None
+    swapped = {name: value for name, value in vars(family).items()
+               if callable(value) and hasattr(value, "cuda") and hasattr(value, "elsewhere")} if family else {}
+    for name, value in swapped.items():
+        setattr(family, name, value.elsewhere)
+    try:
+        yield
+    finally:
+        for name, value in swapped.items():
+            setattr(family, name, value)
+        for module, bound in popped:
+            module.__dict__["forward"] = bound
