@@ -591,3 +591,45 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
     graphdecode.release(model)
     assert not {graphdecode._COPIES, graphdecode._SLOT} & set(base_of(model).__dict__)
     assert graphdecode.copies_bytes(model) == 0
+
+
+def test_compiled_decode_layers_answer_as_the_eager_step_with_one_compilation_for_all_layers():
+    """decode_layers.compiled_layers (`compiled=True`): a 4-layer grouped-query model with an adapter
+    decodes a batch and one prompt to generate()'s greedy tokens with its layers compiled, and two
+    compilations serve the 4 layers (the first layer's cache keeps the length counter). A Liger-style
+    instance forward is set aside while compiled and put back after; so are the layers' own forwards."""
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    prompts = batch_prompts()
+
+    lengths = []
+
+    def fused(self, hidden_states):  # stands in for a Liger kernel bound to the instance
+        lengths.append(hidden_states.shape[1])
+        return type(self).forward(self, hidden_states)
+    fused.__module__ = "liger_kernel.ops.fake"
+    norm = base.model.layers[1].post_attention_layernorm
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode(), lean_lora(model):
+        expected = hf_batch(model, prompts, 0, ())
+        one = hf_tokens(model, do_sample=False)
+        norm.forward = types.MethodType(fused, norm)
+        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
+                                       compiled=True, capture=False)
+        graphs = counters["stats"]["unique_graphs"]
+        alone = loop_tokens(model, compiled=True)
+    graphdecode.release(model)
+    assert got == expected and alone == one
+    assert graphs == 2
+    assert lengths and 1 not in lengths  # the prefills ran it, the compiled one-token steps did not
+    assert norm.__dict__["forward"].__func__ is fused
+    assert all("forward" not in layer.__dict__ for layer in base.model.layers)

@@ -23,7 +23,6 @@ cache), so a later kernel finds it there.
 
 from __future__ import annotations
 
-import functools
 import sys
 import types
 from contextlib import contextmanager
@@ -42,12 +41,6 @@ class _LayerCache:
 def _layer_forward(layer, hidden_states, kwargs):
     return type(layer).forward(layer, hidden_states, **kwargs)
 
-
-@functools.cache
-def _compiled():
-    import torch
-
-    return torch.compile(_layer_forward)
 
 
 def decoder_layers(model) -> list:
@@ -71,7 +64,7 @@ def compiled_layers(model, cache):
     if not layers or len(layers) != len(cache.layers):
         yield False
         return
-    compiled = _compiled()
+    compiled = torch.compile(_layer_forward)  # dynamo keeps its compilations with the function's code
     for index, layer in enumerate(layers):
         attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)
         own = _LayerCache(cache.layers[getattr(attention, "layer_idx", index)])
