@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 import weakref
 
 from ipylora.engine import gemv
@@ -50,6 +51,9 @@ _GEMV = "_ipylora_gemv"
 # copies are stacked (merged_forwards).
 STACKED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 _capture = threading.local()
+# The same flag where a torch.compile trace of the captured step reads it (decode_layers.py): dynamo
+# cannot read the thread-local, and guards on this attribute (a change compiles again).
+_traced = types.SimpleNamespace(kernels=False)
 _groups: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -57,28 +61,47 @@ _groups: weakref.WeakSet = weakref.WeakSet()
 def capturing(kernels: bool = True):
     """A decode step is being captured: with `kernels`, single-token LoRA runs as the small compiled
     kernels meant for CUDA graphs (without, as the usual mm + addmm)."""
-    _capture.kernels = kernels
+    _capture.kernels = _traced.kernels = kernels
     try:
         yield
     finally:
-        _capture.kernels = False
+        _capture.kernels = _traced.kernels = False
         for group in list(_groups):
             group.last = None  # the captured activations belong to the graph
 
 
-@functools.cache
-def _capture_kernels():
-    """(project, expand): x -> A x for a group's stacked A, and y + (scale B) t, each compiled once per shape."""
+def _one_token_kernels(x) -> bool:
+    """Whether one token `x` runs the captured step's kernels: inside `capturing(kernels=True)`, in
+    eager code or in a torch.compile trace of the step."""
     import torch
 
-    def project(x, a):
-        return (x.reshape(1, -1).to(a.dtype) * a).sum(-1)
+    if x.numel() != x.shape[-1]:
+        return False
+    return _traced.kernels if torch.compiler.is_compiling() else getattr(_capture, "kernels", False)
 
-    def expand(y, t, b):
-        return y + (b * t).sum(-1).to(y.dtype)
 
-    return (torch.compile(project, dynamic=False, fullgraph=True),
-            torch.compile(expand, dynamic=False, fullgraph=True))
+def _project(x, a):
+    return (x.reshape(1, -1).to(a.dtype) * a).sum(-1)
+
+
+def _expand(y, t, b):
+    return y + (b * t).sum(-1).to(y.dtype)
+
+
+@functools.cache
+def _compiled_kernels():
+    import torch
+
+    return (torch.compile(_project, dynamic=False, fullgraph=True),
+            torch.compile(_expand, dynamic=False, fullgraph=True))
+
+
+def _capture_kernels():
+    """(project, expand): x -> A x for a group's stacked A, and y + (scale B) t, each compiled once per
+    shape; inside a torch.compile trace of the step (decode_layers.py), the plain functions it traces."""
+    import torch
+
+    return (_project, _expand) if torch.compiler.is_compiling() else _compiled_kernels()
 
 
 class _Group:
@@ -135,8 +158,7 @@ def _lean_forward(module, name: str, dtype):
     kernel = []  # the base's gemv.Spec, found at the first captured call (a warm-up, before capture)
 
     def forward(x, *args, **kwargs):
-        # is_compiling first: under torch.compile the thread-local flag is never read (traced).
-        if not torch.compiler.is_compiling() and getattr(_capture, "kernels", False) and x.numel() == x.shape[-1]:
+        if _one_token_kernels(x):
             group, rows, _ = module.__dict__[_GROUP]
             if not kernel:
                 kernel.append(gemv.spec(base, dtype) if x.dtype == dtype else None)
@@ -306,7 +328,7 @@ class _Stack:
         bias = None if self.bias is None else self.bias[rows]
 
         def forward(x, *args, **kwargs):
-            if not torch.compiler.is_compiling() and getattr(_capture, "kernels", False) and x.numel() == x.shape[-1]:
+            if _one_token_kernels(x):
                 if self.last is None or self.last[0] is not x:
                     self.last = (x, self.full(x))
                 return self.last[1][..., rows]
@@ -325,8 +347,7 @@ def _copy_forward(weight, bias):
         spec = gemv.Spec(weight.contiguous(), weight.shape[0], weight.shape[1], bias)
 
     def forward(x, *args, **kwargs):
-        if spec is not None and not torch.compiler.is_compiling() and getattr(_capture, "kernels", False) \
-                and x.numel() == x.shape[-1] and x.dtype == weight.dtype:
+        if spec is not None and _one_token_kernels(x) and x.dtype == weight.dtype:
             return gemv.gemv(x, spec)
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -386,9 +407,9 @@ def _kernel_forward(module, spec, dtype):
     original = type(module).forward
 
     def forward(x, *args, **kwargs):
-        # Not inside torch.compile (--compile): inductor generates that step's kernels itself.
-        if not torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.dtype == dtype \
-                and not args and not kwargs:
+        # Inside torch.compile, only in a step captured with kernels (decode_layers.py).
+        if x.numel() == x.shape[-1] and x.dtype == dtype and not args and not kwargs \
+                and (not torch.compiler.is_compiling() or _traced.kernels):
             return gemv.gemv(x, spec)
         return original(module, x, *args, **kwargs)
 

@@ -10,6 +10,8 @@ What stops dynamo from reusing one compilation is what differs between layers:
   int, which dynamo would compile as a constant: one compilation a layer). Each layer is handed its
   own cache layer instead (`_LayerCache`), which ignores the index, and ints on modules are left
   symbolic (`allow_unspec_int_on_nn_module`);
+- one token's linear layers: gemv.py's Triton kernel (faster than cuBLAS for one row) is called
+  as a custom operator (`gemv.register_op`), which dynamo does not trace into;
 - Liger's kernels, where a training run or chat put them on the resident model: their Triton calls
   are opaque to inductor, which fuses the same norms, rotary and SwiGLU itself. Inside the compiled
   step the modules' own forwards and the family's own rotary function stand in (`_unfused`).
@@ -64,6 +66,9 @@ def compiled_layers(model, cache):
     if not layers or len(layers) != len(cache.layers):
         yield False
         return
+    from ipylora.engine import gemv
+
+    gemv.register_op()  # one token's linear layers keep gemv's kernel, as an operator inductor calls
     compiled = torch.compile(_layer_forward)  # dynamo keeps its compilations with the function's code
     for index, layer in enumerate(layers):
         attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)

@@ -78,20 +78,60 @@ def config(spec: Spec) -> tuple[int, int, int]:
 
 def gemv(x, spec: Spec, t=None, b=None, tuning: tuple[int, int, int] | None = None):
     """y = x W^T (+ bias) (+ t b^T) for one token `x` (any shape of in_features elements); `t`: the
-    adapter's r values A x, `b`: its (out, r) B, scale folded in; `tuning`: config()'s choice overridden."""
+    adapter's r values A x, `b`: its (out, r) B, scale folded in; `tuning`: config()'s choice overridden.
+    Inside torch.compile (decode_layers.py) the kernel is the custom op `register_op` made, which
+    inductor calls as it is; without one, the same sum in PyTorch's ops."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        if _OP is not None:
+            return _OP(x, spec.weight, spec.bias, t, b)
+        y = torch.nn.functional.linear(x, spec.weight, spec.bias)
+        return y if t is None else y + (b * t.to(b.dtype)).sum(-1).to(y.dtype)
+    return _launch(x, spec.weight, spec.bias, t, b, tuning or config(spec))
+
+
+def _launch(x, weight, bias, t, b, tuning: tuple[int, int, int]):
     import torch
     import triton
 
-    out = torch.empty((*x.shape[:-1], spec.out_features), dtype=x.dtype, device=x.device)
+    out_features, in_features = weight.shape
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
     rank = 0 if t is None else b.shape[1]
-    rows, chunk, warps = tuning or config(spec)
+    rows, chunk, warps = tuning
     unused = out  # pointer arguments the constexpr flags leave unread
-    _kernel()[(triton.cdiv(spec.out_features, rows),)](
-        x.reshape(-1), spec.weight, out, spec.bias if spec.bias is not None else unused,
-        t if t is not None else unused, b if b is not None else unused, spec.out_features, spec.in_features,
-        HAS_BIAS=spec.bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
+    _kernel()[(triton.cdiv(out_features, rows),)](
+        x.reshape(-1), weight, out, bias if bias is not None else unused,
+        t if t is not None else unused, b if b is not None else unused, out_features, in_features,
+        HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
         BLOCK_N=rows, BLOCK_K=chunk, num_warps=warps)
     return out
+
+
+# The kernel as an operator torch.compile calls without tracing it (register_op).
+_OP = None
+
+
+def register_op() -> None:
+    """Make `ipylora::gemv`, the kernel as a custom operator, before a torch.compile traces a step
+    that runs it (dynamo cannot trace a Triton launch made through functools' cache and the config)."""
+    global _OP
+    if _OP is not None or not available():
+        return
+    import torch
+
+    def kernel(x, weight, bias, t, b):
+        spec = Spec(weight, weight.shape[0], weight.shape[1], bias)
+        return _launch(x, weight, bias, t, b, config(spec))
+
+    op = torch.library.custom_op("ipylora::gemv", kernel, mutates_args=(),
+                                 schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? t, Tensor? b) -> Tensor")
+
+    @op.register_fake
+    def _(x, weight, bias, t, b):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    _OP = op
 
 
 @functools.cache
