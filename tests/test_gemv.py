@@ -157,3 +157,47 @@ def test_stacked_copies_with_biases_give_peft_logits(interpreted):
     captured, _ = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40), decode.capturing())
     eager, _ = step_logits(model, decode.lean_lora(model), decode.merged_lora(model, 1 << 40))
     assert torch.allclose(expected, captured, atol=1e-4) and torch.allclose(expected, eager, atol=1e-4)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_compiled_decode_layers_run_the_kernel_as_an_operator(device, merge, monkeypatch):
+    """Inside torch.compile of the decode step (decode_layers.py, `%lora_chat --compile`), one token's
+    layers still run the kernel, through the custom operator ipylora::gemv: the unmerged adapter's
+    layers with its term, the merged copies stacked (q/k/v, gate/up: 4 launches a layer, not 7), with
+    the eager step's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ipylora.engine import graphdecode
+    from ipylora.engine.decode import capturing, kernel_linears, lean_lora, merged_lora
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).to(device).eval()
+    launched = []
+    launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda *args: launched.append(args[1].shape) or launch(*args))
+
+    def steps(compiled: bool) -> list:
+        graphdecode.release(model)
+        with torch.inference_mode(), lean_lora(model), merged_lora(model, 10**9 if merge else 0), \
+                graphdecode.folded_gqa():
+            graph = graphdecode.step_graph(model, 16, compiled, capture=False)
+            token = graph.prefill([5, 6, 7, 8]).argmax(-1)
+            out = []
+            with capturing(True), kernel_linears(model), graph._compiling():
+                for position in range(4, 8):
+                    graph.token.copy_(token.view(1, 1))
+                    graph.position.fill_(position)
+                    out.append(graph._step().float().clone())
+                    token = out[-1].argmax(-1)
+        graphdecode.release(model)
+        return out
+
+    expected = steps(False)
+    launched.clear()
+    torch._dynamo.reset()
+    got = steps(True)
+    assert len(launched) == 4 * 2 * (4 if merge else 7)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) < 1e-4
