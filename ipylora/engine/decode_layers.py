@@ -82,7 +82,9 @@ def compiled_layers(model, cache):
 
         layer.forward = types.MethodType(forward, layer)
     try:
-        with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        # Another adapter (another rank: CPU, 2 -> 4 compilations), batch or cache size compiles again:
+        # past its default of 8 a function, dynamo would run the layers eagerly without a word.
+        with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             yield True
     finally:
         for layer in layers:
