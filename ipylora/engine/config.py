@@ -192,9 +192,10 @@ class GenerateArgs:
     top_p: float = 1.0
     """Nucleus sampling threshold (with temperature > 0)."""
     compile: bool = False
-    """CUDA only: torch.compile the decode step before it is captured as a CUDA graph. The first
-    answer pays the compile (1-2.5 min for a 7B model with an adapter; again after the adapter or
-    its weights change), later tokens come 1.4-1.6x faster (H200, bench/RESULTS.md)."""
+    """CUDA only: torch.compile the decode step's decoder layers (one compilation for all of them,
+    decode_layers.py) before the step is captured as a CUDA graph. The first answer pays the
+    compile (again for another adapter rank, batch or cache size; inductor's disk cache keeps it
+    across kernels)."""
 
 
 # Measured on the tiny model: 300 steps at lr 1e-2 without clipping memorise 55/55 pairs; with

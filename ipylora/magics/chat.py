@@ -26,7 +26,7 @@ class ChatMagics(Magics):
               help='System prompt (quote it; \\n is a newline). Default: the one the adapter was trained with; "none": no system prompt.')
     @argument("--raw", action="store_true", help="Send the text as is, without the training template.")
     @argument("--compile", action="store_true",
-              help="CUDA: torch.compile the decode step (1-2.5 min once for a 7B model), then ~1.5x faster tokens.")
+              help="CUDA: torch.compile the decode step's layers (once; inductor caches it on disk) before capturing it.")
     @argument("-c", "--compare", default=None, help='Comma-separated adapters to answer side by side, e.g. "base,sd-prompts".')
     @argument("--prompts-from", default=None, help="With --compare: take the prompts from DATASET[:train|eval].")
     @argument("--limit", type=int, default=5, help="With --prompts-from: how many rows (default 5).")
