@@ -360,15 +360,21 @@ def test_a_left_padded_batch_decodes_as_generate_does(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_a_captured_batch_step_replays_the_uncaptured_batch():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_captured_batch_step_replays_the_uncaptured_batch(compiled):
+    """Captured, with its layers compiled (decode_layers.py) or not, the batch step answers as the
+    uncaptured eager one does."""
     model = lora_model().cuda()
     prompts = batch_prompts()
     with torch.inference_mode(), lean_lora(model):
         expected = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
                                             capture=False)
         graphdecode.release(model)
-        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), ())
-        assert graphdecode.step_graph(model, 40, compiled=False, batch=len(prompts))._graph is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a compile or capture that fails would warn and go on without
+            got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
+                                           compiled=compiled)
+        assert graphdecode.step_graph(model, 40, compiled=compiled, batch=len(prompts))._graph is not None
     graphdecode.release(model)
     assert got == expected
 

@@ -45,22 +45,13 @@ def _layer_forward(layer, hidden_states, kwargs):
 
 
 
-def decoder_layers(model) -> list:
-    """The model's decoder layers (the first ModuleList of more than one layer with an attention module)."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and \
-                any(hasattr(module[0], name) for name in ("self_attn", "attention", "attn")):
-            return list(module)
-    return []
-
-
 @contextmanager
 def compiled_layers(model, cache):
     """While inside, each decoder layer of `model` runs its one-token step compiled on its layer of
     `cache` (a static cache of one layer a decoder layer); longer inputs (a prefill) run eagerly."""
     import torch
+
+    from ipylora.engine.compiled_layers import decoder_layers
 
     layers = decoder_layers(model)
     if not layers or len(layers) != len(cache.layers):
