@@ -601,8 +601,8 @@ def test_chat_decodes_on_merged_copies_kept_across_turns(monkeypatch, tiny_token
 
 def test_compiled_decode_layers_answer_as_the_eager_step_with_one_compilation_for_all_layers():
     """decode_layers.compiled_layers (`compiled=True`): a 4-layer grouped-query model with an adapter
-    decodes a batch and one prompt to generate()'s greedy tokens with its layers compiled, and two
-    compilations serve the 4 layers (the first layer's cache keeps the length counter). A Liger-style
+    decodes a batch and one prompt to generate()'s greedy tokens with its layers compiled, and one
+    compilation serves the 4 layers (the length counter is kept outside it). A Liger-style
     instance forward is set aside while compiled and put back after; so are the layers' own forwards."""
     import types
 
@@ -629,13 +629,21 @@ def test_compiled_decode_layers_answer_as_the_eager_step_with_one_compilation_fo
         expected = hf_batch(model, prompts, 0, ())
         one = hf_tokens(model, do_sample=False)
         norm.forward = types.MethodType(fused, norm)
-        got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
-                                       compiled=True, capture=False)
+        counters_after = []
+        for compiled in (False, True):  # the length counter a next turn reads, eager and compiled
+            graphdecode.release(model)
+            lengths.clear()
+            got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
+                                           compiled=compiled, capture=False)
+            cache = base.__dict__[graphdecode._BATCH_SLOT].cache
+            counters_after.append(int(cache.layers[0].cumulative_length))
+        flags = [layer.counts for layer in cache.layers]
         graphs = counters["stats"]["unique_graphs"]
         alone = loop_tokens(model, compiled=True)
     graphdecode.release(model)
     assert got == expected and alone == one
-    assert graphs == 2
+    assert graphs == 1
     assert lengths and 1 not in lengths  # the prefills ran it, the compiled one-token steps did not
+    assert counters_after[0] == counters_after[1] and flags == [True, False, False, False]
     assert norm.__dict__["forward"].__func__ is fused
     assert all("forward" not in layer.__dict__ for layer in base.model.layers)

@@ -17,8 +17,8 @@ What stops dynamo from reusing one compilation is what differs between layers:
   step the modules' own forwards and the family's own rotary function stand in (`_unfused`).
 
 The step is then captured as a CUDA graph as before (graphdecode.StepGraph), so dynamo's guards and
-the layers' Python run only while capturing. Two compilations serve a model's layers (the first
-layer's cache keeps the length counter), more as the cache size or batch changes (dynamo then
+the layers' Python run only while capturing. One compilation serves a model's layers (the cache
+layer that keeps the length counter counts outside it), more as the cache size or batch changes (dynamo then
 marks those sizes dynamic); inductor keeps what it compiled on disk across kernels (its FX graph
 cache), so a later kernel finds it there.
 """
@@ -61,23 +61,33 @@ def compiled_layers(model, cache):
 
     gemv.register_op()  # one token's linear layers keep gemv's kernel, as an operator inductor calls
     compiled = torch.compile(_layer_forward)  # dynamo keeps its compilations with the function's code
+    # The one cache layer that keeps the length counter (graphdecode.slot_layer's `counts`) counts
+    # outside the compiled function, so that every layer is the same code to dynamo: one compilation.
+    counting = [layer for layer in cache.layers if getattr(layer, "counts", False)]
     for index, layer in enumerate(layers):
         attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)
-        own = _LayerCache(cache.layers[getattr(attention, "layer_idx", index)])
+        own = cache.layers[getattr(attention, "layer_idx", index)]
 
-        def forward(self, hidden_states, *args, _own=own, **kwargs):
+        def forward(self, hidden_states, *args, _own=_LayerCache(own), _counts=own in counting, **kwargs):
             if args or hidden_states.shape[1] != 1:
                 return type(self).forward(self, hidden_states, *args, **kwargs)
             kwargs["cache" if "cache" in kwargs else "past_key_values"] = _own
-            return compiled(self, hidden_states, kwargs)
+            output = compiled(self, hidden_states, kwargs)
+            if _counts:
+                _own.layer.cumulative_length.add_(hidden_states.shape[1])
+            return output
 
         layer.forward = types.MethodType(forward, layer)
+    for layer in counting:
+        layer.counts = False
     try:
-        # Another adapter (another rank: CPU, 2 -> 4 compilations), batch or cache size compiles again:
+        # Another adapter (another rank: CPU, 1 -> 2 compilations), batch or cache size compiles again:
         # past its default of 8 a function, dynamo would run the layers eagerly without a word.
         with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             yield True
     finally:
+        for layer in counting:
+            layer.counts = True
         for layer in layers:
             layer.__dict__.pop("forward", None)
 
