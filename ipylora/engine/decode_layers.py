@@ -4,23 +4,28 @@ Compiling the whole decode step (torch.compile of the model's forward, fullgraph
 every layer of the model: 1-2.5 minutes for a 7B model before the first answer. The layers of a
 model are the same code on weights of the same shapes, so here one compiled function serves them
 all: each decoder layer's forward, for the one-token step only, runs `_layer_forward` compiled.
-What stops dynamo from reusing one compilation is what differs between layers:
+What would stop dynamo from reusing one compilation is what differs between layers:
 
 - the cache: a decoder layer is handed the whole cache and indexes its layers by `layer_idx` (an
   int, which dynamo would compile as a constant: one compilation a layer). Each layer is handed its
   own cache layer instead (`_LayerCache`), which ignores the index, and ints on modules are left
   symbolic (`allow_unspec_int_on_nn_module`);
-- one token's linear layers: gemv.py's Triton kernel (faster than cuBLAS for one row) is called
-  as a custom operator (`gemv.register_op`), which dynamo does not trace into;
-- Liger's kernels, where a training run or chat put them on the resident model: their Triton calls
-  are opaque to inductor, which fuses the same norms, rotary and SwiGLU itself. Inside the compiled
-  step the modules' own forwards and the family's own rotary function stand in (`_unfused`).
+- the length counter, which one cache layer keeps (graphdecode.slot_layer's `counts`): it counts
+  outside the compiled function.
+
+Two things of the eager step are kept apart from inductor:
+
+- one token's linear layers run gemv.py's Triton kernel (faster than cuBLAS for one row) as the
+  custom operator `ipylora::gemv` (`gemv.register_op`), which dynamo does not trace into;
+- Liger's kernels, where a training run or chat put them on the resident model, are set aside:
+  their Triton calls are opaque to inductor, which fuses the same norms, rotary and SwiGLU itself.
+  Inside the compiled step the modules' own forwards and the family's own rotary function stand
+  in (`_unfused`).
 
 The step is then captured as a CUDA graph as before (graphdecode.StepGraph), so dynamo's guards and
-the layers' Python run only while capturing. One compilation serves a model's layers (the cache
-layer that keeps the length counter counts outside it), more as the cache size or batch changes (dynamo then
-marks those sizes dynamic); inductor keeps what it compiled on disk across kernels (its FX graph
-cache), so a later kernel finds it there.
+the layers' Python run only while capturing. Another cache size or batch compiles once more (dynamo
+then marks those sizes dynamic), as does another adapter rank; inductor keeps what it compiled on
+disk across kernels (its FX graph cache), so a later kernel finds it there.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ class _LayerCache:
 
 def _layer_forward(layer, hidden_states, kwargs):
     return type(layer).forward(layer, hidden_states, **kwargs)
-
 
 
 @contextmanager
