@@ -647,3 +647,34 @@ def test_compiled_decode_layers_answer_as_the_eager_step_with_one_compilation_fo
     assert counters_after[0] == counters_after[1] and flags == [True, False, False, False]
     assert norm.__dict__["forward"].__func__ is fused
     assert all("forward" not in layer.__dict__ for layer in base.model.layers)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3-moe"])
+def test_compiled_decode_layers_on_matrix_families(family, tmp_path_factory):
+    """Gemma 3 (sliding window, soft-capping, q/k norms) decodes with its layers compiled to the eager
+    step's tokens; Qwen3-MoE's expert loop breaks the layer's graph, so the step says so once and
+    decodes uncompiled, with the same tokens."""
+    import model_matrix
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    path = model_matrix.build(model_matrix.BY_NAME[family], tmp_path_factory.mktemp("matrix"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path).eval(),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    prompt = list(range(40, 60))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode(), lean_lora(model), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected = graphdecode.decode(model, prompt, 8, graphdecode.picker(model, 0.0, 1.0), (), capture=False)
+        graphdecode.release(model)
+        got = graphdecode.decode(model, prompt, 8, graphdecode.picker(model, 0.0, 1.0), (), compiled=True,
+                                 capture=False)
+    graphdecode.release(model)
+    said = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert got == expected
+    if family == "qwen3-moe":
+        assert len(said) == 1 and "uncompiled step" in said[0]
+    else:
+        assert not said and counters["stats"]["unique_graphs"] == 1

@@ -10,8 +10,9 @@ What would stop dynamo from reusing one compilation is what differs between laye
   int, which dynamo would compile as a constant: one compilation a layer). Each layer is handed its
   own cache layer instead (`_LayerCache`), which ignores the index, and ints on modules are left
   symbolic (`allow_unspec_int_on_nn_module`);
-- the length counter, which one cache layer keeps (graphdecode.slot_layer's `counts`): it counts
-  outside the compiled function.
+- the length counter, which one cache layer keeps (graphdecode.slot_layer's `counts`): the layer's
+  cache writes its slot without it (`_LayerCache`), and the counter counts outside the compiled
+  function.
 
 Two things of the eager step are kept apart from inductor:
 
@@ -36,13 +37,17 @@ from contextlib import contextmanager
 
 
 class _LayerCache:
-    """One static cache layer, handed to a decoder layer as its whole cache."""
+    """One static cache layer (graphdecode.slot_layer's), handed to a decoder layer as its whole cache:
+    the step's key and value written at its slot, without the length counter (counted outside)."""
 
     def __init__(self, layer):
         self.layer = layer
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return self.layer.update(key_states, value_states, *args, **kwargs)
+        layer = self.layer
+        layer.keys.index_copy_(2, layer.slot, key_states)
+        layer.values.index_copy_(2, layer.slot, value_states)
+        return layer.keys, layer.values
 
 
 def _layer_forward(layer, hidden_states, kwargs):
@@ -64,34 +69,33 @@ def compiled_layers(model, cache):
     from ipylora.engine import gemv
 
     gemv.register_op()  # one token's linear layers keep gemv's kernel, as an operator inductor calls
-    compiled = torch.compile(_layer_forward)  # dynamo keeps its compilations with the function's code
-    # The one cache layer that keeps the length counter (graphdecode.slot_layer's `counts`) counts
-    # outside the compiled function, so that every layer is the same code to dynamo: one compilation.
-    counting = [layer for layer in cache.layers if getattr(layer, "counts", False)]
+    # One graph a layer or none: a layer that breaks it (the expert loops of Qwen3-MoE and Mixtral as
+    # transformers runs them on CPU: 50 breaks and 51 graphs for 8 tokens) fails here, and the step
+    # is captured uncompiled with a warning (graphdecode.StepGraph.ready). dynamo keeps its
+    # compilations with the function's code.
+    compiled = torch.compile(_layer_forward, fullgraph=True)
     for index, layer in enumerate(layers):
         attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)
         own = cache.layers[getattr(attention, "layer_idx", index)]
 
-        def forward(self, hidden_states, *args, _own=_LayerCache(own), _counts=own in counting, **kwargs):
-            if args or hidden_states.shape[1] != 1:
+        def forward(self, hidden_states, *args, _own=own, _shim=_LayerCache(own), **kwargs):
+            # Eager: a prefill, layers called with positional arguments (GPT-2), a cache layer that
+            # writes by its own counter or is not yet allocated (the first step after it is made).
+            if args or hidden_states.shape[1] != 1 or getattr(_own, "slot", None) is None or not _own.is_initialized:
                 return type(self).forward(self, hidden_states, *args, **kwargs)
-            kwargs["cache" if "cache" in kwargs else "past_key_values"] = _own
+            kwargs["cache" if "cache" in kwargs else "past_key_values"] = _shim
             output = compiled(self, hidden_states, kwargs)
-            if _counts:
-                _own.layer.cumulative_length.add_(hidden_states.shape[1])
+            if _own.counts:  # outside the compiled function: every layer is the same code to dynamo
+                _own.cumulative_length.add_(1)
             return output
 
         layer.forward = types.MethodType(forward, layer)
-    for layer in counting:
-        layer.counts = False
     try:
         # Another adapter (another rank: CPU, 1 -> 2 compilations), batch or cache size compiles again:
         # past its default of 8 a function, dynamo would run the layers eagerly without a word.
         with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             yield True
     finally:
-        for layer in counting:
-            layer.counts = True
         for layer in layers:
             layer.__dict__.pop("forward", None)
 

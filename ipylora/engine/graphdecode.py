@@ -272,8 +272,14 @@ class StepGraph:
         self.token.copy_(token.view(-1, 1))
         self.position.fill_(position)
         if self._graph is None:
-            with self._compiling():
-                return self._step()
+            if self.compiled:
+                try:
+                    with self._compiling():
+                        return self._step()
+                except Exception as exc:  # found at the first layer's first step: nothing written twice
+                    self._warn("torch.compile", exc, "decoding with the uncompiled step")
+                    self.compiled = False
+            return self._step()
         self._graph.replay()
         return self._logits
 
