@@ -66,9 +66,6 @@ def compiled_layers(model, cache):
     if not layers or len(layers) != len(cache.layers):
         yield False
         return
-    from ipylora.engine import gemv
-
-    gemv.register_op()  # one token's linear layers keep gemv's kernel, as an operator inductor calls
     # One graph a layer or none: a layer that breaks it (the expert loops of Qwen3-MoE and Mixtral as
     # transformers runs them on CPU: 50 breaks and 51 graphs for 8 tokens) fails here, and the step
     # is captured uncompiled with a warning (graphdecode.StepGraph.ready). dynamo keeps its

@@ -320,8 +320,10 @@ class StepGraph:
         if not self.compiled:
             yield
             return
+        from ipylora.engine import gemv
         from ipylora.engine.decode_layers import compiled_layers
 
+        gemv.register_op()  # one token's linear layers keep gemv's kernel, as an operator inductor calls
         with compiled_layers(self.model, self.cache) as layered:
             if not layered and self._step == self._forward:
                 import torch
