@@ -71,7 +71,10 @@ def compiled_layers(model, cache):
     # is captured uncompiled with a warning (graphdecode.StepGraph.ready). dynamo keeps its
     # compilations with the function's code.
     compiled = torch.compile(_layer_forward, fullgraph=True)
+    patched = []
     for index, layer in enumerate(layers):
+        if "forward" in layer.__dict__:  # someone else's forward on the instance: left as it is, eager
+            continue
         attention = next((getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name)), None)
         own = cache.layers[getattr(attention, "layer_idx", index)]
 
@@ -87,13 +90,14 @@ def compiled_layers(model, cache):
             return output
 
         layer.forward = types.MethodType(forward, layer)
+        patched.append(layer)
     try:
         # Another adapter (another rank: CPU, 1 -> 2 compilations), batch or cache size compiles again:
         # past its default of 8 a function, dynamo would run the layers eagerly without a word.
         with _unfused(layers), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             yield True
     finally:
-        for layer in layers:
+        for layer in patched:
             layer.__dict__.pop("forward", None)
 
 
