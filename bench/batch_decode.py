@@ -15,6 +15,9 @@ with --new-tokens new tokens each, no stop token, so every recipe decodes the sa
                     copies and the step captured on them are kept for the next call: "engine first"
                     makes them), the prompts prefilled as one packed row
     engine padded prefill   the same with the prompts prefilled as one left-padded batch (before session 13)
+    engine compiled         (--compiled) the same with the step's decoder layers compiled (decode_layers.py,
+                            GenerateArgs(compile=True)); "first" includes the compile; "engine again"
+                            is the default after it
 
 tokens/s = new tokens / wall seconds (prefill included). Tokens are compared with generate b64 (the
 same left-padded batch): random weights make near-ties common, so the table gives the share of rows
