@@ -44,10 +44,7 @@ class _LayerCache:
         self.layer = layer
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        layer = self.layer
-        layer.keys.index_copy_(2, layer.slot, key_states)
-        layer.values.index_copy_(2, layer.slot, value_states)
-        return layer.keys, layer.values
+        return self.layer.write(key_states, value_states)
 
 
 def _layer_forward(layer, hidden_states, kwargs):

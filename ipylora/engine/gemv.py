@@ -79,15 +79,12 @@ def config(spec: Spec) -> tuple[int, int, int]:
 def gemv(x, spec: Spec, t=None, b=None, tuning: tuple[int, int, int] | None = None):
     """y = x W^T (+ bias) (+ t b^T) for one token `x` (any shape of in_features elements); `t`: the
     adapter's r values A x, `b`: its (out, r) B, scale folded in; `tuning`: config()'s choice overridden.
-    Inside torch.compile (decode_layers.py) the kernel is the custom op `register_op` made, which
-    inductor calls as it is; without one, the same sum in PyTorch's ops."""
+    Inside torch.compile (graphdecode.StepGraph._compiling) the kernel is the custom op `register_op`
+    made, which inductor calls as it is."""
     import torch
 
     if torch.compiler.is_compiling():
-        if _OP is not None:
-            return _OP(x, spec.weight, spec.bias, t, b)
-        y = torch.nn.functional.linear(x, spec.weight, spec.bias)
-        return y if t is None else y + (b * t.to(b.dtype)).sum(-1).to(y.dtype)
+        return _OP(x, spec.weight, spec.bias, t, b)
     return _launch(x, spec.weight, spec.bias, t, b, tuning or config(spec))
 
 

@@ -375,10 +375,15 @@ def slot_layer():
         def update(self, key_states, value_states, *args, **kwargs):
             if self.slot is None or not self.is_initialized:
                 return super().update(key_states, value_states, *args, **kwargs)
-            self.keys.index_copy_(2, self.slot, key_states)
-            self.values.index_copy_(2, self.slot, value_states)
+            written = self.write(key_states, value_states)
             if self.counts:
                 self.cumulative_length.add_(key_states.shape[-2])
+            return written
+
+        def write(self, key_states, value_states):
+            """The step's keys and values at `slot`, the counter left alone (decode_layers counts apart)."""
+            self.keys.index_copy_(2, self.slot, key_states)
+            self.values.index_copy_(2, self.slot, value_states)
             return self.keys, self.values
 
     return SlotLayer
