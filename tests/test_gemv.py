@@ -165,16 +165,11 @@ def test_compiled_decode_layers_run_the_kernel_as_an_operator(device, merge, mon
     layers still run the kernel, through the custom operator ipylora::gemv: the unmerged adapter's
     layers with its term, the merged copies stacked (q/k/v, gate/up: 4 launches a layer, not 7), with
     the eager step's logits."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from ipylora.engine import graphdecode
     from ipylora.engine.decode import capturing, kernel_linears, lean_lora, merged_lora
+    from tests.test_graphdecode import gqa_lora_model
 
-    torch.manual_seed(0)
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).to(device).eval()
+    model = gqa_lora_model(layers=2, vocab=256).to(device)
     launched = []
     launch = gemv._launch
     monkeypatch.setattr(gemv, "_launch", lambda *args: launched.append(args[1].shape) or launch(*args))

@@ -441,15 +441,21 @@ def test_one_token_grouped_query_attention_folded_equals_transformers_sdpa():
     assert torch.equal(folded(module, prefill, key, value, wide)[0], sdpa_attention_forward(module, prefill, key, value, wide)[0])
 
 
-def test_a_grouped_query_model_decodes_a_batch_as_generate_does():
-    """End to end on a model with 2 query heads per key/value head, where folded_gqa is taken."""
+def gqa_lora_model(layers: int, vocab: int = 1024):
+    """A random Qwen2 with 2 query heads per key/value head and an r8 adapter (B random) on every linear layer."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=0))
+    return get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+
+
+def test_a_grouped_query_model_decodes_a_batch_as_generate_does():
+    """End to end on a model with 2 query heads per key/value head, where folded_gqa is taken."""
+    model = gqa_lora_model(layers=2)
     prompts = batch_prompts()
     calls = []
     folding = graphdecode._folding
@@ -606,14 +612,10 @@ def test_compiled_decode_layers_answer_as_the_eager_step_with_one_compilation_fo
     instance forward is set aside while compiled and put back after; so are the layers' own forwards."""
     import types
 
-    from peft import LoraConfig, get_peft_model
     from torch._dynamo.utils import counters
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    model = gqa_lora_model(layers=4)
+    base = model.get_base_model()
     prompts = batch_prompts()
 
     lengths = []
