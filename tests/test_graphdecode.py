@@ -371,7 +371,9 @@ def test_a_captured_batch_step_replays_the_uncaptured_batch(compiled):
                                             capture=False)
         graphdecode.release(model)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a compile or capture that fails would warn and go on without
+            # a compile or capture that fails would warn and go on without (inductor's own advice, such as
+            # its TF32 note for this fp32 model, is not a failure)
+            warnings.filterwarnings("error", message=".*failed for this model")
             got = graphdecode.decode_batch(model, prompts, 0, 20, graphdecode.picker(model, 0.0, 1.0), (),
                                            compiled=compiled)
         assert graphdecode.step_graph(model, 40, compiled=compiled, batch=len(prompts))._graph is not None
