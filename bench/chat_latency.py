@@ -205,8 +205,7 @@ def _use_gemv(model, on: bool) -> None:
 
     gemv.available = _GEMV_AVAILABLE if on else (lambda: False)
     decode.forget(model)  # the lean forwards found their kernel once
-    for module in model.modules():
-        module.__dict__.pop(decode._GEMV, None)
+    decode.drop_kernels(model)
 
 
 def bench(precision: str, args) -> list[dict]:
@@ -227,13 +226,19 @@ def bench(precision: str, args) -> list[dict]:
     def record(label, m, lean=False, copies=False):
         from ipylora.engine import graphdecode
 
+        from ipylora.engine import gemv
+
         for slots in args.slot_writes.split(","):
             graphdecode.SLOT_WRITES = slots == "on"
             for kernels in args.gemv.split(","):
-                _use_gemv(m, kernels == "on")
-                _record(label + ("" if args.gemv == "on" else f" gemv {kernels}")
-                        + ("" if args.slot_writes == "on" else f" slots {slots}"), m, lean, copies)
+                for nf4 in args.nf4.split(",") if precision == "4bit" else ["on"]:
+                    gemv.NF4 = nf4 == "on"
+                    _use_gemv(m, kernels == "on")
+                    _record(label + ("" if args.gemv == "on" else f" gemv {kernels}")
+                            + ("" if args.nf4 == "on" or precision != "4bit" else f" nf4 {nf4}")
+                            + ("" if args.slot_writes == "on" else f" slots {slots}"), m, lean, copies)
         graphdecode.SLOT_WRITES = True
+        gemv.NF4 = True
 
     def _record(label, m, lean=False, copies=False):
         for mode in modes:
@@ -300,6 +305,8 @@ def main() -> int:
     parser.add_argument("--graph-models", default="base,peft,lean,copies,merged", help="Models measured with the graph loop.")
     parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
     parser.add_argument("--gemv", default="on", help="on, off or off,on: captured steps with/without gemv's kernels")
+    parser.add_argument("--nf4", default="on",
+                        help="on, off or off,on: 4-bit layers through gemv's repacked nf4 kernel or bitsandbytes'")
     parser.add_argument("--slot-writes", default="on",
                         help="on, off or off,on: the step writes its cache slot at its position (graphdecode.slot_layer) "
                              "or from each layer's counter (transformers' StaticLayer)")

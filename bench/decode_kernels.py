@@ -7,12 +7,20 @@ Qwen2-7B) it times, inside a CUDA graph as the captured decode step runs them:
     gemv        ipylora.engine.gemv on the same weight, at its default tiling and the best of a grid
     + lora      the kernel with an r16 adapter's B (A x) added in it
 
+With --nf4, the same shapes as bitsandbytes' 4-bit layers (nf4, double quantization, bf16 compute,
+the QLoRA layout), instead:
+
+    bnb nf4     bitsandbytes' Linear4bit forward for one token (its gemv kernel)
+    gemv nf4    ipylora.engine.gemv's kernel over the codes repacked by gemv.nf4_spec (default tiling,
+                and with --grid the best of a grid of (rows, 128-weight groups a loop, warps))
+    + lora      the same with an r16 adapter's term
+
 and prints microseconds a call, the bandwidth that is (weight bytes read / time; layers under
 ~50 MB are read partly from the L2 cache when called back to back, so theirs can pass the GPU's
 4.3 TB/s) and the largest difference from the reference. --grid tries every tiling and prints the best, which is how
 gemv.config's choices were made.
 
-    python bench/decode_kernels.py [--grid] [--json out.jsonl]
+    python bench/decode_kernels.py [--grid] [--nf4] [--json out.jsonl]
 
 Without CUDA it prints why and exits 0.
 """
@@ -64,6 +72,8 @@ def timed(fn, replays: int = 20) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", action="store_true", help="time every tiling and print the best")
+    parser.add_argument("--layers", default="", help="only the layers whose name contains this (e.g. llama7b)")
+    parser.add_argument("--nf4", action="store_true", help="4-bit layers: bitsandbytes' kernel against gemv's nf4 one")
     parser.add_argument("--json", default=None, help="also append each row to this JSON-lines file")
     args = parser.parse_args()
     if not cuda_or_skip("the kernels are timed on a CUDA GPU and none is available"):
@@ -72,10 +82,13 @@ def main() -> int:
 
     from ipylora.engine import gemv
 
+    if args.nf4:
+        return nf4_rows(args)
+
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, bf16, {CALLS} calls a graph")
     print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
     torch.manual_seed(0)
-    for label, out_features, in_features in SHAPES:
+    for label, out_features, in_features in [shape for shape in SHAPES if args.layers in shape[0]]:
         linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
         t = torch.randn(16, device="cuda", dtype=torch.bfloat16)
@@ -116,6 +129,69 @@ def main() -> int:
                     best = (us, (rows, chunk, warps))
             row("gemv best", best[0], 0.0, str(best[1]))
         del linear
+        torch.cuda.empty_cache()
+    return 0
+
+
+def nf4_rows(args) -> int:
+    import bitsandbytes as bnb
+    import torch
+
+    from ipylora.engine import gemv
+
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, nf4 (double quant), bf16 compute, "
+          f"{CALLS} calls a graph; TB/s of nf4 codes and scales as bitsandbytes stores them")
+    print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
+    torch.manual_seed(0)
+    for label, out_features, in_features in [shape for shape in SHAPES if args.layers in shape[0]]:
+        weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        layer = layer.cuda()
+        state = layer.weight.quant_state
+        nbytes = layer.weight.numel() + state.absmax.numel()
+        x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn(16, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(out_features, 16, device="cuda", dtype=torch.bfloat16) * 0.01
+        spec = gemv.spec(layer, torch.bfloat16)
+        with torch.no_grad():
+            reference = x.float() @ bnb.functional.dequantize_4bit(layer.weight.data, state).float().t()
+
+        def row(kernel, us, diff, tiling=""):
+            tb_s = nbytes / us / 1e6
+            print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff,
+                                                 tiling=tiling)) + "\n")
+
+        def err(got, expected):
+            return float((got.float() - expected).abs().max() / expected.abs().max())
+
+        with torch.no_grad():
+            row("bnb nf4", timed(lambda: layer(x)), err(layer(x), reference))
+            if spec is None:
+                print(f"{label:<18} gemv nf4: no spec for this layer", flush=True)
+                continue
+            row("gemv nf4", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference), str(gemv.config(spec)))
+            row("gemv nf4 + lora", timed(lambda: gemv.gemv(x, spec, t, b)),
+                err(gemv.gemv(x, spec, t, b), reference + (t.float() @ b.float().t())))
+            if args.grid:
+                best = None
+                for tiling in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8)):
+                    rows, groups, warps = tiling
+                    if not 64 <= rows * groups * 16 <= 2048 or rows * groups * 16 < 32 * warps:
+                        continue
+                    try:
+                        us = timed(lambda: gemv.gemv(x, spec, tuning=tiling), replays=5)
+                    except Exception as exc:  # a tiling Triton cannot build
+                        print(f"  {tiling} failed: {type(exc).__name__}", flush=True)
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, tiling)
+                row("gemv nf4 best", best[0], err(gemv.gemv(x, spec, tuning=best[1]), reference), str(best[1]))
+        del layer, spec
         torch.cuda.empty_cache()
     return 0
 

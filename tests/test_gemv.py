@@ -66,10 +66,8 @@ def test_layers_the_kernel_does_not_take_keep_their_forward(interpreted):
     assert gemv.spec(linear, torch.bfloat16) is None  # another dtype than the compute dtype
     assert gemv.spec(Conv1D(32, 64), torch.float32) is None  # GPT-2's transposed layout
     assert gemv.spec(torch.nn.Embedding(10, 8), torch.float32) is None
-    # 4-bit layers keep bitsandbytes' kernel (gemv.py says why).
-    nf4 = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")._quantize("cpu")
-    assert gemv.spec(nf4, torch.bfloat16) is None
+    # An 8-bit layer keeps bitsandbytes' kernel (4-bit ones: test_nf4_layers_the_kernel_does_not_take).
+    assert gemv.spec(bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False), torch.float16) is None
 
 
 def test_no_spec_off_cuda_without_the_interpreter(interpreted, monkeypatch):
@@ -196,3 +194,136 @@ def test_compiled_decode_layers_run_the_kernel_as_an_operator(device, merge, mon
     got = steps(True)
     assert len(launched) == 4 * 2 * (4 if merge else 7)
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) < 1e-4
+
+
+def nf4_layer(out_features, in_features, device, bias=False, nested=True, blocksize=64, dtype=torch.bfloat16,
+              quant_type="nf4"):
+    """bitsandbytes' Linear4bit over a random weight, quantized where it will run."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=dtype, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=nested, blocksize=blocksize)._quantize(device)
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features, device=device, dtype=dtype), requires_grad=False)
+    return layer
+
+
+# (out, in, bias, double quantization, block, dtype): rows that are not a multiple of 512 weights
+# (padded), blocks of 128 (their scale repeated), fp16 inputs.
+NF4_CASES = [(40, 1024, False, True, 64, torch.bfloat16), (7, 704, True, False, 64, torch.bfloat16),
+             (24, 1536, False, True, 128, torch.float16)]
+
+
+@pytest.mark.parametrize("out_features,in_features,bias,nested,blocksize,dtype", NF4_CASES)
+def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, in_features, bias, nested, blocksize,
+                                                           dtype):
+    """The repacked nf4 kernel computes x W^T with W as bitsandbytes dequantizes it (to bf16's rounding
+    of the code book: 0.3% a weight), its bias and the adapter's term, at any tiling; repacked once."""
+    import bitsandbytes as bnb
+
+    layer = nf4_layer(out_features, in_features, device, bias, nested, blocksize, dtype)
+    spec = gemv.spec(layer, dtype)
+    assert spec is not None and spec.scales is not None and gemv.spec(layer, dtype) is spec
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    x = torch.randn(1, 1, in_features, device=device, dtype=dtype)
+    t = torch.randn(12, device=device, dtype=dtype)
+    b = (torch.randn(out_features, 12, device=device) * 0.1).to(dtype)
+    expected = x.float() @ weight.t() + (layer.bias.float() if bias else 0)
+    got = gemv.gemv(x, spec)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()
+    expected = expected + t.float() @ b.float().t()
+    for tiling in (None, (1, 1, 1), (8, 2, 4)):
+        got = gemv.gemv(x, spec, t, b, tuning=tiling)
+        assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), tiling
+
+
+def test_nf4_layers_the_kernel_does_not_take(interpreted):
+    assert gemv.spec(nf4_layer(32, 512, "cpu", quant_type="fp4"), torch.bfloat16) is None  # another code book
+    assert gemv.spec(nf4_layer(32, 512, "cpu", blocksize=32), torch.bfloat16) is None  # blocks under 64 weights
+    assert gemv.spec(nf4_layer(32, 512, "cpu", dtype=torch.float32), torch.float32) is None  # fp32 inputs
+
+
+def _run_ptx(asm: str, registers: dict) -> dict:
+    """The lookup's PTX run by a model of its five instructions (prmt as the PTX manual defines it:
+    a selector's low 3 bits pick one of the 8 bytes of {b, a}, its top bit replicates that byte's sign)."""
+    def value(token):
+        return registers[token] if token in registers else int(token, 0)
+
+    for line in asm.strip("{}\n").splitlines():
+        line = line.strip().rstrip(";")
+        if line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        out, *args = [a.strip() for a in rest.split(",")]
+        if op == "prmt.b32":
+            a, b, c = (value(arg) for arg in args)
+            source = (b << 32 | a).to_bytes(8, "little")
+            result = 0
+            for i in range(4):
+                selector = (c >> 4 * i) & 15
+                byte = source[selector & 7]
+                result |= ((0xFF if byte & 0x80 else 0) if selector & 8 else byte) << 8 * i
+        else:
+            a, b = (value(arg) for arg in args)
+            result = {"and.b32": a & b, "or.b32": a | b, "shr.b32": a >> b}[op]
+        registers[out] = result & 0xFFFFFFFF
+    return registers
+
+
+def test_nf4_lookup_assembly_gives_the_table_for_every_code():
+    """The inline PTX of the GPU path (which the interpreter does not run) turns each word of 8 codes
+    into the table's 8 weights, for codes drawn at random and each code in each place."""
+    import random
+    import struct
+
+    from ipylora.engine import gemv_kernels
+
+    table = gemv_kernels.table_values()
+    assert max(abs(v - c) for v, c in zip(table, gemv_kernels.NF4)) < 0.003
+    planes = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(gemv_kernels.NF4_PLANES)}
+    rng = random.Random(0)
+    words = [[rng.randrange(16) for _ in range(8)] for _ in range(300)] + [[c] * 8 for c in range(16)]
+    for codes in words:
+        registers = _run_ptx(gemv_kernels.NF4_LOOKUP.value, {"$8": sum(c << 4 * k for k, c in enumerate(codes)),
+                                                               **planes})
+        got = [struct.unpack("<f", struct.pack("<I", registers[f"${k}"]))[0] for k in range(8)]
+        assert got == [table[c] for c in codes], codes
+
+
+def test_captured_form_of_a_4bit_model_runs_the_nf4_kernel_and_release_drops_its_codes(interpreted, monkeypatch):
+    """A bf16 4-bit model with an adapter: in the captured form each adapted layer runs the nf4 kernel
+    with its adapter's term (but the tiny model's down projections, 344 weights wide: bitsandbytes'
+    blocks of 64 cross their rows, so they keep its kernel), the logits are PEFT's over bitsandbytes'
+    layers; graphdecode.release drops the repacked codes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ipylora.engine import decode, graphdecode
+    from ipylora.engine.models import _keep_4bit_layout_trainable
+    from ipylora.engine.tiny import tiny_model_path
+    from tests.test_decode import step_logits
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), quantization_config=quantized, device_map={"": "cpu"},
+                                                dtype=torch.bfloat16)
+    _keep_4bit_layout_trainable(base)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    launched = []
+    launch = gemv._launch_nf4
+    monkeypatch.setattr(gemv, "_launch_nf4", lambda *args: launched.append(args[5] is not None) or launch(*args))
+    expected, _ = step_logits(model)
+    got, _ = step_logits(model, decode.lean_lora(model), decode.capturing(), decode.kernel_linears(base))
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    taken = [m for m in adapted if m.base_layer.in_features % 64 == 0]
+    assert len(taken) == len(adapted) - 2
+    assert launched == [True] * len(taken)  # nf4 base and adapter in one kernel
+    assert (got.float() - expected.float()).abs().max() <= 0.03 * expected.float().abs().max()
+    assert sum(m.base_layer.__dict__[gemv._NF4][1] is not None for m in adapted) == len(taken)
+    graphdecode.release(model)
+    assert not any(gemv._NF4 in m.__dict__ or decode._GEMV in m.__dict__ for m in model.modules())

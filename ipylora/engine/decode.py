@@ -177,6 +177,7 @@ def _lean_forward(module, name: str, dtype):
         return y + (scale * delta).to(y.dtype).view(y.shape)
 
     forward.lora_a = a
+    forward.kernel = kernel  # drop_kernels empties it
     return forward
 
 
@@ -438,6 +439,18 @@ def _group_siblings(model, patched: list) -> None:
             rows = forward.lora_a.shape[0]
             module.__dict__[_GROUP] = (group, slice(start, start + rows), forwards)
             start += rows
+
+
+def drop_kernels(model) -> None:
+    """Forget the gemv specs the captured steps' layers hold (kernel_linears', the lean forwards')
+    and the repacked nf4 codes behind them: they take the 4-bit weights' memory again, which
+    training wants. The next capture makes them again."""
+    for module in model.modules():
+        module.__dict__.pop(_GEMV, None)
+        cached = module.__dict__.get(_CACHED)
+        if cached is not None:
+            cached[1].kernel.clear()
+    gemv.forget(model)
 
 
 def forget(model, layers=None) -> None:

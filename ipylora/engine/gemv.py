@@ -10,12 +10,16 @@ computes y = W x (+ bias) (+ scale B t), where t = A x is the r values of the ad
 (decode.py computes it once for the siblings that share the input): 9.3 -> 6.0 us for a 4096 x 4096
 layer, 27.2 -> 22.4 us for 4096 x 11008, and the adapter's term costs 0.3-0.6 us more.
 
-bitsandbytes' 4-bit layers keep bitsandbytes' kernel: a Triton kernel reading its nf4 codes and
-double-quantized scales as stored reached 0.25-0.44 TB/s against bitsandbytes' 0.7-1.0 (its code
-book read from memory, or picked by selects on the bits: both slower), so it is not used.
+bitsandbytes' nf4 layers get a kernel of their own over a copy of their codes repacked once
+(`nf4_spec`): bitsandbytes' one-token kernel reads nf4 at 0.7-1.0 TB/s (H200, session 12), and a
+Triton kernel reading its codes and double-quantized scales as stored was slower still (0.25-0.44:
+the code book read from memory, or picked by selects on the bits). The repacked kernel looks its
+codes up in registers (gemv_kernels.NF4_LOOKUP) and reads one fp16 scale per 64 weights; the copy
+takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
+free GPU memory holds it.
 
-`spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, on CUDA
-with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)` runs it. The Triton
+`spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, or an nf4
+Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)` runs it. The Triton
 interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors, which is how the tests check
 it against PyTorch without a GPU.
 """
@@ -30,12 +34,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Spec:
-    """What the kernel reads for one linear layer: its (out, in) weight and bias."""
+    """What the kernel reads for one linear layer: its (out, in) weight and bias; for an nf4 layer
+    (`scales` set), `weight` is its codes repacked as nf4_spec says (int32 words) and `scales` their fp16 scales."""
 
     weight: Any
     out_features: int
     in_features: int
     bias: Any = None
+    scales: Any = None
 
 
 def interpreted() -> bool:
@@ -59,7 +65,11 @@ def spec(layer, dtype) -> Spec | None:
     import torch
 
     weight = getattr(layer, "weight", None)
-    if type(layer) is not torch.nn.Linear or not available() or (weight.device.type != "cuda" and not interpreted()):
+    if not isinstance(weight, torch.Tensor) or not available() or (weight.device.type != "cuda" and not interpreted()):
+        return None
+    if type(layer).__name__ == "Linear4bit":
+        return nf4_spec(layer, dtype)
+    if type(layer) is not torch.nn.Linear:
         return None
     bias = layer.bias
     if weight.dtype != dtype or not weight.is_contiguous() or (bias is not None and bias.dtype != dtype):
@@ -67,8 +77,84 @@ def spec(layer, dtype) -> Spec | None:
     return Spec(weight.detach(), layer.out_features, layer.in_features, None if bias is None else bias.detach())
 
 
+# Attribute of a bitsandbytes Linear4bit holding (key, Spec or None): its repacked codes, made once.
+_NF4 = "_ipylora_nf4"
+# The repacked nf4 kernel for 4-bit layers; False keeps bitsandbytes' (benchmarks compare the two).
+NF4 = True
+
+
+def nf4_spec(layer, dtype) -> Spec | None:
+    """The nf4 kernel's view of bitsandbytes' `layer`: its codes repacked and its scales decoded, once
+    per weight (kept on the layer until `forget`). None where the kernel does not apply (fp4 codes,
+    another code book, blocks of under 64 weights or across rows, 4-bit weights stored in a float
+    dtype, a bias of another dtype) or where the copy would take more than half the free GPU memory.
+
+    Each row is padded to a multiple of 512 weights and stored as 32-bit words of 8 codes, ordered so
+    that a program's words meet consecutive pairs of inputs (gemv_kernels.nf4_gemv_kernel); scales
+    are one per 64 weights (bitsandbytes' blocks of 64 or more, repeated), dequantized from its
+    double quantization, in fp16 (absmax values up to 65,504; larger ones keep bitsandbytes' kernel)."""
+    import torch
+
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    bias = getattr(layer, "bias", None)
+    if not NF4 or state is None or weight.dtype != torch.uint8 or dtype not in (torch.bfloat16, torch.float16) \
+            or (bias is not None and bias.dtype != dtype):
+        return None
+    key = (weight.data_ptr(), weight._version, dtype)
+    held = layer.__dict__.get(_NF4)
+    if held is not None and held[0] == key:
+        return held[1]
+    layer.__dict__.pop(_NF4, None)  # the old copy goes before a new one is made
+    found = _repack_nf4(weight, state, bias)
+    layer.__dict__[_NF4] = (key, found)
+    return found
+
+
+def _repack_nf4(weight, state, bias) -> Spec | None:
+    import torch
+
+    from ipylora.engine import gemv_kernels
+
+    out_features, in_features = state.shape
+    block = state.blocksize
+    if getattr(weight, "quant_type", "nf4") != "nf4" or block % 64 or in_features % block or state.code.numel() != 16:
+        return None
+    if not torch.allclose(state.code.float().cpu(), torch.tensor(gemv_kernels.NF4), atol=1e-6):
+        return None
+    padded = -(-in_features // 512) * 512
+    nbytes = out_features * padded // 2 + out_features * padded // 64 * 2
+    if weight.is_cuda:
+        from ipylora.engine.speed import _free_bytes
+
+        if nbytes > _free_bytes() // 2:
+            return None
+    with torch.no_grad():
+        if state.nested:
+            import bitsandbytes as bnb
+
+            absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        else:
+            absmax = state.absmax
+        absmax = absmax.float().reshape(out_features, in_features // block)
+        if not bool(absmax.abs().max() <= 65504):
+            return None
+        scales = absmax.repeat_interleave(block // 64, dim=1)
+        scales = torch.nn.functional.pad(scales, (0, (padded - in_features) // 64)).to(torch.float16).contiguous()
+        packed = weight.data.reshape(out_features, in_features // 2)  # byte i: weight 2i (high bits), 2i + 1
+        codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(out_features, in_features)
+        codes = torch.nn.functional.pad(codes, (0, padded - in_features))  # code 0 meets a zero input and scale
+        # weight 128 g + 2 (16 m + v) + p -> group g, word v, code 2m + p; byte m of a word holds codes 2m, 2m + 1
+        codes = codes.reshape(out_features, padded // 128, 4, 16, 2).permute(0, 1, 3, 2, 4)  # (row, g, v, m, p)
+        packed = (codes[..., 0] | (codes[..., 1] << 4)).contiguous().view(torch.int32).reshape(out_features, -1)
+    return Spec(packed, out_features, in_features, None if bias is None else bias.detach(), scales=scales)
+
+
 def config(spec: Spec) -> tuple[int, int, int]:
-    """(output rows a program computes, weights along a row it reads a loop, warps)."""
+    """(output rows a program computes, weights along a row it reads a loop, warps); for nf4 layers
+    the second is groups of 128 weights a loop."""
+    if spec.scales is not None:
+        return (16, 4, 4) if interpreted() else NF4_TILING
     if interpreted():  # the interpreter runs one program after another: as few as it can
         return 16, 256, 4
     # From bench/decode_kernels.py --grid (H200): 4 rows of 1024 with 2 warps was the fastest for
@@ -84,8 +170,46 @@ def gemv(x, spec: Spec, t=None, b=None, tuning: tuple[int, int, int] | None = No
     import torch
 
     if torch.compiler.is_compiling():
-        return _OP(x, spec.weight, spec.bias, t, b)
+        return _OP(x, spec.weight, spec.bias, t, b, spec.scales)
+    if spec.scales is not None:
+        return _launch_nf4(x, spec.weight, spec.scales, spec.bias, t, b, tuning or config(spec))
     return _launch(x, spec.weight, spec.bias, t, b, tuning or config(spec))
+
+
+# From bench/decode_kernels.py --grid: (rows a program, 128-weight groups a loop, warps).
+NF4_TILING = (4, 4, 2)
+
+
+def _launch_nf4(x, codes, scales, bias, t, b, tuning: tuple[int, int, int]):
+    import torch
+    import triton
+
+    out_features, in_features = codes.shape[0], x.shape[-1]
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+    rank = 0 if t is None else b.shape[1]
+    rows, groups, warps = tuning
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.data_ptr() % 4:
+        raise ValueError(f"the nf4 kernel takes bf16 or fp16 inputs on 4-byte boundaries, not {x.dtype}")
+    unused = out
+    table = _nf4_table(x.device) if interpreted() else unused  # the registers' table, in memory
+    from ipylora.engine import gemv_kernels
+
+    gemv_kernels.nf4_gemv_kernel[(triton.cdiv(out_features, rows),)](
+        x.reshape(-1), codes, scales, out, bias if bias is not None else unused, t if t is not None else unused,
+        b if b is not None else unused, table, out_features, in_features, codes.shape[1], scales.shape[1],
+        *gemv_kernels.NF4_PLANES,
+        HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)), BLOCK_N=rows,
+        GROUPS=groups, BF16=x.dtype == torch.bfloat16, ASM=not interpreted(), num_warps=warps)
+    return out
+
+
+@functools.cache
+def _nf4_table(device):
+    import torch
+
+    from ipylora.engine import gemv_kernels
+
+    return torch.tensor(gemv_kernels.table_values(), dtype=torch.float32, device=device).view(torch.int32)
 
 
 def _launch(x, weight, bias, t, b, tuning: tuple[int, int, int]):
@@ -117,18 +241,27 @@ def register_op() -> None:
         return
     import torch
 
-    def kernel(x, weight, bias, t, b):
-        spec = Spec(weight, weight.shape[0], weight.shape[1], bias)
+    def kernel(x, weight, bias, t, b, scales):
+        spec = Spec(weight, weight.shape[0], x.shape[-1], bias, scales)
+        if scales is not None:
+            return _launch_nf4(x, weight, scales, bias, t, b, config(spec))
         return _launch(x, weight, bias, t, b, config(spec))
 
     op = torch.library.custom_op("ipylora::gemv", kernel, mutates_args=(),
-                                 schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? t, Tensor? b) -> Tensor")
+                                 schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? t, Tensor? b, Tensor? scales)"
+                                        " -> Tensor")
 
     @op.register_fake
-    def _(x, weight, bias, t, b):
+    def _(x, weight, bias, t, b, scales):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     _OP = op
+
+
+def forget(model) -> None:
+    """Drop the repacked nf4 copies nf4_spec keeps on `model`'s layers (training wants the memory)."""
+    for module in model.modules():
+        module.__dict__.pop(_NF4, None)
 
 
 @functools.cache

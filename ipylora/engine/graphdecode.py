@@ -32,7 +32,7 @@ import types
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Collection
 
-from ipylora.engine.decode import capturing, kernel_linears
+from ipylora.engine.decode import capturing, drop_kernels, kernel_linears
 from ipylora.engine.models import base_of
 
 # Attributes of the model holding its StepGraphs: chat's (one row) and batched decoding's; and the
@@ -545,11 +545,12 @@ def step_graph(model, need: int, compiled: bool, capture: bool = True, batch: in
 
 
 def release(model, chat: bool = True) -> None:
-    """Free the model's captured steps, their caches and the merged copies they decode on (training
-    needs the memory; weights changed); without `chat`, only the batched step."""
+    """Free the model's captured steps, their caches and the merged copies (or repacked nf4 codes)
+    they decode on (training needs the memory; weights changed); without `chat`, only the batched step."""
     base = base_of(model)
     if chat:
         base.__dict__.pop(_COPIES, None)
+        drop_kernels(model)
     for slot in (_SLOT, _BATCH_SLOT) if chat else (_BATCH_SLOT,):
         _free(base, slot)
 
