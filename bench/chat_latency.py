@@ -228,17 +228,18 @@ def bench(precision: str, args) -> list[dict]:
 
         from ipylora.engine import gemv
 
+        nf4_default = gemv.NF4
         for slots in args.slot_writes.split(","):
             graphdecode.SLOT_WRITES = slots == "on"
             for kernels in args.gemv.split(","):
-                for nf4 in args.nf4.split(",") if precision == "4bit" else ["on"]:
-                    gemv.NF4 = nf4 == "on"
+                for nf4 in args.nf4.split(",") if args.nf4 and precision == "4bit" else [None]:
+                    gemv.NF4 = nf4_default if nf4 is None else nf4 == "on"
                     _use_gemv(m, kernels == "on")
                     _record(label + ("" if args.gemv == "on" else f" gemv {kernels}")
-                            + ("" if args.nf4 == "on" or precision != "4bit" else f" nf4 {nf4}")
+                            + ("" if nf4 is None else f" nf4 {nf4}")
                             + ("" if args.slot_writes == "on" else f" slots {slots}"), m, lean, copies)
         graphdecode.SLOT_WRITES = True
-        gemv.NF4 = True
+        gemv.NF4 = nf4_default
 
     def _record(label, m, lean=False, copies=False):
         for mode in modes:
@@ -305,8 +306,9 @@ def main() -> int:
     parser.add_argument("--graph-models", default="base,peft,lean,copies,merged", help="Models measured with the graph loop.")
     parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
     parser.add_argument("--gemv", default="on", help="on, off or off,on: captured steps with/without gemv's kernels")
-    parser.add_argument("--nf4", default="on",
-                        help="on, off or off,on: 4-bit layers through gemv's repacked nf4 kernel or bitsandbytes'")
+    parser.add_argument("--nf4", default=None,
+                        help="on, off or off,on: 4-bit layers through gemv's repacked nf4 kernel or bitsandbytes' "
+                             "(default: the engine's, gemv.NF4)")
     parser.add_argument("--slot-writes", default="on",
                         help="on, off or off,on: the step writes its cache slot at its position (graphdecode.slot_layer) "
                              "or from each layer's counter (transformers' StaticLayer)")

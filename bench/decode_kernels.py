@@ -139,6 +139,7 @@ def nf4_rows(args) -> int:
 
     from ipylora.engine import gemv
 
+    gemv.NF4 = True  # whatever the engine's default
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, nf4 (double quant), bf16 compute, "
           f"{CALLS} calls a graph; TB/s of nf4 codes and scales as bitsandbytes stores them")
     print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")

@@ -367,9 +367,10 @@ def _merged_copies(model):
 
 
 def _four_bit(model) -> bool:
-    """Whether bitsandbytes holds the model's layers in 4 bits. Chat's one-row step then keeps its
-    kernels over the nf4 codes (lean_lora's forwards) instead of bf16 merged copies: the copies took
-    4x the weights' memory and decoded no faster (7B shape, r16 adapter, H100, session 14: 166-170
+    """Whether bitsandbytes holds the model's layers in 4 bits. Chat's one-row step then runs over the
+    nf4 codes (lean_lora's forwards: gemv's kernel over a repacked copy of the codes, gemv.nf4_spec, or
+    bitsandbytes' own) instead of bf16 merged copies: the copies took 4x the weights' memory and
+    decoded no faster than bitsandbytes' kernel (7B shape, r16 adapter, H100, session 14: 166-170
     tokens/s against 169-173). Batched decoding still merges into copies (a 64-row step reads each
     weight once for all rows, where bitsandbytes dequantizes it first)."""
     return any(type(module).__name__ == "Linear4bit" for module in model.modules())

@@ -16,7 +16,7 @@ Triton kernel reading its codes and double-quantized scales as stored was slower
 the code book read from memory, or picked by selects on the bits). The repacked kernel looks its
 codes up in registers (gemv_kernels.NF4_LOOKUP) and reads one fp16 scale per 64 weights; the copy
 takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
-free GPU memory holds it.
+free GPU memory holds it. Off by default (`NF4`) until a GPU has measured it against bitsandbytes'.
 
 `spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, or an nf4
 Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)` runs it. The Triton
@@ -80,7 +80,10 @@ def spec(layer, dtype) -> Spec | None:
 # Attribute of a bitsandbytes Linear4bit holding (key, Spec or None): its repacked codes, made once.
 _NF4 = "_ipylora_nf4"
 # The repacked nf4 kernel for 4-bit layers; False keeps bitsandbytes' (benchmarks compare the two).
-NF4 = True
+# Off until a GPU has measured it against bitsandbytes' kernel (built in session 20, which got no GPU):
+# `python3 bench/decode_kernels.py --nf4 --grid` and `python3 bench/chat_latency.py --precision 4bit
+# --modes graph --graph-models base,lean --liger --nf4 off,on`.
+NF4 = False
 
 
 def nf4_spec(layer, dtype) -> Spec | None:
