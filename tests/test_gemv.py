@@ -196,12 +196,6 @@ def test_compiled_decode_layers_run_the_kernel_as_an_operator(device, merge, mon
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) < 1e-4
 
 
-@pytest.fixture(autouse=True)
-def nf4_kernel(monkeypatch):
-    """The nf4 kernel on, as a measured GPU would have it (gemv.NF4 says why it is off by default)."""
-    monkeypatch.setattr(gemv, "NF4", True)
-
-
 def nf4_layer(out_features, in_features, device, bias=False, nested=True, blocksize=64, dtype=torch.bfloat16,
               quant_type="nf4"):
     """bitsandbytes' Linear4bit over a random weight, quantized where it will run."""

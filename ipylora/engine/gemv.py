@@ -11,12 +11,14 @@ computes y = W x (+ bias) (+ scale B t), where t = A x is the r values of the ad
 layer, 27.2 -> 22.4 us for 4096 x 11008, and the adapter's term costs 0.3-0.6 us more.
 
 bitsandbytes' nf4 layers get a kernel of their own over a copy of their codes repacked once
-(`nf4_spec`): bitsandbytes' one-token kernel reads nf4 at 0.7-1.0 TB/s (H200, session 12), and a
-Triton kernel reading its codes and double-quantized scales as stored was slower still (0.25-0.44:
-the code book read from memory, or picked by selects on the bits). The repacked kernel looks its
-codes up in registers (gemv_kernels.NF4_LOOKUP) and reads one fp16 scale per 64 weights; the copy
-takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
-free GPU memory holds it. Off by default (`NF4`) until a GPU has measured it against bitsandbytes'.
+(`nf4_spec`): a Triton kernel reading bitsandbytes' codes and double-quantized scales as stored was
+slower than bitsandbytes' own one-token kernel (session 12: 0.25-0.44 TB/s against 0.7-1.0, the code
+book read from memory or picked by selects on the bits). The repacked kernel looks its codes up in
+registers (gemv_kernels.NF4_LOOKUP, prmt byte permutes) and reads one fp16 scale per 64 weights:
+8.3 against 10.1 us for a 4096 x 4096 layer, 18.5 against 22.1 for 11008 x 4096 (H100, session 20),
+and the 7B shape's 4-bit chat step with an r16 adapter 171 -> 197 tokens/s. The copy takes the 4-bit
+weights' memory again (about 3.6 GB for a 7B model), and is made only where half the free GPU memory
+holds it; graphdecode.release drops it with the captured step.
 
 `spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, or an nf4
 Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)` runs it. The Triton
@@ -80,10 +82,9 @@ def spec(layer, dtype) -> Spec | None:
 # Attribute of a bitsandbytes Linear4bit holding (key, Spec or None): its repacked codes, made once.
 _NF4 = "_ipylora_nf4"
 # The repacked nf4 kernel for 4-bit layers; False keeps bitsandbytes' (benchmarks compare the two).
-# Off until a GPU has measured it against bitsandbytes' kernel (built in session 20, which got no GPU):
-# `python3 bench/decode_kernels.py --nf4 --grid` and `python3 bench/chat_latency.py --precision 4bit
-# --modes graph --graph-models base,lean --liger --nf4 off,on`.
-NF4 = False
+# `python3 bench/decode_kernels.py --nf4 --grid`, `python3 bench/chat_latency.py --precision 4bit
+# --modes graph --graph-models base,lean --liger --nf4 off,on` compare them.
+NF4 = True
 
 
 def nf4_spec(layer, dtype) -> Spec | None:
@@ -157,7 +158,12 @@ def config(spec: Spec) -> tuple[int, int, int]:
     """(output rows a program computes, weights along a row it reads a loop, warps); for nf4 layers
     the second is groups of 128 weights a loop."""
     if spec.scales is not None:
-        return (16, 4, 4) if interpreted() else NF4_TILING
+        if interpreted():
+            return 16, 4, 4
+        # From bench/decode_kernels.py --nf4 --grid (H100, session 20): one row a program, in one warp,
+        # 1024 weights a loop for the 7B shapes' layers (1.09-1.26 TB/s of nf4 against bitsandbytes'
+        # 1.0-1.05); four warps for Qwen2-7B's 512-row k/v projections (2.97 against 6.04 us).
+        return (1, 8, 1) if spec.out_features > 1024 else (1, 8, 4)
     if interpreted():  # the interpreter runs one program after another: as few as it can
         return 16, 256, 4
     # From bench/decode_kernels.py --grid (H200): 4 rows of 1024 with 2 warps was the fastest for
@@ -177,10 +183,6 @@ def gemv(x, spec: Spec, t=None, b=None, tuning: tuple[int, int, int] | None = No
     if spec.scales is not None:
         return _launch_nf4(x, spec.weight, spec.scales, spec.bias, t, b, tuning or config(spec))
     return _launch(x, spec.weight, spec.bias, t, b, tuning or config(spec))
-
-
-# From bench/decode_kernels.py --grid: (rows a program, 128-weight groups a loop, warps).
-NF4_TILING = (4, 4, 2)
 
 
 def _launch_nf4(x, codes, scales, bias, t, b, tuning: tuple[int, int, int]):
