@@ -69,6 +69,16 @@ def timed(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (replays * CALLS)
 
 
+def report(args, label: str, kernel: str, us: float, nbytes: int, diff: float, tiling="") -> None:
+    """Print one row (and append it to --json's file): microseconds a call, the TB/s of `nbytes`."""
+    tb_s = nbytes / us / 1e6
+    print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff,
+                                         tiling=tiling)) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", action="store_true", help="time every tiling and print the best")
@@ -99,12 +109,7 @@ def main() -> int:
             reference = linear(x).float()
 
         def row(kernel, us, diff, tiling=""):
-            tb_s = dense_bytes / us / 1e6
-            print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff,
-                                                 tiling=tiling)) + "\n")
+            report(args, label, kernel, us, dense_bytes, diff, tiling)
 
         def err(got, expected):
             return float((got.float() - expected).abs().max())
@@ -160,12 +165,7 @@ def nf4_rows(args) -> int:
             reference = x.float() @ bnb.functional.dequantize_4bit(layer.weight.data, state).float().t()
 
         def row(kernel, us, diff, tiling=""):
-            tb_s = nbytes / us / 1e6
-            print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff,
-                                                 tiling=tiling)) + "\n")
+            report(args, label, kernel, us, nbytes, diff, tiling)
 
         def err(got, expected):
             return float((got.float() - expected).abs().max() / expected.abs().max())

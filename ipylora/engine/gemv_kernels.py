@@ -6,6 +6,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+           RANK_P: tl.constexpr):
+    """y[rows] = total (+ bias) (+ B t), rounded once to y's dtype."""
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if RANK > 0:
+        ranks = tl.arange(0, RANK_P)
+        rank_ok = ranks < RANK
+        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                     other=0.0).to(tl.float32)
+        total += tl.sum(bw * t[None, :], axis=1)
+    tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, N, K, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
                 RANK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """BLOCK_N rows of y = W x (+ bias) (+ B t): each program reads its rows BLOCK_K weights at a time,
@@ -21,16 +37,7 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, N, K, HAS_BIAS: tl.
         xv = tl.load(x_ptr + column, mask=column_ok, other=0.0)
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
     total = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if RANK > 0:
-        ranks = tl.arange(0, RANK_P)
-        rank_ok = ranks < RANK
-        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
-        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                     other=0.0).to(tl.float32)
-        total += tl.sum(bw * t[None, :], axis=1)
-    tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
+    _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
 
 
 # bitsandbytes' nf4 code book (bitsandbytes.functional.get_4bit_type("nf4")); gemv.nf4_spec checks a
@@ -168,13 +175,4 @@ def nf4_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_pt
             acc = _pair_term(acc, _code(table_ptr, q, 4), _code(table_ptr, q, 5), x2, s_second, BF16)
             acc = _pair_term(acc, _code(table_ptr, q, 6), _code(table_ptr, q, 7), x3, s_second, BF16)
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if RANK > 0:
-        ranks = tl.arange(0, RANK_P)
-        rank_ok = ranks < RANK
-        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
-        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                     other=0.0).to(tl.float32)
-        total += tl.sum(bw * t[None, :], axis=1)
-    tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
+    _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
