@@ -239,6 +239,9 @@ def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, 
     for tiling in (None, (1, 1, 1), (8, 2, 4)):
         got = gemv.gemv(x, spec, t, b, tuning=tiling)
         assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), tiling
+    # An input that starts 2 bytes into its storage (the kernel reads 32-bit pairs): taken as a copy.
+    shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]
+    assert shifted.data_ptr() % 4 and torch.equal(gemv.gemv(shifted, spec, t, b), gemv.gemv(x, spec, t, b))
 
 
 def test_nf4_layers_the_kernel_does_not_take(interpreted):

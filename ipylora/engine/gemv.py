@@ -62,8 +62,9 @@ def available() -> bool:
 
 
 def spec(layer, dtype) -> Spec | None:
-    """The kernel's view of `layer` (an nn.Linear of `dtype`), or None when the kernel does not
-    apply and the layer keeps its own forward (quantized layers, Conv1D, other dtypes)."""
+    """The kernel's view of `layer` (an nn.Linear of `dtype`, or bitsandbytes' nf4 Linear4bit: nf4_spec),
+    or None when the kernel does not apply and the layer keeps its own forward (8-bit layers, Conv1D,
+    other dtypes)."""
     import torch
 
     weight = getattr(layer, "weight", None)
@@ -193,8 +194,10 @@ def _launch_nf4(x, codes, scales, bias, t, b, tuning: tuple[int, int, int]):
     out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
     rank = 0 if t is None else b.shape[1]
     rows, groups, warps = tuning
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.data_ptr() % 4:
-        raise ValueError(f"the nf4 kernel takes bf16 or fp16 inputs on 4-byte boundaries, not {x.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the nf4 kernel takes bf16 or fp16 inputs, not {x.dtype}")
+    if x.data_ptr() % 4:  # the kernel reads the inputs as 32-bit pairs
+        x = x.clone()
     unused = out
     table = _nf4_table(x.device) if interpreted() else unused  # the registers' table, in memory
     from ipylora.engine import gemv_kernels
