@@ -1,5 +1,5 @@
-"""The Triton kernel of gemv.py, in a module of its own so that importing Triton waits for the first
-captured decode step."""
+"""The Triton kernels of gemv.py (bf16/fp16 layers, and nf4 layers repacked by gemv.nf4_spec), in a
+module of their own so that importing Triton waits for the first captured decode step."""
 
 import triton
 import triton.language as tl
