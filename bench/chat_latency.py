@@ -224,9 +224,7 @@ def bench(precision: str, args) -> list[dict]:
         print(f"{precision:>5} Liger applied: {_apply_liger(model, notes)} {notes}", flush=True)
 
     def record(label, m, lean=False, copies=False):
-        from ipylora.engine import graphdecode
-
-        from ipylora.engine import gemv
+        from ipylora.engine import gemv, graphdecode
 
         nf4_default = gemv.NF4
         for slots in args.slot_writes.split(","):

@@ -21,9 +21,9 @@ weights' memory again (about 3.6 GB for a 7B model), and is made only where half
 holds it; graphdecode.release drops it with the captured step.
 
 `spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, or an nf4
-Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)` runs it. The Triton
-interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors, which is how the tests check
-it against PyTorch without a GPU.
+Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)`
+runs it. The Triton interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors, which is
+how the tests check them against PyTorch without a GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Spec:
     """What the kernel reads for one linear layer: its (out, in) weight and bias; for an nf4 layer
-    (`scales` set), `weight` is its codes repacked as nf4_spec says (int32 words) and `scales` their fp16 scales."""
+    (`scales` set), `weight` is its codes repacked as nf4_spec says (int32 words) and `scales` their
+    fp16 scales."""
 
     weight: Any
     out_features: int

@@ -48,27 +48,29 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        0.7229568362236023, 1.0)
 
 
-def _halves(values) -> list[int]:
-    """Per code value v, the 16 bits h for which the fp32 with bits (h << 16 | h) is nearest v: the
-    lookup below builds each weight as that pattern from two bytes (the low half repeats the high
-    one, so no instruction clears it). At most 0.27% from v for nf4, as bf16's rounding is (0.31%)."""
+def _pattern_value(h: int) -> float:
+    """The fp32 whose bits are (h << 16 | h): what the lookup below builds from a code's two bytes."""
     import struct
 
-    def value(h):
-        return struct.unpack("<f", struct.pack("<I", h << 16 | h))[0]
+    return struct.unpack("<f", struct.pack("<I", h << 16 | h))[0]
+
+
+def _halves(values) -> list[int]:
+    """Per code value v, the 16 bits h whose _pattern_value is nearest v: the lookup builds each
+    weight as that pattern from two bytes (the low half repeats the high one, so no instruction
+    clears it). At most 0.27% from v for nf4, as bf16's rounding is (0.31%)."""
+    import struct
 
     halves = []
     for v in values:
         top = struct.unpack("<I", struct.pack("<f", v))[0] >> 16
-        halves.append(min(range(max(0, top - 2), min(0xFFFF, top + 2) + 1), key=lambda h: abs(value(h) - v)))
+        halves.append(min(range(max(0, top - 2), min(0xFFFF, top + 2) + 1), key=lambda h: abs(_pattern_value(h) - v)))
     return halves
 
 
 def table_values(values=NF4) -> list[float]:
     """The fp32 weights the lookup gives for codes 0-15 (the interpreter's path reads them from memory)."""
-    import struct
-
-    return [struct.unpack("<f", struct.pack("<I", h << 16 | h))[0] for h in _halves(values)]
+    return [_pattern_value(h) for h in _halves(values)]
 
 
 def table_planes(values=NF4) -> list[int]:
@@ -82,10 +84,11 @@ def table_planes(values=NF4) -> list[int]:
 def _lookup_asm() -> str:
     """PTX turning one 32-bit word of 8 codes (code k in bits 4k..4k+3, $8) into their weights' fp32
     bits ($0-$7), as Triton's inline_asm_elementwise calls it. The 16 entries' low and high bytes are
-    two 16-byte tables held in registers ($9-$16: table_planes, passed as the kernel's arguments); prmt picks 4 bytes at a time by 3-bit selectors (one prmt per
-    half of a table), a third prmt takes each byte from the half its code's top bit names, and a last
-    prmt per weight puts its two bytes in place: about 27 instructions for 8 weights, where a table in
-    memory costs a load a code (the session-12 kernel, 0.3 TB/s)."""
+    two 16-byte tables held in registers ($9-$16: table_planes, passed as the kernel's arguments);
+    prmt picks 4 bytes at a time by 3-bit selectors (one prmt per half of a table), a third prmt takes
+    each byte from the half its code's top bit names, and a last prmt per weight puts its two bytes in
+    place: about 27 instructions for 8 weights, where a table in memory costs a load a code (the
+    session-12 kernel, 0.3 TB/s)."""
     lines = [".reg .b32 s, m, a, b, lo, hi, q;"]
     for half, source in ((0, "$8"), (1, "q")):
         if half:
