@@ -11,9 +11,11 @@ With --nf4, the same shapes as bitsandbytes' 4-bit layers (nf4, double quantizat
 the QLoRA layout), instead:
 
     bnb nf4     bitsandbytes' Linear4bit forward for one token (its gemv kernel)
-    gemv nf4    ipylora.engine.gemv's kernel over the codes repacked by gemv.nf4_spec (default tiling,
-                and with --grid the best of a grid of (rows, 128-weight groups a loop, warps))
-    + lora      the same with an r16 adapter's term
+    gemv nf4 fp32   ipylora.engine.gemv's fp32 kernel over the codes repacked by gemv.nf4_spec
+                    (gemv.NF4_MMA = False)
+    gemv nf4 mma    its tensor-core kernel (the default) over its own repacked copy, at its default
+                    tiling and with --grid the best of (warps, groups a warp a loop, programs a tile)
+    + lora          the same with an r16 adapter's term
 
 and prints microseconds a call, the bandwidth that is (weight bytes read / time; layers under
 ~50 MB are read partly from the L2 cache when called back to back, so theirs can pass the GPU's
@@ -144,7 +146,7 @@ def nf4_rows(args) -> int:
 
     from ipylora.engine import gemv
 
-    gemv.NF4 = True  # whatever the engine's default
+    gemv.NF4 = True  # whatever the engine's default; both nf4 kernels are timed
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, nf4 (double quant), bf16 compute, "
           f"{CALLS} calls a graph; TB/s of nf4 codes and scales as bitsandbytes stores them")
     print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
@@ -160,6 +162,10 @@ def nf4_rows(args) -> int:
         x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
         t = torch.randn(16, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(out_features, 16, device="cuda", dtype=torch.bfloat16) * 0.01
+        gemv.NF4_MMA = False
+        fp32_spec = gemv.spec(layer, torch.bfloat16)
+        layer.__dict__.pop(gemv._NF4, None)  # the next spec is a copy of its own
+        gemv.NF4_MMA = True
         spec = gemv.spec(layer, torch.bfloat16)
         with torch.no_grad():
             reference = x.float() @ bnb.functional.dequantize_4bit(layer.weight.data, state).float().t()
@@ -175,24 +181,28 @@ def nf4_rows(args) -> int:
             if spec is None:
                 print(f"{label:<18} gemv nf4: no spec for this layer", flush=True)
                 continue
-            row("gemv nf4", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference), str(gemv.config(spec)))
-            row("gemv nf4 + lora", timed(lambda: gemv.gemv(x, spec, t, b)),
+            if fp32_spec is not None:
+                row("gemv nf4 fp32", timed(lambda: gemv.gemv(x, fp32_spec)), err(gemv.gemv(x, fp32_spec), reference),
+                    str(gemv.config(fp32_spec)))
+            row("gemv nf4 mma", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
+                str(gemv.config(spec)))
+            row("gemv nf4 mma + lora", timed(lambda: gemv.gemv(x, spec, t, b)),
                 err(gemv.gemv(x, spec, t, b), reference + (t.float() @ b.float().t())))
-            if args.grid:
+            if args.grid:  # (warps, groups a warp a loop, programs a tile) of the tensor-core kernel
                 best = None
-                for tiling in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8)):
-                    rows, groups, warps = tiling
-                    if not 64 <= rows * groups * 16 <= 2048 or rows * groups * 16 < 32 * warps:
-                        continue
+                for tiling in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8)):
                     try:
                         us = timed(lambda: gemv.gemv(x, spec, tuning=tiling), replays=5)
                     except Exception as exc:  # a tiling Triton cannot build
                         print(f"  {tiling} failed: {type(exc).__name__}", flush=True)
                         continue
+                    if args.json:
+                        with open(args.json, "a") as handle:
+                            handle.write(json.dumps(dict(layer=label, kernel="grid", us=us, tiling=str(tiling))) + "\n")
                     if best is None or us < best[0]:
                         best = (us, tiling)
-                row("gemv nf4 best", best[0], err(gemv.gemv(x, spec, tuning=best[1]), reference), str(best[1]))
-        del layer, spec
+                row("gemv nf4 mma best", best[0], err(gemv.gemv(x, spec, tuning=best[1]), reference), str(best[1]))
+        del layer, spec, fp32_spec
         torch.cuda.empty_cache()
     return 0
 

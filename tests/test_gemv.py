@@ -5,6 +5,7 @@ conftest.py) on CPU tensors: the same kernel source."""
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
@@ -295,6 +296,133 @@ def test_nf4_lookup_assembly_gives_the_table_for_every_code():
                                                                **planes})
         got = [struct.unpack("<f", struct.pack("<I", registers[f"${k}"]))[0] for k in range(8)]
         assert got == [table[c] for c in codes], codes
+
+
+def _operands(text: str) -> list:
+    """PTX operands: names, or lists of names for {a, b, ...} groups."""
+    out, depth, current = [], 0, ""
+    for ch in text + ",":
+        if ch == "{":
+            depth, current = 1, ""
+        elif ch == "}":
+            depth = 0
+            out.append([name.strip() for name in current.split(",")])
+            current = None
+        elif ch == "," and depth == 0:
+            if current is not None and current.strip():
+                out.append(current.strip())
+            current = ""
+        elif current is not None:
+            current += ch
+    return out
+
+
+def _half_float(bits: int, bf16: bool) -> float:
+    import struct
+
+    if bf16:
+        return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+    return float(numpy.array([bits & 0xFFFF], dtype=numpy.uint16).view(numpy.float16)[0])
+
+
+def _run_warp(asm: str, lanes: list[dict]) -> list[dict]:
+    """The nf4 mma kernel's PTX run by a model of a warp: `lanes` are the 32 lanes' registers, run in
+    step; mma.sync takes every lane's fragment as the PTX manual lays out m16n8k16 (lane 4 g + c: A
+    rows g and g + 8 at columns 2 c, 2 c + 1 and 8 more; B columns g at rows 2 c, 2 c + 1 and 8 more;
+    C rows g and g + 8 at columns 2 c, 2 c + 1), the other instructions lane by lane."""
+    import struct
+
+    def f32(bits):
+        return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+
+    def bits32(value):
+        return struct.unpack("<I", struct.pack("<f", value))[0]
+
+    for line in asm.strip("{}\n").splitlines():
+        line = line.strip().rstrip(";")
+        if line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = _operands(rest)
+        if op.startswith("mma.sync"):
+            bf16 = ".bf16." in op
+            d, a, b, c = args
+            A, B, C = numpy.zeros((16, 16)), numpy.zeros((16, 8)), numpy.zeros((16, 8))
+            for lane, regs in enumerate(lanes):
+                g, q = divmod(lane, 4)
+                for e in (0, 1):
+                    for i, (row, col) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
+                        A[row, col + e] = _half_float(regs[a[i]] >> 16 * e, bf16)
+                    B[2 * q + e, g] = _half_float(regs[b[0]] >> 16 * e, bf16)
+                    B[2 * q + 8 + e, g] = _half_float(regs[b[1]] >> 16 * e, bf16)
+                    C[g, 2 * q + e] = f32(regs[c[e]])
+                    C[g + 8, 2 * q + e] = f32(regs[c[2 + e]])
+            D = (A @ B + C).astype(numpy.float32)
+            for lane, regs in enumerate(lanes):
+                g, q = divmod(lane, 4)
+                for e in (0, 1):
+                    regs[d[e]] = bits32(D[g, 2 * q + e])
+                    regs[d[2 + e]] = bits32(D[g + 8, 2 * q + e])
+            continue
+        for regs in lanes:
+            def value(token):
+                return regs[token] if token in regs else int(token, 0)
+
+            out, *ins = args
+            if op in ("mov.b64", "mov.b32") and isinstance(out, list):  # split a register into halves
+                width = 32 if op == "mov.b64" else 16
+                for k, name in enumerate(out):
+                    regs[name] = (regs[ins[0]] >> width * k) & ((1 << width) - 1)
+            elif op == "mov.f32":
+                regs[out] = int(ins[0][2:], 16)
+            elif op == "cvt.f32.f16":
+                regs[out] = bits32(_half_float(regs[ins[0]], False))
+            elif op == "fma.rn.f32":
+                x, y, z = (f32(regs[name]) for name in ins)
+                regs[out] = bits32(float(numpy.float32(x) * numpy.float32(y) + numpy.float32(z)))
+            else:
+                _run_ptx(f"{op} {out}, {', '.join(ins)};", regs)
+    return lanes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype):
+    """The GPU path's PTX (which the interpreter does not run), fed what nf4_mma_kernel's lanes read
+    of the repacked layout, gives bitsandbytes' dequantized product: the repacked codes meet the
+    tensor cores' fragments as the PTX manual lays them out."""
+    import bitsandbytes as bnb
+
+    from ipylora.engine import gemv_kernels
+
+    layer = nf4_layer(24, 256, "cpu", dtype=dtype)
+    spec = gemv.spec(layer, dtype)
+    assert spec.weight.shape == (2, 4, 128) and spec.scales.shape == (2, 4, 16)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    x = torch.randn(256, dtype=dtype)
+    expected = x.float() @ weight.t()
+    asm = (gemv_kernels.NF4_MMA_BF16 if dtype == torch.bfloat16 else gemv_kernels.NF4_MMA_FP16).value
+    planes = [w & 0xFFFFFFFF for w in gemv._pair_planes(dtype == torch.bfloat16)]
+    words = spec.weight.view(torch.int64)
+    pairs = x.view(torch.int64)
+    scales = spec.scales.view(torch.int32)
+    got = torch.zeros(32)
+    for tile in range(2):
+        lanes = [{"$9": 0, "$10": 0} for _ in range(32)]
+        for group in range(4):
+            for lane, regs in enumerate(lanes):
+                regs.update({"$2": int(words[tile, group, 2 * lane]) & (1 << 64) - 1,
+                             "$3": int(words[tile, group, 2 * lane + 1]) & (1 << 64) - 1,
+                             "$8": int(scales[tile, group, lane // 4]) & 0xFFFFFFFF,
+                             **{f"${4 + s}": int(pairs[group * 16 + lane % 4 * 4 + s]) & (1 << 64) - 1 for s in range(4)},
+                             **{f"${11 + i}": plane for i, plane in enumerate(planes)}})
+            _run_warp(asm, lanes)
+            for regs in lanes:
+                regs["$9"], regs["$10"] = regs["$0"], regs["$1"]
+        for r in range(8):  # every lane of row r holds its sum
+            assert len({lanes[4 * r + c]["$0"] for c in range(4)}) == 1
+            got[16 * tile + r], got[16 * tile + 8 + r] = numpy.array([lanes[4 * r]["$0"], lanes[4 * r]["$1"]],
+                                                                     dtype=numpy.uint32).view(numpy.float32).tolist()
+    assert (got[:24] - expected).abs().max() <= 0.01 * expected.abs().max()
 
 
 def test_captured_form_of_a_4bit_model_runs_the_nf4_kernel_and_release_drops_its_codes(interpreted, monkeypatch):

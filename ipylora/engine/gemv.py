@@ -45,6 +45,7 @@ class Spec:
     in_features: int
     bias: Any = None
     scales: Any = None
+    work: Any = None  # nf4_mma_kernel's split sums and their counters (int32, zeros)
 
 
 def interpreted() -> bool:
@@ -87,6 +88,10 @@ _NF4 = "_ipylora_nf4"
 # `python3 bench/decode_kernels.py --nf4 --grid`, `python3 bench/chat_latency.py --precision 4bit
 # --modes graph --graph-models base,lean --liger --nf4 off,on` compare them.
 NF4 = True
+# The nf4 kernel on the tensor cores (nf4_mma_kernel); False: the fp32 one (nf4_gemv_kernel).
+NF4_MMA = True
+# The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
+MAX_SPLIT = 8
 
 
 def nf4_spec(layer, dtype) -> Spec | None:
@@ -107,7 +112,7 @@ def nf4_spec(layer, dtype) -> Spec | None:
     if not NF4 or state is None or weight.dtype != torch.uint8 or dtype not in (torch.bfloat16, torch.float16) \
             or (bias is not None and bias.dtype != dtype):
         return None
-    key = (weight.data_ptr(), weight._version, dtype)
+    key = (weight.data_ptr(), weight._version, dtype, NF4_MMA)
     held = layer.__dict__.get(_NF4)
     if held is not None and held[0] == key:
         return held[1]
@@ -149,6 +154,11 @@ def _repack_nf4(weight, state, bias) -> Spec | None:
         scales = torch.nn.functional.pad(scales, (0, (padded - in_features) // 64)).to(torch.float16).contiguous()
         packed = weight.data.reshape(out_features, in_features // 2)  # byte i: weight 2i (high bits), 2i + 1
         codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(out_features, in_features)
+        if NF4_MMA:
+            codes, scales = _mma_layout(codes, absmax.repeat_interleave(block // 64, dim=1))
+            work = torch.zeros(codes.shape[0] * (1 + 16 * MAX_SPLIT), dtype=torch.int32, device=codes.device)
+            return Spec(codes, out_features, in_features, None if bias is None else bias.detach(), scales=scales,
+                        work=work)
         codes = torch.nn.functional.pad(codes, (0, padded - in_features))  # code 0 meets a zero input and scale
         # weight 128 g + 2 (16 m + v) + p -> group g, word v, code 2m + p; byte m of a word holds codes 2m, 2m + 1
         codes = codes.reshape(out_features, padded // 128, 4, 16, 2).permute(0, 1, 3, 2, 4)  # (row, g, v, m, p)
@@ -156,9 +166,32 @@ def _repack_nf4(weight, state, bias) -> Spec | None:
     return Spec(packed, out_features, in_features, None if bias is None else bias.detach(), scales=scales)
 
 
+def _mma_layout(codes, scales):
+    """nf4_mma_kernel's layout of (out, in) codes and their (out, in / 64) scales: rows padded to 16
+    (code 7 is 0.0, scale 0); codes as (tiles of 16 rows, groups of 64 weights, 32 lanes x 4 words)
+    int32, where code 4 p + 2 h + e of lane 4 r + c's word s is the weight of row r + 8 h at column
+    16 c + 4 s + 2 p + e of the group (the mma's A fragment: registers of two weights, rows r, r + 8);
+    scales as (tiles, groups, 8 x 2) fp16, rows r and r + 8 side by side."""
+    import torch
+
+    out_features, in_features = codes.shape
+    tiles, groups = -(-out_features // 16), in_features // 64
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, tiles * 16 - out_features), value=7)
+    scales = torch.nn.functional.pad(scales, (0, 0, 0, tiles * 16 - out_features))
+    # (tile, h, r, group, c, s, p, e) -> (tile, group, r, c, s, p, h, e)
+    codes = codes.reshape(tiles, 2, 8, groups, 4, 4, 2, 2).permute(0, 3, 2, 4, 5, 6, 1, 7).reshape(-1, 2)
+    words = (codes[:, 0] | (codes[:, 1] << 4)).to(torch.uint8).contiguous().view(torch.int32)
+    scales = scales.reshape(tiles, 2, 8, groups).permute(0, 3, 2, 1).to(torch.float16).contiguous()
+    return words.reshape(tiles, groups, 128), scales.reshape(tiles, groups, 16)
+
+
 def config(spec: Spec) -> tuple[int, int, int]:
     """(output rows a program computes, weights along a row it reads a loop, warps); for nf4 layers
     the second is groups of 128 weights a loop."""
+    if spec.scales is not None and spec.weight.dim() == 3:  # (warps, groups a warp a loop, programs a tile)
+        if interpreted():
+            return 4, 1, 2
+        return 4, 2, 1 if spec.weight.shape[0] >= 128 else 4
     if spec.scales is not None:
         if interpreted():
             return 16, 4, 4
@@ -181,22 +214,25 @@ def gemv(x, spec: Spec, t=None, b=None, tuning: tuple[int, int, int] | None = No
     import torch
 
     if torch.compiler.is_compiling():
-        return _OP(x, spec.weight, spec.bias, t, b, spec.scales)
+        return _OP(x, spec.weight, spec.bias, t, b, spec.scales, spec.work, spec.out_features)
     if spec.scales is not None:
-        return _launch_nf4(x, spec.weight, spec.scales, spec.bias, t, b, tuning or config(spec))
+        return _launch_nf4(x, spec.weight, spec.scales, spec.bias, t, b, spec.work, spec.out_features,
+                           tuning or config(spec))
     return _launch(x, spec.weight, spec.bias, t, b, tuning or config(spec))
 
 
-def _launch_nf4(x, codes, scales, bias, t, b, tuning: tuple[int, int, int]):
+def _launch_nf4(x, codes, scales, bias, t, b, work, out_features: int, tuning: tuple[int, int, int]):
     import torch
     import triton
 
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the nf4 kernel takes bf16 or fp16 inputs, not {x.dtype}")
+    if codes.dim() == 3:
+        return _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features, tuning)
     out_features, in_features = codes.shape[0], x.shape[-1]
     out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
     rank = 0 if t is None else b.shape[1]
     rows, groups, warps = tuning
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the nf4 kernel takes bf16 or fp16 inputs, not {x.dtype}")
     if x.data_ptr() % 4:  # the kernel reads the inputs as 32-bit pairs
         x = x.clone()
     unused = out
@@ -212,13 +248,47 @@ def _launch_nf4(x, codes, scales, bias, t, b, tuning: tuple[int, int, int]):
     return out
 
 
+def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tuning: tuple[int, int, int]):
+    import torch
+    import triton
+
+    from ipylora.engine import gemv_kernels
+
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+    rank = 0 if t is None else b.shape[1]
+    warps, unroll, split = tuning
+    if not 1 <= split <= MAX_SPLIT:
+        raise ValueError(f"the nf4 kernel splits a tile's groups over 1 to {MAX_SPLIT} programs, not {split}")
+    if x.data_ptr() % 8:  # the kernel reads the inputs as 64-bit words
+        x = x.clone()
+    bf16 = x.dtype == torch.bfloat16
+    unused = out
+    table = _nf4_table(x.device, bf16) if interpreted() else unused  # the registers' table, in memory
+    gemv_kernels.nf4_mma_kernel[(codes.shape[0], split)](
+        x.reshape(-1), codes, scales, out, bias if bias is not None else unused, t if t is not None else unused,
+        b if b is not None else unused, table, work, out_features, codes.shape[1], codes.shape[0],
+        *_pair_planes(bf16), HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
+        WARPS=warps, UNROLL=unroll, SPLIT=split, BF16=bf16, ASM=not interpreted(), num_warps=warps)
+    return out
+
+
 @functools.cache
-def _nf4_table(device):
+def _pair_planes(bf16: bool) -> tuple[int, ...]:
+    from ipylora.engine import gemv_kernels
+
+    return tuple(gemv_kernels.pair_planes(bf16))
+
+
+@functools.cache
+def _nf4_table(device, bf16: bool | None = None):
     import torch
 
     from ipylora.engine import gemv_kernels
 
-    return torch.tensor(gemv_kernels.table_values(), dtype=torch.float32, device=device).view(torch.int32)
+    if bf16 is None:
+        return torch.tensor(gemv_kernels.table_values(), dtype=torch.float32, device=device).view(torch.int32)
+    values = torch.tensor(gemv_kernels.NF4).to(torch.bfloat16 if bf16 else torch.float16).float()
+    return values.to(device)
 
 
 def _launch(x, weight, bias, t, b, tuning: tuple[int, int, int]):
@@ -250,19 +320,20 @@ def register_op() -> None:
         return
     import torch
 
-    def kernel(x, weight, bias, t, b, scales):
-        spec = Spec(weight, weight.shape[0], x.shape[-1], bias, scales)
+    def kernel(x, weight, bias, t, b, scales, work, out_features):
+        spec = Spec(weight, out_features, x.shape[-1], bias, scales, work)
         if scales is not None:
-            return _launch_nf4(x, weight, scales, bias, t, b, config(spec))
+            return _launch_nf4(x, weight, scales, bias, t, b, work, out_features, config(spec))
         return _launch(x, weight, bias, t, b, config(spec))
 
+    # `work` is written by the kernel, but only between its programs: zeros before and after a call.
     op = torch.library.custom_op("ipylora::gemv", kernel, mutates_args=(),
-                                 schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? t, Tensor? b, Tensor? scales)"
-                                        " -> Tensor")
+                                 schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? t, Tensor? b, Tensor? scales,"
+                                        " Tensor? work, int out_features) -> Tensor")
 
     @op.register_fake
-    def _(x, weight, bias, t, b, scales):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    def _(x, weight, bias, t, b, scales, work, out_features):
+        return x.new_empty((*x.shape[:-1], out_features))
 
     _OP = op
 

@@ -179,3 +179,176 @@ def nf4_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_pt
             acc = _pair_term(acc, _code(table_ptr, q, 6), _code(table_ptr, q, 7), x3, s_second, BF16)
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
     _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+
+
+def _pairs_asm(word: str, out: list[str], planes: list[str]) -> list[str]:
+    """PTX turning the 32-bit word `word` of 8 codes (code k in bits 4k..4k+3) into 4 registers of two
+    16-bit weights each (`out`; register p holds codes 2p and 2p + 1, the first in its low half), the
+    entries' low and high bytes read from the 8 registers `planes` (table_planes)."""
+    lines = []
+    for half in (0, 1):
+        source = word
+        if half:
+            lines.append(f"shr.b32 q, {word}, 16;")  # codes 4-7: prmt reads 16 bits of selectors
+            source = "q"
+        lines += [f"and.b32 s, {source}, 0x7777;",  # each code's low 3 bits (the selectors' sign bits clear)
+                  f"shr.b32 m, {source}, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;",  # byte i or i + 4
+                  f"prmt.b32 a, {planes[0]}, {planes[1]}, s;", f"prmt.b32 b, {planes[2]}, {planes[3]}, s;",
+                  "prmt.b32 lo, a, b, m;",
+                  f"prmt.b32 a, {planes[4]}, {planes[5]}, s;", f"prmt.b32 b, {planes[6]}, {planes[7]}, s;",
+                  "prmt.b32 hi, a, b, m;",
+                  f"prmt.b32 {out[2 * half]}, lo, hi, 0x5140;",  # bytes lo_0, hi_0, lo_1, hi_1
+                  f"prmt.b32 {out[2 * half + 1]}, lo, hi, 0x7362;"]  # lo_2, hi_2, lo_3, hi_3
+    return lines
+
+
+def _mma_asm(bf16: bool) -> str:
+    """PTX for one scale group of a warp's 16 rows (nf4_mma_kernel): this lane's 4 words ($2, $3: two
+    64-bit pairs of them) looked up into 16-bit weights (_pairs_asm) and multiplied with the inputs' pairs
+    ($4-$7) by 4 tensor-core mma steps (m16n8k16, fp32 sums), then its two rows' sums scaled ($8: the two
+    fp16 scales) onto the running sums ($9, $10 -> $0, $1). $11-$18: the table's planes."""
+    kind = "bf16" if bf16 else "f16"
+    planes = [f"${11 + i}" for i in range(8)]
+    lines = [".reg .b32 q, s, m, a, b, lo, hi, w<4>, x<8>, v<16>;", ".reg .b16 sg, sh;",
+             ".reg .f32 c<4>, fg, fh, z;", "mov.b64 {w0, w1}, $2;", "mov.b64 {w2, w3}, $3;"]
+    lines += [f"mov.b64 {{x{2 * i}, x{2 * i + 1}}}, ${4 + i};" for i in range(4)]
+    lines.append("mov.f32 z, 0f00000000;")
+    for step in range(4):
+        lines += _pairs_asm(f"w{step}", [f"v{4 * step + i}" for i in range(4)], planes)
+        a = ", ".join(f"v{4 * step + i}" for i in range(4))
+        c = "z, z, z, z" if step == 0 else "c0, c1, c2, c3"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{c0, c1, c2, c3}}, {{{a}}}, "
+                     f"{{x{2 * step}, x{2 * step + 1}}}, {{{c}}};")
+    lines += ["mov.b32 {sg, sh}, $8;", "cvt.f32.f16 fg, sg;", "cvt.f32.f16 fh, sh;",
+              "fma.rn.f32 $0, c0, fg, $9;", "fma.rn.f32 $1, c2, fh, $10;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_MMA_BF16: tl.constexpr = tl.constexpr(_mma_asm(True))
+NF4_MMA_FP16: tl.constexpr = tl.constexpr(_mma_asm(False))
+
+
+def pair_planes(bf16: bool, values=NF4) -> list[int]:
+    """The table of nf4_mma_kernel's lookup: the code book's values as bf16 (or fp16), their 16 low
+    bytes then their 16 high bytes, as 8 signed 32-bit words."""
+    import torch
+
+    halves = torch.tensor(values, dtype=torch.bfloat16 if bf16 else torch.float16).view(torch.int16).tolist()
+    halves = [h & 0xFFFF for h in halves]
+    planes = [h & 0xFF for h in halves] + [h >> 8 for h in halves]
+    words = [planes[i] | planes[i + 1] << 8 | planes[i + 2] << 16 | planes[i + 3] << 24 for i in range(0, 32, 4)]
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+@triton.jit
+def _half_value(bits, BF16: tl.constexpr):
+    """The float of 16-bit patterns held in the low halves of int32 `bits`."""
+    if BF16:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return (bits & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_sums(table_ptr, word, x_pairs, BF16: tl.constexpr):
+    """The interpreter's view of one word of nf4_mma_kernel: (row g, row g + 8) sums of its codes times
+    the step's two input pairs (x_pairs, 64-bit), the code book read from memory."""
+    x_first = (x_pairs & 0xFFFFFFFF).to(tl.int32)
+    x_second = (x_pairs >> 32).to(tl.int32)
+    xs = (_half_value(x_first, BF16), _half_value(x_first >> 16, BF16), _half_value(x_second, BF16),
+          _half_value(x_second >> 16, BF16))
+    first = _entry(table_ptr, word, 0) * xs[0] + _entry(table_ptr, word, 1) * xs[1] \
+        + _entry(table_ptr, word, 4) * xs[2] + _entry(table_ptr, word, 5) * xs[3]
+    second = _entry(table_ptr, word, 2) * xs[0] + _entry(table_ptr, word, 3) * xs[1] \
+        + _entry(table_ptr, word, 6) * xs[2] + _entry(table_ptr, word, 7) * xs[3]
+    return first, second
+
+
+@triton.jit
+def _entry(table_ptr, word, k: tl.constexpr):
+    """Code k of each word, as the float the table in memory holds for it."""
+    return tl.load(table_ptr + ((word >> (4 * k)) & 15))
+
+
+@triton.jit
+def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr, work_ptr, N, GROUPS, TILES,
+                   l0, l1, l2, l3, h0, h1, h2, h3,
+                   HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
+                   UNROLL: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+    """16 rows of y = W x (+ bias) (+ B t) for a 4-bit layer repacked by gemv.nf4_spec's mma layout, on
+    the tensor cores: each program's WARPS warps split the row tile's GROUPS scale groups (64 weights
+    of 16 rows, 512 bytes of codes), UNROLL groups a warp a loop. In a group, lane l = 4 r + c holds 4
+    words (one mma step each: q, int64 pairs of words) for rows r and r + 8 and the group's inputs
+    16 c .. 16 c + 15 (x, as int64 pairs of input pairs), and the two rows' scales (s, an fp16 pair).
+    Every tensor here is one element a thread (shape [32 WARPS], Triton's default layout), so element
+    i is lane i % 32 of warp i // 32, which is what the mma's register fragments ask of the lanes.
+
+    SPLIT > 1 splits the groups over that many programs a tile as well (layers of few rows, which
+    would leave most of the GPU idle): each writes its rows' sums to `work` (int32 counters, one a
+    tile, then SPLIT x (16 TILES) fp32 sums) and counts itself in; the last of a tile adds the sums,
+    stores y and sets the counter back to 0 for the next call."""
+    tile = tl.program_id(0)
+    part = tl.program_id(1)
+    share = tl.cdiv(GROUPS, SPLIT)
+    thread = tl.arange(0, 32 * WARPS)
+    warp = thread // 32
+    lane = thread % 32
+    q_words = q_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    scales = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    first = tl.zeros((32 * WARPS,), dtype=tl.float32)
+    second = tl.zeros((32 * WARPS,), dtype=tl.float32)
+    end = tl.minimum(part * share + share, GROUPS)
+    for start in range(part * share, end, WARPS * UNROLL):
+        for u in tl.static_range(UNROLL):
+            group = start + u * WARPS + warp
+            ok = group < end
+            at = (tile * GROUPS + group) * 32 + lane
+            qa = tl.load(q_words + 2 * at, mask=ok, other=0)
+            qb = tl.load(q_words + 2 * at + 1, mask=ok, other=0)
+            x_at = x_words + group * 16 + (lane % 4) * 4
+            x0 = tl.load(x_at, mask=ok, other=0)
+            x1 = tl.load(x_at + 1, mask=ok, other=0)
+            x2 = tl.load(x_at + 2, mask=ok, other=0)
+            x3 = tl.load(x_at + 3, mask=ok, other=0)
+            s = tl.load(scales + (tile * GROUPS + group) * 8 + lane // 4, mask=ok, other=0)
+            if ASM:
+                first, second = tl.inline_asm_elementwise(
+                    NF4_MMA_BF16 if BF16 else NF4_MMA_FP16, "=f,=f,l,l,l,l,l,l,r,f,f" + ",r" * 8,
+                    [qa, qb, x0, x1, x2, x3, s, first, second, l0, l1, l2, l3, h0, h1, h2, h3],
+                    dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+            else:  # the interpreter: this lane's share of the sums (the mma adds the four lanes of a row)
+                f0, s0 = _word_sums(table_ptr, (qa & 0xFFFFFFFF).to(tl.int32), x0, BF16)
+                f1, s1 = _word_sums(table_ptr, (qa >> 32).to(tl.int32), x1, BF16)
+                f2, s2 = _word_sums(table_ptr, (qb & 0xFFFFFFFF).to(tl.int32), x2, BF16)
+                f3, s3 = _word_sums(table_ptr, (qb >> 32).to(tl.int32), x3, BF16)
+                first += (f0 + f1 + f2 + f3) * _half_value(s, False)
+                second += (s0 + s1 + s2 + s3) * _half_value(s >> 16, False)
+    # Sum the warps; every lane of a row holds its sum from the mma (the interpreter's lanes hold parts)
+    first = tl.sum(tl.reshape(first, (WARPS, 8, 4)), axis=0)
+    second = tl.sum(tl.reshape(second, (WARPS, 8, 4)), axis=0)
+    if ASM:
+        lead = tl.arange(0, 4)[None, :] == 0
+        first = tl.sum(tl.where(lead, first, 0.0), axis=1)
+        second = tl.sum(tl.where(lead, second, 0.0), axis=1)
+    else:
+        first = tl.sum(first, axis=1)
+        second = tl.sum(second, axis=1)
+    rows = tile * 16 + tl.arange(0, 8)
+    if SPLIT > 1:
+        sums = (work_ptr + TILES).to(tl.pointer_type(tl.float32), bitcast=True) + rows
+        tl.store(sums + part * 16 * TILES, first)
+        tl.store(sums + part * 16 * TILES + 8, second)
+        tl.debug_barrier()  # every thread's sums stored before the count says so
+        if tl.atomic_add(work_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            tl.debug_barrier()
+            first = tl.zeros((8,), dtype=tl.float32)
+            second = tl.zeros((8,), dtype=tl.float32)
+            for other in tl.static_range(SPLIT):  # past L1, which may hold an earlier call's sums
+                first += tl.load(sums + other * 16 * TILES, cache_modifier=".cg")
+                second += tl.load(sums + other * 16 * TILES + 8, cache_modifier=".cg")
+            tl.atomic_xchg(work_ptr + tile, 0)
+            _store(first, rows, rows < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+            _store(second, rows + 8, rows + 8 < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    else:
+        _store(first, rows, rows < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+        _store(second, rows + 8, rows + 8 < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
