@@ -220,7 +220,7 @@ NF4_CASES = [(40, 1024, False, True, 64, torch.bfloat16), (7, 704, True, False, 
 
 @pytest.mark.parametrize("out_features,in_features,bias,nested,blocksize,dtype", NF4_CASES)
 def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, in_features, bias, nested, blocksize,
-                                                           dtype):
+                                                           dtype, monkeypatch):
     """The repacked nf4 kernel computes x W^T with W as bitsandbytes dequantizes it (to bf16's rounding
     of the code book: 0.3% a weight), its bias and the adapter's term, at any tiling; repacked once."""
     import bitsandbytes as bnb
@@ -237,9 +237,11 @@ def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, 
     assert got.dtype == dtype and got.shape == expected.shape
     assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()
     expected = expected + t.float() @ b.float().t()
-    for tiling in (None, (1, 1, 1), (8, 2, 4)):
-        got = gemv.gemv(x, spec, t, b, tuning=tiling)
-        assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), tiling
+    for table in (True, False) if device == "cuda" else (True,):  # the code book in shared memory or registers
+        monkeypatch.setattr(gemv, "NF4_TABLE", table)
+        for tiling in (None, (1, 1, 1), (8, 2, 4)):
+            got = gemv.gemv(x, spec, t, b, tuning=tiling)
+            assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), (table, tiling)
     # An input that starts 2 bytes into its storage (the kernel reads 32-bit pairs): taken as a copy.
     shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]
     assert shifted.data_ptr() % 4 and torch.equal(gemv.gemv(shifted, spec, t, b), gemv.gemv(x, spec, t, b))
@@ -325,11 +327,12 @@ def _half_float(bits: int, bf16: bool) -> float:
     return float(numpy.array([bits & 0xFFFF], dtype=numpy.uint16).view(numpy.float16)[0])
 
 
-def _run_warp(asm: str, lanes: list[dict]) -> list[dict]:
+def _run_warp(asm: str, lanes: list[dict], shared: dict | None = None) -> list[dict]:
     """The nf4 mma kernel's PTX run by a model of a warp: `lanes` are the 32 lanes' registers, run in
     step; mma.sync takes every lane's fragment as the PTX manual lays out m16n8k16 (lane 4 g + c: A
     rows g and g + 8 at columns 2 c, 2 c + 1 and 8 more; B columns g at rows 2 c, 2 c + 1 and 8 more;
-    C rows g and g + 8 at columns 2 c, 2 c + 1), the other instructions lane by lane."""
+    C rows g and g + 8 at columns 2 c, 2 c + 1), the other instructions lane by lane; `shared`: the
+    block's shared memory, 32-bit words by byte address (the table's symbol is at 1024)."""
     import struct
 
     def f32(bits):
@@ -340,10 +343,20 @@ def _run_warp(asm: str, lanes: list[dict]) -> list[dict]:
 
     for line in asm.strip("{}\n").splitlines():
         line = line.strip().rstrip(";")
-        if line.startswith(".reg"):
+        if line.startswith((".reg", ".shared")):
             continue
         op, rest = line.split(None, 1)
         args = _operands(rest)
+        if op == "st.shared.v4.b32":
+            for regs in lanes:
+                address = regs[args[0].strip("[]")]
+                for k, name in enumerate(args[1]):
+                    shared[address + 4 * k] = regs[name]
+            continue
+        if op == "ld.shared.b32":
+            for regs in lanes:
+                regs[args[0]] = shared[regs[args[1].strip("[]")]]
+            continue
         if op.startswith("mma.sync"):
             bf16 = ".bf16." in op
             d, a, b, c = args
@@ -375,6 +388,11 @@ def _run_warp(asm: str, lanes: list[dict]) -> list[dict]:
                     regs[name] = (regs[ins[0]] >> width * k) & ((1 << width) - 1)
             elif op == "mov.f32":
                 regs[out] = int(ins[0][2:], 16)
+            elif op == "mov.u32":
+                regs[out] = 1024 if ins[0] == "ipylora_nf4_table" else value(ins[0])
+            elif op in ("shl.b32", "add.u32"):
+                a, b = (value(name) for name in ins)
+                regs[out] = ((a << b) if op == "shl.b32" else (a + b)) & 0xFFFFFFFF
             elif op == "cvt.f32.f16":
                 regs[out] = bits32(_half_float(regs[ins[0]], False))
             elif op == "fma.rn.f32":
@@ -385,11 +403,12 @@ def _run_warp(asm: str, lanes: list[dict]) -> list[dict]:
     return lanes
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype):
+@pytest.mark.parametrize("dtype,table", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype, table):
     """The GPU path's PTX (which the interpreter does not run), fed what nf4_mma_kernel's lanes read
     of the repacked layout, gives bitsandbytes' dequantized product: the repacked codes meet the
-    tensor cores' fragments as the PTX manual lays them out."""
+    tensor cores' fragments as the PTX manual lays them out, with the code book looked up in the
+    shared table that the fill's PTX writes (one warp filling all of it), or in registers."""
     import bitsandbytes as bnb
 
     from ipylora.engine import gemv_kernels
@@ -400,8 +419,23 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
     weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     x = torch.randn(256, dtype=dtype)
     expected = x.float() @ weight.t()
-    asm = (gemv_kernels.NF4_MMA_BF16 if dtype == torch.bfloat16 else gemv_kernels.NF4_MMA_FP16).value
-    planes = [w & 0xFFFFFFFF for w in gemv._pair_planes(dtype == torch.bfloat16)]
+    bf16 = dtype == torch.bfloat16
+    planes = [w & 0xFFFFFFFF for w in gemv._pair_planes(bf16)]
+    shared = {}
+    if table:
+        asm = (gemv_kernels.NF4_TABLE_BF16 if bf16 else gemv_kernels.NF4_TABLE_FP16).value
+        fill = [{} for _ in range(32)]
+        _run_warp(gemv_kernels.TABLE_BASE.value, fill)
+        base = fill[0]["$0"]
+        for k in range(2048 // 32):  # the kernel's fill with WARPS = 1
+            for lane, regs in enumerate(fill):
+                slot = lane + 32 * k
+                regs.update({"$1": base + slot // 8 * 128 + slot % 8 * 16, "$2": slot // 8,
+                             **{f"${3 + i}": plane for i, plane in enumerate(planes)}})
+            _run_warp(gemv_kernels.NF4_FILL.value, fill, shared)
+        assert len(shared) == 8192
+    else:
+        asm = (gemv_kernels.NF4_MMA_BF16 if bf16 else gemv_kernels.NF4_MMA_FP16).value
     words = spec.weight.view(torch.int64)
     pairs = x.view(torch.int64)
     scales = spec.scales.view(torch.int32)
@@ -414,8 +448,9 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
                              "$3": int(words[tile, group, 2 * lane + 1]) & (1 << 64) - 1,
                              "$8": int(scales[tile, group, lane // 4]) & 0xFFFFFFFF,
                              **{f"${4 + s}": int(pairs[group * 16 + lane % 4 * 4 + s]) & (1 << 64) - 1 for s in range(4)},
-                             **{f"${11 + i}": plane for i, plane in enumerate(planes)}})
-            _run_warp(asm, lanes)
+                             **({"$11": 4 * lane, "$12": base} if table else
+                                {f"${11 + i}": plane for i, plane in enumerate(planes)})})
+            _run_warp(asm, lanes, shared)
             for regs in lanes:
                 regs["$9"], regs["$10"] = regs["$0"], regs["$1"]
         for r in range(8):  # every lane of row r holds its sum

@@ -90,6 +90,9 @@ _NF4 = "_ipylora_nf4"
 NF4 = True
 # The nf4 kernel on the tensor cores (nf4_mma_kernel); False: the fp32 one (nf4_gemv_kernel).
 NF4_MMA = True
+# nf4_mma_kernel's code book in a shared-memory table (a load a byte of two codes), or False: looked up in
+# registers by byte permutes (16 prmt a word of 8 codes).
+NF4_TABLE = True
 # The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
 MAX_SPLIT = 8
 
@@ -268,7 +271,9 @@ def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tunin
         x.reshape(-1), codes, scales, out, bias if bias is not None else unused, t if t is not None else unused,
         b if b is not None else unused, table, work, out_features, codes.shape[1], codes.shape[0],
         *_pair_planes(bf16), HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
-        WARPS=warps, UNROLL=unroll, SPLIT=split, BF16=bf16, ASM=not interpreted(), num_warps=warps)
+        WARPS=warps, UNROLL=unroll, SPLIT=split,
+        EVEN=codes.shape[1] % (split * warps * unroll) == 0, BF16=bf16, ASM=not interpreted(), TABLE=NF4_TABLE,
+        num_warps=warps)
     return out
 
 

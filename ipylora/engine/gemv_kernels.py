@@ -224,6 +224,49 @@ def _mma_asm(bf16: bool) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+def _mma_table_asm(bf16: bool) -> str:
+    """_mma_asm with the code book looked up in shared memory: each byte of a word (two codes) picks one
+    of 256 registers' worth of two weights from the table fill_table wrote, copy `lane` of 32 (one a
+    memory bank, so a warp's 32 reads take one pass), at $11: this lane's address in the table."""
+    kind = "bf16" if bf16 else "f16"
+    lines = [".reg .b32 t, w<4>, x<8>, v<16>;", ".reg .b16 sg, sh;", ".reg .f32 c<4>, fg, fh, z;",
+             "mov.b64 {w0, w1}, $2;", "mov.b64 {w2, w3}, $3;"]
+    lines += [f"mov.b64 {{x{2 * i}, x{2 * i + 1}}}, ${4 + i};" for i in range(4)]
+    lines.append("mov.f32 z, 0f00000000;")
+    for step in range(4):
+        for p in range(4):  # byte p of the word, times the table's 128 bytes an entry
+            lines.append(f"shl.b32 t, w{step}, 7;" if p == 0 else f"shr.b32 t, w{step}, {8 * p - 7};")
+            lines += ["and.b32 t, t, 0x7F80;", "or.b32 t, t, $11;", "add.u32 t, t, $12;",
+                      f"ld.shared.b32 v{4 * step + p}, [t];"]
+        a = ", ".join(f"v{4 * step + i}" for i in range(4))
+        c = "z, z, z, z" if step == 0 else "c0, c1, c2, c3"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{c0, c1, c2, c3}}, {{{a}}}, "
+                     f"{{x{2 * step}, x{2 * step + 1}}}, {{{c}}};")
+    lines += ["mov.b32 {sg, sh}, $8;", "cvt.f32.f16 fg, sg;", "cvt.f32.f16 fh, sh;",
+              "fma.rn.f32 $0, c0, fg, $9;", "fma.rn.f32 $1, c2, fh, $10;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# The table in shared memory: 256 entries (a byte of two codes) x 32 copies x 4 bytes, declared in the
+# one asm that gives its address (every asm is a scope of its own, so the others are handed it).
+TABLE_BASE: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ipylora_nf4_table[32768];\n"
+                                        "mov.u32 $0, ipylora_nf4_table;\n}")
+
+
+def _fill_asm() -> str:
+    """PTX storing entry $2 (its two codes' weights, by _pairs_asm from the planes $3-$10) into 4 copies
+    at shared address $1 ($0: unused)."""
+    lines = [".reg .b32 q, s, m, a, b, lo, hi, v<4>;"]
+    lines += _pairs_asm("$2", ["v0", "v1", "v2", "v3"], [f"${3 + i}" for i in range(8)])
+    lines += ["st.shared.v4.b32 [$1], {v0, v0, v0, v0};", "mov.u32 $0, 0;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_TABLE_BF16: tl.constexpr = tl.constexpr(_mma_table_asm(True))
+NF4_TABLE_FP16: tl.constexpr = tl.constexpr(_mma_table_asm(False))
+NF4_FILL: tl.constexpr = tl.constexpr(_fill_asm())
+
+
 NF4_MMA_BF16: tl.constexpr = tl.constexpr(_mma_asm(True))
 NF4_MMA_FP16: tl.constexpr = tl.constexpr(_mma_asm(False))
 
@@ -273,7 +316,8 @@ def _entry(table_ptr, word, k: tl.constexpr):
 def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr, work_ptr, N, GROUPS, TILES,
                    l0, l1, l2, l3, h0, h1, h2, h3,
                    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
-                   UNROLL: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+                   UNROLL: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr,
+                   ASM: tl.constexpr, TABLE: tl.constexpr):
     """16 rows of y = W x (+ bias) (+ B t) for a 4-bit layer repacked by gemv.nf4_spec's mma layout, on
     the tensor cores: each program's WARPS warps split the row tile's GROUPS scale groups (64 weights
     of 16 rows, 512 bytes of codes), UNROLL groups a warp a loop. In a group, lane l = 4 r + c holds 4
@@ -297,21 +341,35 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     scales = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     first = tl.zeros((32 * WARPS,), dtype=tl.float32)
     second = tl.zeros((32 * WARPS,), dtype=tl.float32)
+    if ASM and TABLE:  # fill the shared table: 2048 stores of 4 copies, spread over the threads
+        base = tl.inline_asm_elementwise(TABLE_BASE, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+        for k in tl.static_range(2048 // (32 * WARPS)):
+            slot = thread + k * 32 * WARPS
+            tl.inline_asm_elementwise(NF4_FILL, "=r,r,r" + ",r" * 8,
+                                      [base + (slot // 8) * 128 + (slot % 8) * 16, slot // 8,
+                                       l0, l1, l2, l3, h0, h1, h2, h3], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
     end = tl.minimum(part * share + share, GROUPS)
     for start in range(part * share, end, WARPS * UNROLL):
         for u in tl.static_range(UNROLL):
             group = start + u * WARPS + warp
-            ok = group < end
+            ok = None if EVEN else group < end  # EVEN: every warp's groups are whole loops
+            zero = None if EVEN else 0
             at = (tile * GROUPS + group) * 32 + lane
-            qa = tl.load(q_words + 2 * at, mask=ok, other=0)
-            qb = tl.load(q_words + 2 * at + 1, mask=ok, other=0)
+            qa = tl.load(q_words + 2 * at, mask=ok, other=zero)
+            qb = tl.load(q_words + 2 * at + 1, mask=ok, other=zero)
             x_at = x_words + group * 16 + (lane % 4) * 4
-            x0 = tl.load(x_at, mask=ok, other=0)
-            x1 = tl.load(x_at + 1, mask=ok, other=0)
-            x2 = tl.load(x_at + 2, mask=ok, other=0)
-            x3 = tl.load(x_at + 3, mask=ok, other=0)
-            s = tl.load(scales + (tile * GROUPS + group) * 8 + lane // 4, mask=ok, other=0)
-            if ASM:
+            x0 = tl.load(x_at, mask=ok, other=zero)
+            x1 = tl.load(x_at + 1, mask=ok, other=zero)
+            x2 = tl.load(x_at + 2, mask=ok, other=zero)
+            x3 = tl.load(x_at + 3, mask=ok, other=zero)
+            s = tl.load(scales + (tile * GROUPS + group) * 8 + lane // 4, mask=ok, other=zero)
+            if ASM and TABLE:
+                first, second = tl.inline_asm_elementwise(
+                    NF4_TABLE_BF16 if BF16 else NF4_TABLE_FP16, "=f,=f,l,l,l,l,l,l,r,f,f,r,r",
+                    [qa, qb, x0, x1, x2, x3, s, first, second, lane * 4, base], dtype=(tl.float32, tl.float32),
+                    is_pure=False, pack=1)
+            elif ASM:
                 first, second = tl.inline_asm_elementwise(
                     NF4_MMA_BF16 if BF16 else NF4_MMA_FP16, "=f,=f,l,l,l,l,l,l,r,f,f" + ",r" * 8,
                     [qa, qb, x0, x1, x2, x3, s, first, second, l0, l1, l2, l3, h0, h1, h2, h3],
