@@ -368,7 +368,7 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                 first, second = tl.inline_asm_elementwise(
                     NF4_TABLE_BF16 if BF16 else NF4_TABLE_FP16, "=f,=f,l,l,l,l,l,l,r,f,f,r,r",
                     [qa, qb, x0, x1, x2, x3, s, first, second, lane * 4, base], dtype=(tl.float32, tl.float32),
-                    is_pure=False, pack=1)
+                    is_pure=True, pack=1)  # reads the table only after the fill's barrier (its inputs load after)
             elif ASM:
                 first, second = tl.inline_asm_elementwise(
                     NF4_MMA_BF16 if BF16 else NF4_MMA_FP16, "=f,=f,l,l,l,l,l,l,r,f,f" + ",r" * 8,
