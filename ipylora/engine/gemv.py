@@ -194,7 +194,12 @@ def config(spec: Spec) -> tuple[int, int, int]:
     if spec.scales is not None and spec.weight.dim() == 3:  # (warps, groups a warp a loop, programs a tile)
         if interpreted():
             return 4, 1, 2
-        return 4, 2, 1 if spec.weight.shape[0] >= 128 else 4
+        # From bench/decode_kernels.py --nf4 --grid (H100, session 21): 4 warps of 4 groups a loop for
+        # the 7B shapes' layers (1.3-2.1 TB/s), more warps for long rows (Llama's 11008: 8 x 2; Qwen2's
+        # 18944: 16 x 1, 17.3 against 20.2 us). Splitting a tile over programs never won: each program
+        # fills its own shared table (32 KB).
+        groups = spec.weight.shape[1]
+        return (16, 1, 1) if groups >= 256 else (8, 2, 1) if groups >= 128 else (4, 4, 1)
     if spec.scales is not None:
         if interpreted():
             return 16, 4, 4

@@ -6,18 +6,38 @@ import triton.language as tl
 
 
 @triton.jit
-def _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
-           RANK_P: tl.constexpr):
-    """y[rows] = total (+ bias) (+ B t), rounded once to y's dtype."""
+def _extra_loads(rows, row_ok, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+                 RANK_P: tl.constexpr):
+    """What _extra adds, loaded: (bias at `rows`, the adapter's t, B's rows; zeros where absent)."""
+    bias = tl.zeros(rows.shape, dtype=bias_ptr.dtype.element_ty)
+    t = tl.zeros((RANK_P,), dtype=t_ptr.dtype.element_ty)
+    bw = tl.zeros((rows.shape[0], RANK_P), dtype=b_ptr.dtype.element_ty)
     if HAS_BIAS:
-        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
     if RANK > 0:
         ranks = tl.arange(0, RANK_P)
         rank_ok = ranks < RANK
-        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
-        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                     other=0.0).to(tl.float32)
-        total += tl.sum(bw * t[None, :], axis=1)
+        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0)
+        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    return bias, t, bw
+
+
+@triton.jit
+def _extra(total, bias, t, bw, HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
+    """total (+ bias) (+ B t), in fp32, from _extra_loads' values."""
+    if HAS_BIAS:
+        total += bias.to(tl.float32)
+    if RANK > 0:
+        total += tl.sum(bw.to(tl.float32) * t.to(tl.float32)[None, :], axis=1)
+    return total
+
+
+@triton.jit
+def _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+           RANK_P: tl.constexpr):
+    """y[rows] = total (+ bias) (+ B t), rounded once to y's dtype."""
+    bias, t, bw = _extra_loads(rows, row_ok, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    total = _extra(total, bias, t, bw, HAS_BIAS, RANK)
     tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -339,6 +359,11 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     q_words = q_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     scales = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    rows = tile * 16 + tl.arange(0, 8)
+    # The bias and adapter terms' loads first (their sums last): their latency passes under the table's
+    # fill and the loop.
+    bias_first, t, b_first = _extra_loads(rows, rows < N, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    bias_second, t, b_second = _extra_loads(rows + 8, rows + 8 < N, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
     first = tl.zeros((32 * WARPS,), dtype=tl.float32)
     second = tl.zeros((32 * WARPS,), dtype=tl.float32)
     if ASM and TABLE:  # fill the shared table: 2048 stores of 4 copies, spread over the threads
@@ -391,7 +416,6 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     else:
         first = tl.sum(first, axis=1)
         second = tl.sum(second, axis=1)
-    rows = tile * 16 + tl.arange(0, 8)
     if SPLIT > 1:
         sums = (work_ptr + TILES).to(tl.pointer_type(tl.float32), bitcast=True) + rows
         tl.store(sums + part * 16 * TILES, first)
@@ -405,8 +429,12 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                 first += tl.load(sums + other * 16 * TILES, cache_modifier=".cg")
                 second += tl.load(sums + other * 16 * TILES + 8, cache_modifier=".cg")
             tl.atomic_xchg(work_ptr + tile, 0)
-            _store(first, rows, rows < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
-            _store(second, rows + 8, rows + 8 < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+            tl.store(y_ptr + rows, _extra(first, bias_first, t, b_first, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+                     mask=rows < N)
+            tl.store(y_ptr + rows + 8, _extra(second, bias_second, t, b_second, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+                     mask=rows + 8 < N)
     else:
-        _store(first, rows, rows < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
-        _store(second, rows + 8, rows + 8 < N, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+        tl.store(y_ptr + rows, _extra(first, bias_first, t, b_first, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+                     mask=rows < N)
+        tl.store(y_ptr + rows + 8, _extra(second, bias_second, t, b_second, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+                     mask=rows + 8 < N)
