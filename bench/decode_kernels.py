@@ -15,8 +15,10 @@ the QLoRA layout), instead:
                     (gemv.NF4_MMA = False)
     gemv nf4 mma prmt   its tensor-core kernel over its own repacked copy, the code book in registers
                     (gemv.NF4_TABLE = False)
-    gemv nf4 mma    the same with the code book in a shared-memory table (the default), at its default
-                    tiling and with --grid the best of (warps, groups a warp a loop, programs a tile)
+    gemv nf4 mma nopdl  the same with the code book in a shared-memory table, launched plainly
+    gemv nf4 mma    the same as a programmatic dependent launch (the default: back to back, a call's
+                    table fill and first codes overlap the call before), at its default tiling and
+                    with --grid the best of (warps, groups a warp a loop, programs a tile)
     + lora          the same with an r16 adapter's term
 
 and prints microseconds a call, the bandwidth that is (weight bytes read / time; layers under
@@ -189,7 +191,10 @@ def nf4_rows(args) -> int:
             gemv.NF4_TABLE = False
             row("gemv nf4 mma prmt", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
                 str(gemv.config(spec)))
-            gemv.NF4_TABLE = True
+            gemv.NF4_TABLE, gemv.PDL = True, False
+            row("gemv nf4 mma nopdl", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
+                str(gemv.config(spec)))
+            gemv.PDL = True
             row("gemv nf4 mma", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
                 str(gemv.config(spec)))
             row("gemv nf4 mma + lora", timed(lambda: gemv.gemv(x, spec, t, b)),

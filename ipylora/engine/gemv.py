@@ -93,6 +93,9 @@ NF4_MMA = True
 # nf4_mma_kernel's code book in a shared-memory table (a load a byte of two codes), or False: looked up in
 # registers by byte permutes (16 prmt a word of 8 codes).
 NF4_TABLE = True
+# nf4_mma_kernel launched as a programmatic dependent launch: its table fill and the first codes' trip
+# to L2 overlap the kernel before it (the launch waits for that kernel before reading its input).
+PDL = True
 # The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
 MAX_SPLIT = 8
 
@@ -278,8 +281,25 @@ def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tunin
         *_pair_planes(bf16), HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
         WARPS=warps, UNROLL=unroll, SPLIT=split,
         EVEN=codes.shape[1] % (split * warps * unroll) == 0, BF16=bf16, ASM=not interpreted(), TABLE=NF4_TABLE,
-        num_warps=warps)
+        PDL=_pdl(), num_warps=warps, **({"launch_pdl": True} if _pdl() else {}))
     return out
+
+
+def _pdl() -> bool:
+    """Whether the nf4 kernel is launched as a programmatic dependent launch (PDL)."""
+    return PDL and not interpreted() and _pdl_supported()
+
+
+@functools.cache
+def _pdl_supported() -> bool:
+    """Triton launches kernels with PDL (its `launch_pdl` option) and the GPU has it (Hopper or later)."""
+    import torch
+
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception:  # another backend
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability()[0] >= 9
 
 
 @functools.cache

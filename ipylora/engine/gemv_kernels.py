@@ -6,20 +6,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _extra_loads(rows, row_ok, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
-                 RANK_P: tl.constexpr):
-    """What _extra adds, loaded: (bias at `rows`, the adapter's t, B's rows; zeros where absent)."""
+def _extra_loads(rows, row_ok, bias_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr):
+    """The layer's own part of what _extra adds: (bias at `rows`, B's rows; zeros where absent)."""
     bias = tl.zeros(rows.shape, dtype=bias_ptr.dtype.element_ty)
-    t = tl.zeros((RANK_P,), dtype=t_ptr.dtype.element_ty)
     bw = tl.zeros((rows.shape[0], RANK_P), dtype=b_ptr.dtype.element_ty)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
     if RANK > 0:
         ranks = tl.arange(0, RANK_P)
-        rank_ok = ranks < RANK
-        t = tl.load(t_ptr + ranks, mask=rank_ok, other=0.0)
-        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    return bias, t, bw
+        bw = tl.load(b_ptr + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & (ranks < RANK)[None, :],
+                     other=0.0)
+    return bias, bw
+
+
+@triton.jit
+def _rank_values(t_ptr, RANK: tl.constexpr, RANK_P: tl.constexpr):
+    """The adapter's t = A x (zeros without one): an input, computed by the kernel before this one."""
+    ranks = tl.arange(0, RANK_P)
+    if RANK > 0:
+        return tl.load(t_ptr + ranks, mask=ranks < RANK, other=0.0)
+    return tl.zeros((RANK_P,), dtype=t_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -36,8 +42,8 @@ def _extra(total, bias, t, bw, HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
 def _store(total, rows, row_ok, y_ptr, bias_ptr, t_ptr, b_ptr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
            RANK_P: tl.constexpr):
     """y[rows] = total (+ bias) (+ B t), rounded once to y's dtype."""
-    bias, t, bw = _extra_loads(rows, row_ok, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
-    total = _extra(total, bias, t, bw, HAS_BIAS, RANK)
+    bias, bw = _extra_loads(rows, row_ok, bias_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    total = _extra(total, bias, _rank_values(t_ptr, RANK, RANK_P), bw, HAS_BIAS, RANK)
     tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -337,7 +343,7 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                    l0, l1, l2, l3, h0, h1, h2, h3,
                    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
                    UNROLL: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr,
-                   ASM: tl.constexpr, TABLE: tl.constexpr):
+                   ASM: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
     """16 rows of y = W x (+ bias) (+ B t) for a 4-bit layer repacked by gemv.nf4_spec's mma layout, on
     the tensor cores: each program's WARPS warps split the row tile's GROUPS scale groups (64 weights
     of 16 rows, 512 bytes of codes), UNROLL groups a warp a loop. In a group, lane l = 4 r + c holds 4
@@ -360,10 +366,13 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     scales = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     rows = tile * 16 + tl.arange(0, 8)
-    # The bias and adapter terms' loads first (their sums last): their latency passes under the table's
-    # fill and the loop.
-    bias_first, t, b_first = _extra_loads(rows, rows < N, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
-    bias_second, t, b_second = _extra_loads(rows + 8, rows + 8 < N, bias_ptr, t_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    if PDL:  # the next kernel may start its own preamble (it waits for this one before reading y)
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;", "=r,r", [thread],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    # The bias and B's loads first (their sums last): their latency passes under the table's fill and the
+    # loop.
+    bias_first, b_first = _extra_loads(rows, rows < N, bias_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
+    bias_second, b_second = _extra_loads(rows + 8, rows + 8 < N, bias_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
     first = tl.zeros((32 * WARPS,), dtype=tl.float32)
     second = tl.zeros((32 * WARPS,), dtype=tl.float32)
     if ASM and TABLE:  # fill the shared table: 2048 stores of 4 copies, spread over the threads
@@ -375,6 +384,15 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                                        l0, l1, l2, l3, h0, h1, h2, h3], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
     end = tl.minimum(part * share + share, GROUPS)
+    if PDL:  # the codes of the first loop on their way to L2, then wait for the kernel that wrote x and t
+        for u in tl.static_range(UNROLL):
+            group = part * share + u * WARPS + warp
+            at = tl.where(group < end, (tile * GROUPS + group) * 32 + lane, 0)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [q_words + 2 * at],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.u32 $0, 0;", "=r,r", [thread], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    t = _rank_values(t_ptr, RANK, RANK_P)
     for start in range(part * share, end, WARPS * UNROLL):
         for u in tl.static_range(UNROLL):
             group = start + u * WARPS + warp
