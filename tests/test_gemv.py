@@ -237,11 +237,13 @@ def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, 
     assert got.dtype == dtype and got.shape == expected.shape
     assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()
     expected = expected + t.float() @ b.float().t()
-    for table in (True, False) if device == "cuda" else (True,):  # the code book in shared memory or registers
+    # On a GPU: the code book in shared memory or registers, launched plainly or as a dependent launch.
+    for table, pdl in ((True, False), (True, True), (False, False)) if device == "cuda" else ((True, False),):
         monkeypatch.setattr(gemv, "NF4_TABLE", table)
+        monkeypatch.setattr(gemv, "PDL", pdl)
         for tiling in (None, (1, 1, 1), (8, 2, 4)):
             got = gemv.gemv(x, spec, t, b, tuning=tiling)
-            assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), (table, tiling)
+            assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), (table, pdl, tiling)
     # An input that starts 2 bytes into its storage (the kernel reads 32-bit pairs): taken as a copy.
     shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]
     assert shifted.data_ptr() % 4 and torch.equal(gemv.gemv(shifted, spec, t, b), gemv.gemv(x, spec, t, b))

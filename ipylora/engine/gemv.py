@@ -95,7 +95,8 @@ NF4_MMA = True
 NF4_TABLE = True
 # nf4_mma_kernel launched as a programmatic dependent launch: its table fill and the first codes' trip
 # to L2 overlap the kernel before it (the launch waits for that kernel before reading its input).
-PDL = True
+# Off until measured on a GPU (`bench/chat_latency.py --nf4 nopdl,on`).
+PDL = False
 # The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
 MAX_SPLIT = 8
 
