@@ -12,13 +12,15 @@ layer, 27.2 -> 22.4 us for 4096 x 11008, and the adapter's term costs 0.3-0.6 us
 
 bitsandbytes' nf4 layers get a kernel of their own over a copy of their codes repacked once
 (`nf4_spec`): a Triton kernel reading bitsandbytes' codes and double-quantized scales as stored was
-slower than bitsandbytes' own one-token kernel (session 12: 0.25-0.44 TB/s against 0.7-1.0, the code
-book read from memory or picked by selects on the bits). The repacked kernel looks its codes up in
-registers (gemv_kernels.NF4_LOOKUP, prmt byte permutes) and reads one fp16 scale per 64 weights:
-8.3 against 10.1 us for a 4096 x 4096 layer, 18.5 against 22.1 for 11008 x 4096 (H100, session 20),
-and the 7B shape's 4-bit chat step with an r16 adapter 171 -> 197 tokens/s. The copy takes the 4-bit
-weights' memory again (about 3.6 GB for a 7B model), and is made only where half the free GPU memory
-holds it; graphdecode.release drops it with the captured step.
+slower than bitsandbytes' own one-token kernel (session 12: 0.25-0.44 TB/s against 0.7-1.0). The
+repacked copy holds each lane's codes as the tensor cores' mma fragments (`_mma_layout`), and the
+kernel (gemv_kernels.nf4_mma_kernel) looks them up in a code-book table in shared memory, a load a
+byte of two codes, then multiplies 16 rows at a time with mma.sync; one fp16 scale per 64 weights.
+On an H100 (session 21): 5.2 against bitsandbytes' 10.1 us for a 4096 x 4096 layer, 11.4 against
+22.1 for 11008 x 4096 (1.5-2.3 TB/s), and the 7B shape's 4-bit chat step with an r16 adapter 196 ->
+232 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`, kept for the benches). The copy
+takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
+free GPU memory holds it; graphdecode.release drops it with the captured step.
 
 `spec(layer)` says whether a layer can run here (a plain nn.Linear of the compute dtype, or an nf4
 Linear4bit, on CUDA with Triton installed) and holds what the kernel reads; `gemv(x, spec, t, b)`
