@@ -13,9 +13,8 @@ the QLoRA layout), instead:
     bnb nf4     bitsandbytes' Linear4bit forward for one token (its gemv kernel)
     gemv nf4 fp32   ipylora.engine.gemv's fp32 kernel over the codes repacked by gemv.nf4_spec
                     (gemv.NF4_MMA = False)
-    gemv nf4 mma prmt   its tensor-core kernel over its own repacked copy, the code book in registers
-                    (gemv.NF4_TABLE = False)
-    gemv nf4 mma nopdl  the same with the code book in a shared-memory table, launched plainly
+    gemv nf4 mma nopdl  its tensor-core kernel over its own repacked copy (the code book in a
+                    shared-memory table), launched plainly
     gemv nf4 mma    the same as a programmatic dependent launch (the default: back to back, a call's
                     table fill and first codes overlap the call before), at its default tiling and
                     with --grid the best of (warps, groups a warp a loop, programs a tile)
@@ -188,10 +187,7 @@ def nf4_rows(args) -> int:
             if fp32_spec is not None:
                 row("gemv nf4 fp32", timed(lambda: gemv.gemv(x, fp32_spec)), err(gemv.gemv(x, fp32_spec), reference),
                     str(gemv.config(fp32_spec)))
-            gemv.NF4_TABLE = False
-            row("gemv nf4 mma prmt", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
-                str(gemv.config(spec)))
-            gemv.NF4_TABLE, gemv.PDL = True, False
+            gemv.PDL = False
             row("gemv nf4 mma nopdl", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
                 str(gemv.config(spec)))
             gemv.PDL = True

@@ -237,13 +237,11 @@ def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, 
     assert got.dtype == dtype and got.shape == expected.shape
     assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()
     expected = expected + t.float() @ b.float().t()
-    # On a GPU: the code book in shared memory or registers, launched plainly or as a dependent launch.
-    for table, pdl in ((True, False), (True, True), (False, False)) if device == "cuda" else ((True, False),):
-        monkeypatch.setattr(gemv, "NF4_TABLE", table)
+    for pdl in (False, True) if device == "cuda" else (False,):  # launched plainly or as a dependent launch
         monkeypatch.setattr(gemv, "PDL", pdl)
         for tiling in (None, (1, 1, 1), (8, 2, 4)):
             got = gemv.gemv(x, spec, t, b, tuning=tiling)
-            assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), (table, pdl, tiling)
+            assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max(), (pdl, tiling)
     # An input that starts 2 bytes into its storage (the kernel reads 32-bit pairs): taken as a copy.
     shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]
     assert shifted.data_ptr() % 4 and torch.equal(gemv.gemv(shifted, spec, t, b), gemv.gemv(x, spec, t, b))
@@ -405,12 +403,12 @@ def _run_warp(asm: str, lanes: list[dict], shared: dict | None = None) -> list[d
     return lanes
 
 
-@pytest.mark.parametrize("dtype,table", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
-def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype, table):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype):
     """The GPU path's PTX (which the interpreter does not run), fed what nf4_mma_kernel's lanes read
     of the repacked layout, gives bitsandbytes' dequantized product: the repacked codes meet the
     tensor cores' fragments as the PTX manual lays them out, with the code book looked up in the
-    shared table that the fill's PTX writes (one warp filling all of it), or in registers."""
+    shared table that the fill's PTX writes (one warp filling all of it)."""
     import bitsandbytes as bnb
 
     from ipylora.engine import gemv_kernels
@@ -424,20 +422,17 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
     bf16 = dtype == torch.bfloat16
     planes = [w & 0xFFFFFFFF for w in gemv._pair_planes(bf16)]
     shared = {}
-    if table:
-        asm = (gemv_kernels.NF4_TABLE_BF16 if bf16 else gemv_kernels.NF4_TABLE_FP16).value
-        fill = [{} for _ in range(32)]
-        _run_warp(gemv_kernels.TABLE_BASE.value, fill)
-        base = fill[0]["$0"]
-        for k in range(2048 // 32):  # the kernel's fill with WARPS = 1
-            for lane, regs in enumerate(fill):
-                slot = lane + 32 * k
-                regs.update({"$1": base + slot // 8 * 128 + slot % 8 * 16, "$2": slot // 8,
-                             **{f"${3 + i}": plane for i, plane in enumerate(planes)}})
-            _run_warp(gemv_kernels.NF4_FILL.value, fill, shared)
-        assert len(shared) == 8192
-    else:
-        asm = (gemv_kernels.NF4_MMA_BF16 if bf16 else gemv_kernels.NF4_MMA_FP16).value
+    asm = (gemv_kernels.NF4_TABLE_BF16 if bf16 else gemv_kernels.NF4_TABLE_FP16).value
+    fill = [{} for _ in range(32)]
+    _run_warp(gemv_kernels.TABLE_BASE.value, fill)
+    base = fill[0]["$0"]
+    for k in range(2048 // 32):  # the kernel's fill with WARPS = 1
+        for lane, regs in enumerate(fill):
+            slot = lane + 32 * k
+            regs.update({"$1": base + slot // 8 * 128 + slot % 8 * 16, "$2": slot // 8,
+                         **{f"${3 + i}": plane for i, plane in enumerate(planes)}})
+        _run_warp(gemv_kernels.NF4_FILL.value, fill, shared)
+    assert len(shared) == 8192
     words = spec.weight.view(torch.int64)
     pairs = x.view(torch.int64)
     scales = spec.scales.view(torch.int32)
@@ -450,8 +445,7 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
                              "$3": int(words[tile, group, 2 * lane + 1]) & (1 << 64) - 1,
                              "$8": int(scales[tile, group, lane // 4]) & 0xFFFFFFFF,
                              **{f"${4 + s}": int(pairs[group * 16 + lane % 4 * 4 + s]) & (1 << 64) - 1 for s in range(4)},
-                             **({"$11": 4 * lane, "$12": base} if table else
-                                {f"${11 + i}": plane for i, plane in enumerate(planes)})})
+                             "$11": 4 * lane, "$12": base})
             _run_warp(asm, lanes, shared)
             for regs in lanes:
                 regs["$9"], regs["$10"] = regs["$0"], regs["$1"]

@@ -92,9 +92,6 @@ _NF4 = "_ipylora_nf4"
 NF4 = True
 # The nf4 kernel on the tensor cores (nf4_mma_kernel); False: the fp32 one (nf4_gemv_kernel).
 NF4_MMA = True
-# nf4_mma_kernel's code book in a shared-memory table (a load a byte of two codes), or False: looked up in
-# registers by byte permutes (16 prmt a word of 8 codes).
-NF4_TABLE = True
 # nf4_mma_kernel launched as a programmatic dependent launch: its table fill and the first codes' trip
 # to L2 overlap the kernel before it (the launch waits for that kernel before reading its input).
 # Off until measured on a GPU (`bench/chat_latency.py --nf4 nopdl,on`).
@@ -283,7 +280,7 @@ def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tunin
         b if b is not None else unused, table, work, out_features, codes.shape[1], codes.shape[0],
         *_pair_planes(bf16), HAS_BIAS=bias is not None, RANK=rank, RANK_P=triton.next_power_of_2(max(rank, 1)),
         WARPS=warps, UNROLL=unroll, SPLIT=split,
-        EVEN=codes.shape[1] % (split * warps * unroll) == 0, BF16=bf16, ASM=not interpreted(), TABLE=NF4_TABLE,
+        EVEN=codes.shape[1] % (split * warps * unroll) == 0, BF16=bf16, ASM=not interpreted(),
         PDL=_pdl(), num_warps=warps, **({"launch_pdl": True} if _pdl() else {}))
     return out
 

@@ -228,32 +228,13 @@ def _pairs_asm(word: str, out: list[str], planes: list[str]) -> list[str]:
     return lines
 
 
-def _mma_asm(bf16: bool) -> str:
-    """PTX for one scale group of a warp's 16 rows (nf4_mma_kernel): this lane's 4 words ($2, $3: two
-    64-bit pairs of them) looked up into 16-bit weights (_pairs_asm) and multiplied with the inputs' pairs
-    ($4-$7) by 4 tensor-core mma steps (m16n8k16, fp32 sums), then its two rows' sums scaled ($8: the two
-    fp16 scales) onto the running sums ($9, $10 -> $0, $1). $11-$18: the table's planes."""
-    kind = "bf16" if bf16 else "f16"
-    planes = [f"${11 + i}" for i in range(8)]
-    lines = [".reg .b32 q, s, m, a, b, lo, hi, w<4>, x<8>, v<16>;", ".reg .b16 sg, sh;",
-             ".reg .f32 c<4>, fg, fh, z;", "mov.b64 {w0, w1}, $2;", "mov.b64 {w2, w3}, $3;"]
-    lines += [f"mov.b64 {{x{2 * i}, x{2 * i + 1}}}, ${4 + i};" for i in range(4)]
-    lines.append("mov.f32 z, 0f00000000;")
-    for step in range(4):
-        lines += _pairs_asm(f"w{step}", [f"v{4 * step + i}" for i in range(4)], planes)
-        a = ", ".join(f"v{4 * step + i}" for i in range(4))
-        c = "z, z, z, z" if step == 0 else "c0, c1, c2, c3"
-        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{c0, c1, c2, c3}}, {{{a}}}, "
-                     f"{{x{2 * step}, x{2 * step + 1}}}, {{{c}}};")
-    lines += ["mov.b32 {sg, sh}, $8;", "cvt.f32.f16 fg, sg;", "cvt.f32.f16 fh, sh;",
-              "fma.rn.f32 $0, c0, fg, $9;", "fma.rn.f32 $1, c2, fh, $10;"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
 def _mma_table_asm(bf16: bool) -> str:
-    """_mma_asm with the code book looked up in shared memory: each byte of a word (two codes) picks one
-    of 256 registers' worth of two weights from the table fill_table wrote, copy `lane` of 32 (one a
-    memory bank, so a warp's 32 reads take one pass), at $11: this lane's address in the table."""
+    """PTX for one scale group of a warp's 16 rows (nf4_mma_kernel): this lane's 4 words ($2, $3: two
+    64-bit pairs of them) looked up in the shared table (each byte, two codes, picks the register of
+    their two 16-bit weights from copy `lane` of 32, one a memory bank, so a warp's 32 reads take one
+    pass; $11: 4 lane, $12: the table's address) and multiplied with the inputs' pairs ($4-$7) by 4
+    tensor-core mma steps (m16n8k16, fp32 sums), then its two rows' sums scaled ($8: the two fp16
+    scales) onto the running sums ($9, $10 -> $0, $1)."""
     kind = "bf16" if bf16 else "f16"
     lines = [".reg .b32 t, w<4>, x<8>, v<16>;", ".reg .b16 sg, sh;", ".reg .f32 c<4>, fg, fh, z;",
              "mov.b64 {w0, w1}, $2;", "mov.b64 {w2, w3}, $3;"]
@@ -293,8 +274,6 @@ NF4_TABLE_FP16: tl.constexpr = tl.constexpr(_mma_table_asm(False))
 NF4_FILL: tl.constexpr = tl.constexpr(_fill_asm())
 
 
-NF4_MMA_BF16: tl.constexpr = tl.constexpr(_mma_asm(True))
-NF4_MMA_FP16: tl.constexpr = tl.constexpr(_mma_asm(False))
 
 
 def pair_planes(bf16: bool, values=NF4) -> list[int]:
@@ -343,7 +322,7 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                    l0, l1, l2, l3, h0, h1, h2, h3,
                    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
                    UNROLL: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr,
-                   ASM: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
+                   ASM: tl.constexpr, PDL: tl.constexpr):
     """16 rows of y = W x (+ bias) (+ B t) for a 4-bit layer repacked by gemv.nf4_spec's mma layout, on
     the tensor cores: each program's WARPS warps split the row tile's GROUPS scale groups (64 weights
     of 16 rows, 512 bytes of codes), UNROLL groups a warp a loop. In a group, lane l = 4 r + c holds 4
@@ -375,7 +354,7 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     bias_second, b_second = _extra_loads(rows + 8, rows + 8 < N, bias_ptr, b_ptr, HAS_BIAS, RANK, RANK_P)
     first = tl.zeros((32 * WARPS,), dtype=tl.float32)
     second = tl.zeros((32 * WARPS,), dtype=tl.float32)
-    if ASM and TABLE:  # fill the shared table: 2048 stores of 4 copies, spread over the threads
+    if ASM:  # fill the shared table: 2048 stores of 4 copies, spread over the threads
         base = tl.inline_asm_elementwise(TABLE_BASE, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
         for k in tl.static_range(2048 // (32 * WARPS)):
             slot = thread + k * 32 * WARPS
@@ -407,16 +386,11 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
             x2 = tl.load(x_at + 2, mask=ok, other=zero)
             x3 = tl.load(x_at + 3, mask=ok, other=zero)
             s = tl.load(scales + (tile * GROUPS + group) * 8 + lane // 4, mask=ok, other=zero)
-            if ASM and TABLE:
+            if ASM:
                 first, second = tl.inline_asm_elementwise(
                     NF4_TABLE_BF16 if BF16 else NF4_TABLE_FP16, "=f,=f,l,l,l,l,l,l,r,f,f,r,r",
                     [qa, qb, x0, x1, x2, x3, s, first, second, lane * 4, base], dtype=(tl.float32, tl.float32),
                     is_pure=True, pack=1)  # reads the table only after the fill's barrier (its inputs load after)
-            elif ASM:
-                first, second = tl.inline_asm_elementwise(
-                    NF4_MMA_BF16 if BF16 else NF4_MMA_FP16, "=f,=f,l,l,l,l,l,l,r,f,f" + ",r" * 8,
-                    [qa, qb, x0, x1, x2, x3, s, first, second, l0, l1, l2, l3, h0, h1, h2, h3],
-                    dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
             else:  # the interpreter: this lane's share of the sums (the mma adds the four lanes of a row)
                 f0, s0 = _word_sums(table_ptr, (qa & 0xFFFFFFFF).to(tl.int32), x0, BF16)
                 f1, s1 = _word_sums(table_ptr, (qa >> 32).to(tl.int32), x1, BF16)
