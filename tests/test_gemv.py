@@ -218,16 +218,20 @@ NF4_CASES = [(40, 1024, False, True, 64, torch.bfloat16), (7, 704, True, False, 
              (24, 1536, False, True, 128, torch.float16)]
 
 
+@pytest.mark.parametrize("mma", [True, False])
 @pytest.mark.parametrize("out_features,in_features,bias,nested,blocksize,dtype", NF4_CASES)
 def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, in_features, bias, nested, blocksize,
-                                                           dtype, monkeypatch):
+                                                           dtype, mma, monkeypatch):
     """The repacked nf4 kernel computes x W^T with W as bitsandbytes dequantizes it (to bf16's rounding
     of the code book: 0.3% a weight), its bias and the adapter's term, at any tiling; repacked once."""
     import bitsandbytes as bnb
 
+    # The tensor-core kernel, or the fp32 one that layers of few rows keep.
+    monkeypatch.setattr(gemv, "NF4_MMA_MAX_SMALL", 0 if mma else 1024)
     layer = nf4_layer(out_features, in_features, device, bias, nested, blocksize, dtype)
     spec = gemv.spec(layer, dtype)
     assert spec is not None and spec.scales is not None and gemv.spec(layer, dtype) is spec
+    assert spec.weight.dim() == (3 if mma else 2)
     weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     x = torch.randn(1, 1, in_features, device=device, dtype=dtype)
     t = torch.randn(12, device=device, dtype=dtype)
@@ -237,7 +241,7 @@ def test_nf4_kernel_gives_the_dequantized_layer_s_product(device, out_features, 
     assert got.dtype == dtype and got.shape == expected.shape
     assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()
     expected = expected + t.float() @ b.float().t()
-    for pdl in (False, True) if device == "cuda" else (False,):  # launched plainly or as a dependent launch
+    for pdl in (False, True) if device == "cuda" and mma else (False,):  # plainly or as a dependent launch
         monkeypatch.setattr(gemv, "PDL", pdl)
         for tiling in (None, (1, 1, 1), (8, 2, 4)):
             got = gemv.gemv(x, spec, t, b, tuning=tiling)
@@ -404,7 +408,7 @@ def _run_warp(asm: str, lanes: list[dict], shared: dict | None = None) -> list[d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype):
+def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpreted, dtype, monkeypatch):
     """The GPU path's PTX (which the interpreter does not run), fed what nf4_mma_kernel's lanes read
     of the repacked layout, gives bitsandbytes' dequantized product: the repacked codes meet the
     tensor cores' fragments as the PTX manual lays them out, with the code book looked up in the
@@ -413,6 +417,7 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
 
     from ipylora.engine import gemv_kernels
 
+    monkeypatch.setattr(gemv, "NF4_MMA_MAX_SMALL", 0)
     layer = nf4_layer(24, 256, "cpu", dtype=dtype)
     spec = gemv.spec(layer, dtype)
     assert spec.weight.shape == (2, 4, 128) and spec.scales.shape == (2, 4, 16)
@@ -476,6 +481,7 @@ def test_captured_form_of_a_4bit_model_runs_the_nf4_kernel_and_release_drops_its
     _keep_4bit_layout_trainable(base)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    monkeypatch.setattr(gemv, "NF4_MMA_MAX_SMALL", 0)  # the tensor-core kernel for the tiny model's layers too
     launched = []
     launch = gemv._launch_nf4
     monkeypatch.setattr(gemv, "_launch_nf4", lambda *args: launched.append(args[5] is not None) or launch(*args))

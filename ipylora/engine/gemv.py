@@ -18,7 +18,8 @@ kernel (gemv_kernels.nf4_mma_kernel) looks them up in a code-book table in share
 byte of two codes, then multiplies 16 rows at a time with mma.sync; one fp16 scale per 64 weights.
 On an H100 (session 21): 5.2 against bitsandbytes' 10.1 us for a 4096 x 4096 layer, 11.4 against
 22.1 for 11008 x 4096 (1.5-2.3 TB/s), and the 7B shape's 4-bit chat step with an r16 adapter 196 ->
-232 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`, kept for the benches). The copy
+232 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`; it stays for layers of up to 1,024
+rows, NF4_MMA_MAX_SMALL). The copy
 takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
 free GPU memory holds it; graphdecode.release drops it with the captured step.
 
@@ -92,6 +93,10 @@ _NF4 = "_ipylora_nf4"
 NF4 = True
 # The nf4 kernel on the tensor cores (nf4_mma_kernel); False: the fp32 one (nf4_gemv_kernel).
 NF4_MMA = True
+# Layers of at most this many rows keep the fp32 kernel: Qwen2-7B's 512-row k/v projections took 4.1
+# us on the tensor cores at every tiling tried (32 tiles of 16 rows leave most of the GPU idle, and each
+# program fills its own table) against the fp32 kernel's 3.0 (H100, session 21; 1,024 rows unmeasured).
+NF4_MMA_MAX_SMALL = 1024
 # nf4_mma_kernel launched as a programmatic dependent launch: its table fill and the first codes' trip
 # to L2 overlap the kernel before it (the launch waits for that kernel before reading its input).
 # Off until measured on a GPU (`bench/chat_latency.py --nf4 nopdl,on`).
@@ -118,7 +123,7 @@ def nf4_spec(layer, dtype) -> Spec | None:
     if not NF4 or state is None or weight.dtype != torch.uint8 or dtype not in (torch.bfloat16, torch.float16) \
             or (bias is not None and bias.dtype != dtype):
         return None
-    key = (weight.data_ptr(), weight._version, dtype, NF4_MMA)
+    key = (weight.data_ptr(), weight._version, dtype, NF4_MMA, NF4_MMA_MAX_SMALL)
     held = layer.__dict__.get(_NF4)
     if held is not None and held[0] == key:
         return held[1]
@@ -160,7 +165,7 @@ def _repack_nf4(weight, state, bias) -> Spec | None:
         scales = torch.nn.functional.pad(scales, (0, (padded - in_features) // 64)).to(torch.float16).contiguous()
         packed = weight.data.reshape(out_features, in_features // 2)  # byte i: weight 2i (high bits), 2i + 1
         codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(out_features, in_features)
-        if NF4_MMA:
+        if NF4_MMA and out_features > NF4_MMA_MAX_SMALL:
             codes, scales = _mma_layout(codes, absmax.repeat_interleave(block // 64, dim=1))
             work = torch.zeros(codes.shape[0] * (1 + 16 * MAX_SPLIT), dtype=torch.int32, device=codes.device)
             return Spec(codes, out_features, in_features, None if bias is None else bias.detach(), scales=scales,
