@@ -18,7 +18,7 @@ kernel (gemv_kernels.nf4_mma_kernel) looks them up in a code-book table in share
 byte of two codes, then multiplies 16 rows at a time with mma.sync; one fp16 scale per 64 weights.
 On an H100 (session 21): 5.2 against bitsandbytes' 10.1 us for a 4096 x 4096 layer, 11.4 against
 22.1 for 11008 x 4096 (1.5-2.3 TB/s), and the 7B shape's 4-bit chat step with an r16 adapter 196 ->
-232 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`; it stays for layers of up to 1,024
+240 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`; it stays for layers of up to 1,024
 rows, NF4_MMA_MAX_SMALL). The copy
 takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
 free GPU memory holds it; graphdecode.release drops it with the captured step.
@@ -99,7 +99,8 @@ NF4_MMA = True
 NF4_MMA_MAX_SMALL = 1024
 # nf4_mma_kernel launched as a programmatic dependent launch: its table fill and the first codes' trip
 # to L2 overlap the kernel before it (the launch waits for that kernel before reading its input).
-# Off until measured on a GPU (`bench/chat_latency.py --nf4 nopdl,on`).
+# Off: on an H100 (session 21, `bench/chat_latency.py --nf4 nopdl,on`) it gave +2% on a 4-bit base but
+# -2% with an r16 adapter and -3% with --compile.
 PDL = False
 # The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
 MAX_SPLIT = 8
