@@ -13,11 +13,12 @@ the QLoRA layout), instead:
     bnb nf4     bitsandbytes' Linear4bit forward for one token (its gemv kernel)
     gemv nf4 fp32   ipylora.engine.gemv's fp32 kernel over the codes repacked by gemv.nf4_spec
                     (gemv.NF4_MMA = False)
-    gemv nf4 mma nopdl  its tensor-core kernel over its own repacked copy (the code book in a
-                    shared-memory table), launched plainly
-    gemv nf4 mma    the same as a programmatic dependent launch (the default: back to back, a call's
-                    table fill and first codes overlap the call before), at its default tiling and
-                    with --grid the best of (warps, groups a warp a loop, programs a tile)
+    gemv nf4 mma pdl    its tensor-core kernel over its own repacked copy (the code book in a
+                    shared-memory table), as a programmatic dependent launch (back to back, a call's
+                    table fill and first codes overlap the call before; gemv.PDL, off by default)
+    gemv nf4 mma    the same as the engine launches it, at its default tiling and with --grid the
+                    best of (warps, groups a warp a loop, programs a tile); layers of up to 1,024
+                    rows get the fp32 kernel here (gemv.NF4_MMA_MAX_SMALL)
     + lora          the same with an r16 adapter's term
 
 and prints microseconds a call, the bandwidth that is (weight bytes read / time; layers under
@@ -150,6 +151,7 @@ def nf4_rows(args) -> int:
     from ipylora.engine import gemv
 
     gemv.NF4 = True  # whatever the engine's default; both nf4 kernels are timed
+    pdl = gemv.PDL
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, nf4 (double quant), bf16 compute, "
           f"{CALLS} calls a graph; TB/s of nf4 codes and scales as bitsandbytes stores them")
     print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
@@ -187,10 +189,10 @@ def nf4_rows(args) -> int:
             if fp32_spec is not None:
                 row("gemv nf4 fp32", timed(lambda: gemv.gemv(x, fp32_spec)), err(gemv.gemv(x, fp32_spec), reference),
                     str(gemv.config(fp32_spec)))
-            gemv.PDL = False
-            row("gemv nf4 mma nopdl", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
-                str(gemv.config(spec)))
             gemv.PDL = True
+            row("gemv nf4 mma pdl", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
+                str(gemv.config(spec)))
+            gemv.PDL = pdl
             row("gemv nf4 mma", timed(lambda: gemv.gemv(x, spec)), err(gemv.gemv(x, spec), reference),
                 str(gemv.config(spec)))
             row("gemv nf4 mma + lora", timed(lambda: gemv.gemv(x, spec, t, b)),
