@@ -210,7 +210,7 @@ def nf4_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_pt
 def _pairs_asm(word: str, out: list[str], planes: list[str]) -> list[str]:
     """PTX turning the 32-bit word `word` of 8 codes (code k in bits 4k..4k+3) into 4 registers of two
     16-bit weights each (`out`; register p holds codes 2p and 2p + 1, the first in its low half), the
-    entries' low and high bytes read from the 8 registers `planes` (table_planes)."""
+    entries' low and high bytes read from the 8 registers `planes` (pair_planes)."""
     lines = []
     for half in (0, 1):
         source = word
@@ -274,8 +274,6 @@ NF4_TABLE_FP16: tl.constexpr = tl.constexpr(_mma_table_asm(False))
 NF4_FILL: tl.constexpr = tl.constexpr(_fill_asm())
 
 
-
-
 def pair_planes(bf16: bool, values=NF4) -> list[int]:
     """The table of nf4_mma_kernel's lookup: the code book's values as bf16 (or fp16), their 16 low
     bytes then their 16 high bytes, as 8 signed 32-bit words."""
@@ -331,8 +329,9 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     Every tensor here is one element a thread (shape [32 WARPS], Triton's default layout), so element
     i is lane i % 32 of warp i // 32, which is what the mma's register fragments ask of the lanes.
 
-    SPLIT > 1 splits the groups over that many programs a tile as well (layers of few rows, which
-    would leave most of the GPU idle): each writes its rows' sums to `work` (int32 counters, one a
+    SPLIT > 1 splits the groups over that many programs a tile as well (for layers of few rows, which
+    would leave most of the GPU idle; on an H100 it never won, as each program fills its own table):
+    each writes its rows' sums to `work` (int32 counters, one a
     tile, then SPLIT x (16 TILES) fp32 sums) and counts itself in; the last of a tile adds the sums,
     stores y and sets the counter back to 0 for the next call."""
     tile = tl.program_id(0)
