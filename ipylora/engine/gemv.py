@@ -102,8 +102,9 @@ NF4_MMA_MAX_SMALL = 1024
 # Off: on an H100 (session 21, `bench/chat_latency.py --nf4 nopdl,on`) it gave +2% on a 4-bit base but
 # -2% with an r16 adapter and -3% with --compile.
 PDL = False
-# The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work).
-MAX_SPLIT = 8
+# The most programs nf4_mma_kernel splits a tile's groups over (the size of Spec.work: 260 bytes a tile,
+# about 22 MB for a 7B model's layers; the split never won, see config).
+MAX_SPLIT = 4
 
 
 def nf4_spec(layer, dtype) -> Spec | None:
@@ -280,7 +281,7 @@ def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tunin
         x = x.clone()
     bf16 = x.dtype == torch.bfloat16
     unused = out
-    table = _nf4_table(x.device, bf16) if interpreted() else unused  # the registers' table, in memory
+    table = _nf4_table(x.device, bf16) if interpreted() else unused  # the shared table's values, in memory
     gemv_kernels.nf4_mma_kernel[(codes.shape[0], split)](
         x.reshape(-1), codes, scales, out, bias if bias is not None else unused, t if t is not None else unused,
         b if b is not None else unused, table, work, out_features, codes.shape[1], codes.shape[0],
