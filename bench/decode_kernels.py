@@ -75,14 +75,18 @@ def timed(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (replays * CALLS)
 
 
-def report(args, label: str, kernel: str, us: float, nbytes: int, diff: float, tiling="") -> None:
-    """Print one row (and append it to --json's file): microseconds a call, the TB/s of `nbytes`."""
-    tb_s = nbytes / us / 1e6
-    print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
+def record(args, **fields) -> None:
+    """Append one row to --json's file (JSON lines), if one was given."""
     if args.json:
         with open(args.json, "a") as handle:
-            handle.write(json.dumps(dict(layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff,
-                                         tiling=tiling)) + "\n")
+            handle.write(json.dumps(fields) + "\n")
+
+
+def report(args, label: str, kernel: str, us: float, nbytes: int, diff: float, tiling="") -> None:
+    """Print one row (and record it): microseconds a call, the TB/s of `nbytes`."""
+    tb_s = nbytes / us / 1e6
+    print(f"{label:<18} {kernel:<14} {us:7.2f} {tb_s:6.2f} {diff:9.2e}  {tiling}", flush=True)
+    record(args, layer=label, kernel=kernel, us=us, tb_s=tb_s, max_diff=diff, tiling=tiling)
 
 
 def main() -> int:
@@ -205,9 +209,7 @@ def nf4_rows(args) -> int:
                     except Exception as exc:  # a tiling Triton cannot build
                         print(f"  {tiling} failed: {type(exc).__name__}", flush=True)
                         continue
-                    if args.json:
-                        with open(args.json, "a") as handle:
-                            handle.write(json.dumps(dict(layer=label, kernel="grid", us=us, tiling=str(tiling))) + "\n")
+                    record(args, layer=label, kernel="grid", us=us, tiling=str(tiling))
                     if best is None or us < best[0]:
                         best = (us, tiling)
                 row("gemv nf4 mma best", best[0], err(gemv.gemv(x, spec, tuning=best[1]), reference), str(best[1]))

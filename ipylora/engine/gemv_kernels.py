@@ -316,6 +316,16 @@ def _entry(table_ptr, word, k: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(first, second, rows, N, y_ptr, bias_first, bias_second, t, b_first, b_second,
+                HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
+    """y at a tile's rows r and r + 8 (`rows`: its first 8): the sums (+ bias) (+ B t), rounded once."""
+    tl.store(y_ptr + rows, _extra(first, bias_first, t, b_first, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+             mask=rows < N)
+    tl.store(y_ptr + rows + 8, _extra(second, bias_second, t, b_second, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
+             mask=rows + 8 < N)
+
+
+@triton.jit
 def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr, work_ptr, N, GROUPS, TILES,
                    l0, l1, l2, l3, h0, h1, h2, h3,
                    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
@@ -420,12 +430,6 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                 first += tl.load(sums + other * 16 * TILES, cache_modifier=".cg")
                 second += tl.load(sums + other * 16 * TILES + 8, cache_modifier=".cg")
             tl.atomic_xchg(work_ptr + tile, 0)
-            tl.store(y_ptr + rows, _extra(first, bias_first, t, b_first, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
-                     mask=rows < N)
-            tl.store(y_ptr + rows + 8, _extra(second, bias_second, t, b_second, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
-                     mask=rows + 8 < N)
+            _store_tile(first, second, rows, N, y_ptr, bias_first, bias_second, t, b_first, b_second, HAS_BIAS, RANK)
     else:
-        tl.store(y_ptr + rows, _extra(first, bias_first, t, b_first, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
-                     mask=rows < N)
-        tl.store(y_ptr + rows + 8, _extra(second, bias_second, t, b_second, HAS_BIAS, RANK).to(y_ptr.dtype.element_ty),
-                     mask=rows + 8 < N)
+        _store_tile(first, second, rows, N, y_ptr, bias_first, bias_second, t, b_first, b_second, HAS_BIAS, RANK)
