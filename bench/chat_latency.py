@@ -226,20 +226,20 @@ def bench(precision: str, args) -> list[dict]:
     def record(label, m, lean=False, copies=False):
         from ipylora.engine import gemv, graphdecode
 
-        nf4_default, mma_default, pdl_default = gemv.NF4, gemv.NF4_MMA, gemv.PDL
+        defaults = gemv.NF4, gemv.NF4_MMA, gemv.NF4_STACK, gemv.PDL
         for slots in args.slot_writes.split(","):
             graphdecode.SLOT_WRITES = slots == "on"
             for kernels in args.gemv.split(","):
                 for nf4 in args.nf4.split(",") if args.nf4 and precision == "4bit" else [None]:
-                    gemv.NF4 = nf4_default if nf4 is None else nf4 != "off"
-                    gemv.NF4_MMA = mma_default if nf4 in (None, "off") else nf4 in ("nopdl", "on")
-                    gemv.PDL = pdl_default if nf4 in (None, "off") else nf4 != "nopdl"
+                    if nf4 is not None:  # off: bitsandbytes' kernels; the rest: see --nf4
+                        gemv.NF4, gemv.NF4_MMA = nf4 != "off", nf4 in ("nostack", "on", "pdl")
+                        gemv.NF4_STACK, gemv.PDL = nf4 in ("on", "pdl"), nf4 == "pdl"
                     _use_gemv(m, kernels == "on")
                     _record(label + ("" if args.gemv == "on" else f" gemv {kernels}")
                             + ("" if nf4 is None else f" nf4 {nf4}")
                             + ("" if args.slot_writes == "on" else f" slots {slots}"), m, lean, copies)
         graphdecode.SLOT_WRITES = True
-        gemv.NF4, gemv.NF4_MMA, gemv.PDL = nf4_default, mma_default, pdl_default
+        gemv.NF4, gemv.NF4_MMA, gemv.NF4_STACK, gemv.PDL = defaults
 
     def _record(label, m, lean=False, copies=False):
         for mode in modes:
@@ -307,9 +307,10 @@ def main() -> int:
     parser.add_argument("--compiled-models", default="lean,merged", help="Models measured compiled (each compiles).")
     parser.add_argument("--gemv", default="on", help="on, off or off,on: captured steps with/without gemv's kernels")
     parser.add_argument("--nf4", default=None,
-                        help="any of off, fp32, nopdl, on (e.g. off,fp32,on): 4-bit layers through bitsandbytes' "
-                             "kernel, gemv's fp32 nf4 kernel, or its tensor-core one without and with programmatic "
-                             "dependent launch (default: the engine's, gemv.NF4, NF4_MMA and PDL)")
+                        help="any of off, fp32, nostack, on, pdl (e.g. off,nostack,on): 4-bit layers through "
+                             "bitsandbytes' kernel, gemv's fp32 nf4 kernel, its tensor-core one a layer at a time, with "
+                             "q/k/v and gate/up stacked (gemv.NF4_STACK), and that as a programmatic dependent launch "
+                             "(default: the engine's, gemv.NF4, NF4_MMA, NF4_STACK and PDL)")
     parser.add_argument("--slot-writes", default="on",
                         help="on, off or off,on: the step writes its cache slot at its position (graphdecode.slot_layer) "
                              "or from each layer's counter (transformers' StaticLayer)")

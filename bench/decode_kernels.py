@@ -21,12 +21,16 @@ the QLoRA layout), instead:
                     rows get the fp32 kernel here (gemv.NF4_MMA_MAX_SMALL)
     + lora          the same with an r16 adapter's term
 
+With --nf4 --stacks, the sibling layers that read one input (q/k/v, gate/up of Llama-7B and Qwen2-7B)
+each with an r16 adapter, one kernel a layer (`layers`) against one kernel over gemv.nf4_stack's copy
+of all of them (`stacked`, chat's default: gemv.NF4_STACK).
+
 and prints microseconds a call, the bandwidth that is (weight bytes read / time; layers under
 ~50 MB are read partly from the L2 cache when called back to back, so theirs can pass the GPU's
 4.3 TB/s) and the largest difference from the reference. --grid tries every tiling and prints the best, which is how
 gemv.config's choices were made.
 
-    python bench/decode_kernels.py [--grid] [--nf4] [--json out.jsonl]
+    python bench/decode_kernels.py [--grid] [--nf4 [--stacks]] [--json out.jsonl]
 
 Without CUDA it prints why and exits 0.
 """
@@ -47,6 +51,9 @@ from bench.common import cuda_or_skip  # noqa: E402
 SHAPES = [("llama7b q/k/v/o", 4096, 4096), ("llama7b gate/up", 11008, 4096), ("llama7b down", 4096, 11008),
           ("qwen2-7b q/o", 3584, 3584), ("qwen2-7b k/v", 512, 3584), ("qwen2-7b gate/up", 18944, 3584),
           ("qwen2-7b down", 3584, 18944)]
+# (name, siblings' out_features, in_features)
+STACKS = [("llama7b q+k+v", (4096, 4096, 4096), 4096), ("llama7b gate+up", (11008, 11008), 4096),
+          ("qwen2-7b q+k+v", (3584, 512, 512), 3584), ("qwen2-7b gate+up", (18944, 18944), 3584)]
 CALLS = 20  # calls captured in one graph, so that launch gaps count as they do in the decode step
 
 
@@ -94,6 +101,7 @@ def main() -> int:
     parser.add_argument("--grid", action="store_true", help="time every tiling and print the best")
     parser.add_argument("--layers", default="", help="only the layers whose name contains this (e.g. llama7b)")
     parser.add_argument("--nf4", action="store_true", help="4-bit layers: bitsandbytes' kernel against gemv's nf4 one")
+    parser.add_argument("--stacks", action="store_true", help="with --nf4: sibling layers one a kernel or stacked")
     parser.add_argument("--json", default=None, help="also append each row to this JSON-lines file")
     args = parser.parse_args()
     if not cuda_or_skip("the kernels are timed on a CUDA GPU and none is available"):
@@ -102,6 +110,8 @@ def main() -> int:
 
     from ipylora.engine import gemv
 
+    if args.nf4 and args.stacks:
+        return stack_rows(args)
     if args.nf4:
         return nf4_rows(args)
 
@@ -148,6 +158,68 @@ def main() -> int:
     return 0
 
 
+def nf4_layer(out_features: int, in_features: int):
+    """bitsandbytes' Linear4bit (nf4, double quantization, bf16 compute) over a random weight, on the GPU."""
+    import bitsandbytes as bnb
+    import torch
+
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    return layer.cuda()
+
+
+def stack_rows(args) -> int:
+    import bitsandbytes as bnb
+    import torch
+
+    from ipylora.engine import gemv
+
+    gemv.NF4 = gemv.NF4_MMA = gemv.NF4_STACK = True
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · one token, nf4 siblings with r16 adapters, "
+          f"{CALLS} calls a graph")
+    print(f"{'layers':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
+    torch.manual_seed(0)
+    for label, outs, in_features in [stack for stack in STACKS if args.layers in stack[0]]:
+        layers = [nf4_layer(out, in_features) for out in outs]
+        nbytes = sum(layer.weight.numel() + layer.weight.quant_state.absmax.numel() for layer in layers)
+        x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn(16 * len(outs), device="cuda", dtype=torch.bfloat16)
+        bs = [torch.randn(out, 16, device="cuda", dtype=torch.bfloat16) * 0.01 for out in outs]
+        with torch.no_grad():
+            reference = torch.cat([x.float() @ bnb.functional.dequantize_4bit(layer.weight.data,
+                                                                              layer.weight.quant_state).float().t()
+                                   + t[16 * i:16 * i + 16].float() @ b.float().t()
+                                   for i, (layer, b) in enumerate(zip(layers, bs))], dim=-1)
+        specs = [gemv.spec(layer, torch.bfloat16) for layer in layers]
+        spec, spans = gemv.nf4_stack(layers, torch.bfloat16)
+        b = torch.zeros(spec.out_features, 16, device="cuda", dtype=torch.bfloat16)
+        index = []
+        for i, (span, layer_b) in enumerate(zip(spans, bs)):
+            b[span] = layer_b
+            index += [16 * i] * -(-(span.stop - span.start) // 16)
+        t_index = torch.tensor(index, dtype=torch.int32, device="cuda")
+
+        def apart():
+            return torch.cat([gemv.gemv(x, s, t[16 * i:16 * i + 16], layer_b)
+                              for i, (s, layer_b) in enumerate(zip(specs, bs))], dim=-1)
+
+        def err(got):
+            return float((got.float() - reference).abs().max() / reference.abs().max())
+
+        with torch.no_grad():
+            report(args, label, "layers", timed(lambda: [gemv.gemv(x, s, t[16 * i:16 * i + 16], layer_b)
+                                                         for i, (s, layer_b) in enumerate(zip(specs, bs))]),
+                   nbytes, err(apart()), " ".join(str(gemv.config(s)) for s in specs))
+            stacked = gemv.gemv(x, spec, t, b, t_index=t_index)
+            report(args, label, "stacked", timed(lambda: gemv.gemv(x, spec, t, b, t_index=t_index)), nbytes,
+                   err(torch.cat([stacked[..., span] for span in spans], dim=-1)), str(gemv.config(spec)))
+        del layers, specs, spec
+        torch.cuda.empty_cache()
+    return 0
+
+
 def nf4_rows(args) -> int:
     import bitsandbytes as bnb
     import torch
@@ -161,11 +233,7 @@ def nf4_rows(args) -> int:
     print(f"{'layer':<18} {'kernel':<14} {'us':>7} {'TB/s':>6} {'max diff':>9}  tiling")
     torch.manual_seed(0)
     for label, out_features, in_features in [shape for shape in SHAPES if args.layers in shape[0]]:
-        weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
-                                  quant_type="nf4", compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
-        layer = layer.cuda()
+        layer = nf4_layer(out_features, in_features)
         state = layer.weight.quant_state
         nbytes = layer.weight.numel() + state.absmax.numel()
         x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)

@@ -147,9 +147,9 @@ def test_capture_form_with_shared_a_products_matches_peft():
     got, _ = step_logits(model, lean_lora(model), decode.capturing())
     groups = {id(m.__dict__[decode._GROUP][0]) for m in model.modules() if decode._GROUP in m.__dict__}
     assert torch.allclose(expected, got, atol=1e-4)
-    # Per block: the attention's layers (o_proj has the same input width here, and recomputes the
-    # product for its own input), gate/up, and down.
-    assert len(groups) == 2 * 3
+    # Per block: q/k/v, o_proj (the same input width, but another input: a group of its own), gate/up
+    # and down.
+    assert len(groups) == 2 * 4
 
 
 def test_merged_copies_give_peft_logits_within_the_budget_and_leave_the_base_alone(model):

@@ -464,7 +464,8 @@ def test_nf4_mma_assembly_run_by_a_warp_model_gives_the_layer_s_product(interpre
 def test_captured_form_of_a_4bit_model_runs_the_nf4_kernel_and_release_drops_its_codes(interpreted, monkeypatch):
     """A bf16 4-bit model with an adapter: in the captured form each adapted layer runs the nf4 kernel
     with its adapter's term (but the tiny model's down projections, 344 weights wide: bitsandbytes'
-    blocks of 64 cross their rows, so they keep its kernel), the logits are PEFT's over bitsandbytes'
+    blocks of 64 cross their rows, so they keep its kernel), q/k/v and gate/up as one stacked kernel
+    each (gate/up's 344 rows padded to 352 in the stack), the logits are PEFT's over bitsandbytes'
     layers; graphdecode.release drops the repacked codes."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -490,8 +491,38 @@ def test_captured_form_of_a_4bit_model_runs_the_nf4_kernel_and_release_drops_its
     adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
     taken = [m for m in adapted if m.base_layer.in_features % 64 == 0]
     assert len(taken) == len(adapted) - 2
-    assert launched == [True] * len(taken)  # nf4 base and adapter in one kernel
+    stacked = [m for m in taken if m.base_layer.__dict__.get(gemv._NF4_STACK, (0, None))[1] is not None]
+    # nf4 base and adapter in one kernel; stacked: q/k/v in one, gate/up in one, o alone (2 blocks)
+    assert launched == [True] * 3 * 2
+    assert len(stacked) == 4  # q_proj and gate_proj hold their stacks
     assert (got.float() - expected.float()).abs().max() <= 0.03 * expected.float().abs().max()
-    assert sum(m.base_layer.__dict__[gemv._NF4][1] is not None for m in adapted) == len(taken)
+    assert sum(m.base_layer.__dict__[gemv._NF4][1] is not None for m in adapted if gemv._NF4 in m.base_layer.__dict__) \
+        == len(taken) - 10  # the stacked layers make no copy of their own
     graphdecode.release(model)
-    assert not any(gemv._NF4 in m.__dict__ or decode._GEMV in m.__dict__ for m in model.modules())
+    assert not any(gemv._NF4 in m.__dict__ or gemv._NF4_STACK in m.__dict__ or decode._GEMV in m.__dict__
+                   for m in model.modules())
+
+
+def test_captured_form_of_a_plain_4bit_model_stacks_q_k_v_and_gate_up(interpreted, monkeypatch):
+    """Without an adapter, kernel_linears runs q/k/v and gate/up of each block as one stacked nf4
+    kernel each (o_proj alone; the down projections keep bitsandbytes' kernel): the model's logits."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ipylora.engine import decode
+    from ipylora.engine.models import _keep_4bit_layout_trainable
+    from ipylora.engine.tiny import tiny_model_path
+    from tests.test_decode import step_logits
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), quantization_config=quantized,
+                                                 device_map={"": "cpu"}, dtype=torch.bfloat16).eval()
+    _keep_4bit_layout_trainable(model)  # bitsandbytes' CPU kernels as a training run keeps them
+    model.get_base_model = lambda: model
+    monkeypatch.setattr(gemv, "NF4_MMA_MAX_SMALL", 0)
+    launched = []
+    launch = gemv._launch_nf4
+    monkeypatch.setattr(gemv, "_launch_nf4", lambda *args: launched.append(args[1].shape[0]) or launch(*args))
+    expected, _ = step_logits(model)
+    got, (_, patched) = step_logits(model, decode.capturing(), decode.kernel_linears(model))
+    assert launched == [3 * 128 // 16, 128 // 16, 2 * 352 // 16] * 2 and patched == 2 * 6
+    assert (got.float() - expected.float()).abs().max() <= 0.03 * expected.float().abs().max()

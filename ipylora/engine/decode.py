@@ -67,7 +67,7 @@ def capturing(kernels: bool = True):
     finally:
         _capture.kernels = _traced.kernels = False
         for group in list(_groups):
-            group.last = None  # the captured activations belong to the graph
+            group.forget()  # the captured activations belong to the graph
 
 
 def _one_token_kernels(x) -> bool:
@@ -105,17 +105,61 @@ def _capture_kernels():
 
 
 class _Group:
-    """Sibling layers' A matrices stacked, and the product with the last input they were given."""
+    """Sibling layers' A matrices stacked, and the product with the last input they were given. Where
+    the siblings are one input's 4-bit layers (q/k/v, gate/up: `stackable`) their bases are stacked
+    too (gemv.nf4_stack), and one kernel computes all their outputs, each with its adapter's term."""
 
-    def __init__(self, stacked):
+    def __init__(self, stacked, forwards, stackable: bool):
         self.a = stacked
-        self.last = None
+        self.forwards = forwards
+        self.stackable = stackable
+        self.stack = None  # (spec, spans, stacked B, t_index), False where not stacked; None: not tried yet
+        self.last = self.out = None
         _groups.add(self)
+
+    def forget(self):
+        self.last = self.out = None
 
     def project(self, x):
         if self.last is None or self.last[0] is not x:  # siblings are called with the same tensor
             self.last = (x, _capture_kernels()[0](x, self.a))
         return self.last[1]
+
+    def stacks(self, dtype) -> bool:
+        """Make the stacked kernel's view of the bases, once (eagerly: kernel_linears, before a capture);
+        whether there is one."""
+        if self.stack is None:
+            self.stack = self._stack(dtype) or False
+        return self.stack is not False
+
+    def stacked(self, x, index: int):
+        """Member `index`'s rows of the stacked kernel's output for `x` (one token)."""
+        spec, spans, b, t_index = self.stack
+        if self.out is None or self.out[0] is not x:
+            self.out = (x, gemv.gemv(x, spec, self.project(x), b, t_index=t_index))
+        return self.out[1][..., spans[index]]
+
+    def _stack(self, dtype):
+        import torch
+
+        forwards = self.forwards
+        if not self.stackable or len({forward.lora_a.shape[0] for forward in forwards}) != 1:
+            return None
+        found = gemv.nf4_stack([forward.base for forward in forwards], dtype)
+        if found is None:
+            return None
+        spec, spans = found
+        rank = forwards[0].lora_a.shape[0]
+        b = forwards[0].scaled_b.new_zeros((spec.out_features, rank))  # padding rows: no adapter term
+        index = []
+        for member, (forward, span) in enumerate(zip(forwards, spans)):
+            b[span] = forward.scaled_b
+            index += [member * rank] * -(-(span.stop - span.start) // 16)  # its tiles read its rows of t
+        t_index = torch.tensor(index, dtype=torch.int32, device=b.device)
+        if b.is_cuda:  # held by the group: a captured graph reads them in place
+            torch._dynamo.mark_static_address(b)
+            torch._dynamo.mark_static_address(t_index)
+        return spec, spans, b, t_index
 
 
 def _plain_adapter(module) -> str | None:
@@ -155,14 +199,22 @@ def _lean_forward(module, name: str, dtype):
         torch._dynamo.mark_static_address(b)
     a_t, b_t = a.t(), b.t()
     scaled_b = (b * scale).contiguous()
-    kernel = []  # the base's gemv.Spec, found at the first captured call (a warm-up, before capture)
+    kernel = []  # the base's gemv.Spec (None: stacked with its siblings', or none), made by prepare()
+
+    def prepare():
+        """The kernels' views of the base, made once, eagerly: by kernel_linears before a capture (a
+        torch.compile trace of the step finds them made), else at the first captured call."""
+        if not kernel:
+            group = module.__dict__[_GROUP][0]
+            kernel.append(None if group.stacks(dtype) else gemv.spec(base, dtype))
 
     def forward(x, *args, **kwargs):
         if _one_token_kernels(x):
-            group, rows, _ = module.__dict__[_GROUP]
-            if not kernel:
-                kernel.append(gemv.spec(base, dtype) if x.dtype == dtype else None)
-            if kernel[0] is not None:  # base and adapter in one kernel
+            group, rows, _, index = module.__dict__[_GROUP]
+            prepare()
+            if x.dtype == dtype and group.stack:  # the siblings' bases and adapters in one kernel
+                return group.stacked(x, index)
+            if x.dtype == dtype and kernel[0] is not None:  # base and adapter in one kernel
                 return gemv.gemv(x, kernel[0], group.project(x)[rows], scaled_b)
             return _capture_kernels()[1](base(x, *args, **kwargs), group.project(x)[rows], scaled_b)
         y = base(x, *args, **kwargs)
@@ -176,8 +228,8 @@ def _lean_forward(module, name: str, dtype):
         delta = (x.reshape(-1, x.shape[-1]).to(dtype) @ a_t) @ b_t
         return y + (scale * delta).to(y.dtype).view(y.shape)
 
-    forward.lora_a = a
-    forward.kernel = kernel  # drop_kernels empties it
+    forward.lora_a, forward.scaled_b, forward.base = a, scaled_b, base
+    forward.kernel, forward.prepare = kernel, prepare  # drop_kernels empties it
     return forward
 
 
@@ -311,29 +363,35 @@ def _dense(base, dtype):
 
 
 class _Stack:
-    """Sibling layers' merged copies stacked into one (out, in) weight. In a captured decode step, the
-    first sibling's call runs gemv's kernel over all of them and the others take their rows of that
-    output (they are called with the same input tensor); elsewhere each runs F.linear over its rows
-    (a view: no second copy)."""
+    """Sibling layers stacked into one weight: their merged copies (W + scale B A, `weight` and `bias`),
+    or their 4-bit bases (`full`: gemv's kernel over gemv.nf4_stack's copy). In a captured decode step,
+    the first sibling's call runs one kernel over all of them and the others take their rows of that
+    output (they are called with the same input tensor); elsewhere each runs F.linear over its rows of
+    the copy (a view: no second copy), or its own forward."""
 
-    def __init__(self, weight, bias):
-        self.weight, self.bias = weight, bias
-        self.full = _copy_forward(weight, bias)
+    def __init__(self, weight=None, bias=None, full=None, dtype=None):
+        self.weight, self.bias, self.dtype = weight, bias, dtype  # dtype: the inputs `full` takes (None: any)
+        self.full = full or _copy_forward(weight, bias)
         self.last = None
         _groups.add(self)  # capturing() forgets the captured output when the capture ends
 
-    def forward(self, rows: slice):
+    def forget(self):
+        self.last = None
+
+    def forward(self, rows: slice, own=None):
         import torch
 
-        weight = self.weight[rows]
-        bias = None if self.bias is None else self.bias[rows]
+        if own is None:
+            weight = self.weight[rows]
+            bias = None if self.bias is None else self.bias[rows]
+            own = functools.partial(torch.nn.functional.linear, weight=weight, bias=bias)
 
         def forward(x, *args, **kwargs):
-            if _one_token_kernels(x):
+            if _one_token_kernels(x) and not args and not kwargs and self.dtype in (None, x.dtype):
                 if self.last is None or self.last[0] is not x:
                     self.last = (x, self.full(x))
                 return self.last[1][..., rows]
-            return torch.nn.functional.linear(x, weight, bias)
+            return own(x, *args, **kwargs)
 
         return forward
 
@@ -383,8 +441,18 @@ def kernel_linears(model):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     patched = []
     try:
+        stacked = set()  # lean LoRA layers' bases that their stacks read: no copy of their own
         for module in model.modules():
-            if module is head or hasattr(module, "lora_A") or "forward" in module.__dict__:
+            prepare = getattr(module.__dict__.get("forward"), "prepare", None)
+            if hasattr(module, "lora_A") and prepare is not None:
+                prepare()  # a lean LoRA forward's kernels, made before a torch.compile trace
+                if module.__dict__[_GROUP][0].stack:
+                    stacked.add(id(module.base_layer))
+        for module, forward in _nf4_stacks(model, head, dtype):
+            module.forward = forward
+            patched.append(module)
+        for module in model.modules():
+            if module is head or hasattr(module, "lora_A") or "forward" in module.__dict__ or id(module) in stacked:
                 continue
             weight = getattr(module, "weight", None)
             key = (weight.data_ptr(), weight._version, dtype) if isinstance(weight, torch.Tensor) else None
@@ -400,6 +468,30 @@ def kernel_linears(model):
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
+
+
+def _nf4_stacks(model, head, dtype) -> list:
+    """[(layer, forward)] for the 4-bit layers no adapter wraps that gemv.nf4_stack stacks with their
+    siblings (q/k/v, gate/up of one block, by name): one kernel for each stack in the captured step."""
+    names = {id(module): name for name, module in model.named_modules()}
+    stacks: dict = {}
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit" or module is head or "forward" in module.__dict__:
+            continue  # LoRA layers' bases are called by their lean forwards (_Group stacks those)
+        parent, _, attribute = names[id(module)].rpartition(".")
+        kind = next((i for i, group in enumerate(STACKED) if attribute in group), None)
+        if kind is not None:  # (a LoRA layer's base is its "base_layer")
+            stacks.setdefault((parent, kind, module.in_features), []).append(module)
+    patches = []
+    for members in stacks.values():
+        found = gemv.nf4_stack(members, dtype)
+        if found is None:
+            continue
+        spec, spans = found
+        stack = _Stack(full=functools.partial(gemv.gemv, spec=spec), dtype=dtype)
+        for module, rows in zip(members, spans):
+            patches.append((module, stack.forward(rows, own=functools.partial(type(module).forward, module))))
+    return patches
 
 
 def _kernel_forward(module, spec, dtype):
@@ -426,18 +518,20 @@ def _group_siblings(model, patched: list) -> None:
     siblings: dict = {}
     for name, module in model.named_modules():
         if id(module) in chosen:
-            key = (name.rpartition(".")[0], module.forward.lora_a.shape[1])
-            siblings.setdefault(key, []).append(module)
-    for members in siblings.values():
+            parent, _, attribute = name.rpartition(".")
+            # q/k/v and gate/up by name (o_proj reads another input of q's width); others by width
+            kind = next((i for i, group in enumerate(STACKED) if attribute in group), None)
+            siblings.setdefault((parent, module.forward.lora_a.shape[1], kind), []).append(module)
+    for (_, _, kind), members in siblings.items():
         forwards = tuple(m.forward for m in members)
         held = members[0].__dict__.get(_GROUP)
         if held is not None and held[2] == forwards:
             continue
-        group = _Group(torch.cat([f.lora_a for f in forwards]))
+        group = _Group(torch.cat([f.lora_a for f in forwards]), forwards, stackable=kind is not None)
         start = 0
-        for module, forward in zip(members, forwards):
+        for index, (module, forward) in enumerate(zip(members, forwards)):
             rows = forward.lora_a.shape[0]
-            module.__dict__[_GROUP] = (group, slice(start, start + rows), forwards)
+            module.__dict__[_GROUP] = (group, slice(start, start + rows), forwards, index)
             start += rows
 
 
@@ -450,6 +544,9 @@ def drop_kernels(model) -> None:
         cached = module.__dict__.get(_CACHED)
         if cached is not None:
             cached[1].kernel.clear()
+        held = module.__dict__.get(_GROUP)
+        if held is not None:
+            held[0].stack = None
     gemv.forget(model)
 
 

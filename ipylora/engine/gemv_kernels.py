@@ -326,9 +326,10 @@ def _store_tile(first, second, rows, N, y_ptr, bias_first, bias_second, t, b_fir
 
 
 @triton.jit
-def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr, work_ptr, N, GROUPS, TILES,
-                   l0, l1, l2, l3, h0, h1, h2, h3,
-                   HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, WARPS: tl.constexpr,
+def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr, work_ptr, index_ptr, N, GROUPS,
+                   TILES, l0, l1, l2, l3, h0, h1, h2, h3,
+                   HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr, T_INDEX: tl.constexpr,
+                   WARPS: tl.constexpr,
                    UNROLL: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr,
                    ASM: tl.constexpr, PDL: tl.constexpr):
     """16 rows of y = W x (+ bias) (+ B t) for a 4-bit layer repacked by gemv.nf4_spec's mma layout, on
@@ -343,7 +344,10 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
     would leave most of the GPU idle; on an H100 it never won, as each program fills its own table):
     each writes its rows' sums to `work` (int32 counters, one a
     tile, then SPLIT x (16 TILES) fp32 sums) and counts itself in; the last of a tile adds the sums,
-    stores y and sets the counter back to 0 for the next call."""
+    stores y and sets the counter back to 0 for the next call.
+
+    T_INDEX: sibling layers stacked into one (gemv.nf4_stack: q/k/v, gate/up), each with its adapter;
+    `t` holds their t's one after another, and `index` (int32, one a tile) where a tile's layer's start."""
     tile = tl.program_id(0)
     part = tl.program_id(1)
     share = tl.cdiv(GROUPS, SPLIT)
@@ -380,7 +384,10 @@ def nf4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, bias_ptr, t_ptr, b_ptr, table_ptr
                                       dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.u32 $0, 0;", "=r,r", [thread], dtype=tl.int32,
                                   is_pure=False, pack=1)
-    t = _rank_values(t_ptr, RANK, RANK_P)
+    t_at = t_ptr
+    if T_INDEX:
+        t_at = t_ptr + tl.load(index_ptr + tile)
+    t = _rank_values(t_at, RANK, RANK_P)
     for start in range(part * share, end, WARPS * UNROLL):
         for u in tl.static_range(UNROLL):
             group = start + u * WARPS + warp
