@@ -368,9 +368,9 @@ def _merged_copies(model):
 
 def _four_bit(model) -> bool:
     """Whether bitsandbytes holds the model's layers in 4 bits. Chat's one-row step then runs over the
-    nf4 codes (lean_lora's forwards over gemv's kernel for a repacked copy of the codes, gemv.nf4_spec:
-    240 tokens/s for the 7B shape with an r16 adapter on an H100, session 21; bitsandbytes' own kernel
-    where that copy does not fit) instead of bf16 merged copies, which take 4x the weights' memory and
+    nf4 codes (lean_lora's forwards over gemv's kernel for a repacked copy of the codes, gemv.nf4_spec,
+    q/k/v and gate/up stacked, gemv.nf4_stack: 276 tokens/s for the 7B shape with an r16 adapter on an
+    H200, session 22; bitsandbytes' own kernel where that copy does not fit) instead of bf16 merged copies, which take 4x the weights' memory and
     decoded at bitsandbytes' speed (session 14: 166-170 tokens/s against 169-173). Batched decoding
     still merges into copies (a 64-row step reads each weight once for all rows, where bitsandbytes
     dequantizes it first)."""

@@ -19,7 +19,8 @@ byte of two codes, then multiplies 16 rows at a time with mma.sync; one fp16 sca
 On an H100 (session 21): 5.2 against bitsandbytes' 10.1 us for a 4096 x 4096 layer, 11.4 against
 22.1 for 11008 x 4096 (1.5-2.3 TB/s), and the 7B shape's 4-bit chat step with an r16 adapter 196 ->
 240 tokens/s against session 20's fp32 kernel (`NF4_MMA = False`; it stays for layers of up to 1,024
-rows, NF4_MMA_MAX_SMALL). The copy
+rows, NF4_MMA_MAX_SMALL). Sibling layers of one input (q/k/v, gate/up) are stacked into one copy and
+one launch (`nf4_stack`; H200, session 22: 245 -> 276 tokens/s with the adapter). The copy
 takes the 4-bit weights' memory again (about 3.6 GB for a 7B model), and is made only where half the
 free GPU memory holds it; graphdecode.release drops it with the captured step.
 
