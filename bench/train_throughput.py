@@ -277,10 +277,20 @@ def profile_summary(profiler, seconds: float, steps: int) -> dict:
         kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + own(e) / 1e3 / steps
     top = sorted(kernels, key=lambda e: -own(e))[:15]
+    # The host's side: operators and CUDA runtime calls by their own CPU time (what is left of the step
+    # is Python outside operators), and the calls that wait for the GPU.
+    host = [e for e in profiler.key_averages() if e.device_type == DeviceType.CPU]
+    host_top = sorted(host, key=lambda e: -e.self_cpu_time_total)[:15]
+    waits = {e.key: e.count / steps for e in host
+             if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                          "cudaEventSynchronize", "aten::nonzero", "aten::item")}
     return {"step_ms": 1e3 * seconds / steps, "gpu_busy": busy / seconds, "kernel_ms": 1e3 * busy / steps,
             "launches_per_step": sum(e.count for e in kernels) / steps,
             "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [[e.key[:100], e.count / steps, own(e) / 1e3 / steps] for e in top]}
+            "top": [[e.key[:100], e.count / steps, own(e) / 1e3 / steps] for e in top],
+            "host_ops_ms": sum(e.self_cpu_time_total for e in host) / 1e3 / steps,
+            "host_top": [[e.key[:100], e.count / steps, e.self_cpu_time_total / 1e3 / steps] for e in host_top],
+            "waits_per_step": waits}
 
 
 def profile_table(r: dict) -> str:
@@ -289,6 +299,10 @@ def profile_table(r: dict) -> str:
              f"GPU busy {100 * p['gpu_busy']:.0f}%, {p['launches_per_step']:,.0f} launches a step",
              "  by kind (ms a step): " + ", ".join(f"{k} {v:.1f}" for k, v in p["kinds_ms"].items())]
     lines += [f"  {ms:8.2f} ms  x{count:6.0f}  {name}" for name, count, ms in p["top"]]
+    if "host_top" in p:
+        lines.append(f"  host: operators' own CPU time {p['host_ops_ms']:.0f} ms a step; waits for the GPU a step: "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in p["waits_per_step"].items()))
+        lines += [f"  {ms:8.2f} ms  x{count:6.0f}  {name} (host)" for name, count, ms in p["host_top"]]
     return "\n".join(lines)
 
 
