@@ -526,3 +526,31 @@ def test_captured_form_of_a_plain_4bit_model_stacks_q_k_v_and_gate_up(interprete
     got, (_, patched) = step_logits(model, decode.capturing(), decode.kernel_linears(model))
     assert launched == [3 * 128 // 16, 128 // 16, 2 * 352 // 16] * 2 and patched == 2 * 6
     assert (got.float() - expected.float()).abs().max() <= 0.03 * expected.float().abs().max()
+
+
+def test_nf4_stack_gives_each_layer_s_product_and_adapter_term(device, monkeypatch):
+    """gemv.nf4_stack: layers of unequal rows (k/v under q, as in GQA; 20 rows padded to 32), some with
+    a bias, as one kernel whose tiles each add their own layer's adapter term (t_index)."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(gemv, "NF4_MMA_MAX_SMALL", 0)
+    layers = [nf4_layer(48, 128, device), nf4_layer(16, 128, device, bias=True), nf4_layer(20, 128, device)]
+    spec, spans = gemv.nf4_stack(layers, torch.bfloat16)
+    assert [(s.start, s.stop) for s in spans] == [(0, 48), (48, 64), (64, 84)] and spec.out_features == 96
+    assert gemv.nf4_stack(layers, torch.bfloat16)[0] is spec  # kept on the first layer
+    x = torch.randn(1, 1, 128, device=device, dtype=torch.bfloat16)
+    t = torch.randn(3 * 4, device=device, dtype=torch.bfloat16)
+    bs = [(torch.randn(layer.out_features, 4, device=device) * 0.1).to(torch.bfloat16) for layer in layers]
+    b = torch.zeros(96, 4, device=device, dtype=torch.bfloat16)
+    for span, layer_b in zip(spans, bs):
+        b[span] = layer_b
+    t_index = torch.tensor([0, 0, 0, 4, 8, 8], dtype=torch.int32, device=device)
+    got = gemv.gemv(x, spec, t, b, t_index=t_index)
+    for i, (layer, span, layer_b) in enumerate(zip(layers, spans, bs)):
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        expected = x.float() @ weight.t() + (layer.bias.float() if layer.bias is not None else 0) \
+            + t[4 * i:4 * i + 4].float() @ layer_b.float().t()
+        assert (got[..., span].float() - expected).abs().max() <= 0.01 * expected.abs().max(), i
+    assert not got[..., 84:].any()  # padding rows: zeros
+    monkeypatch.setattr(gemv, "NF4_STACK", False)
+    assert gemv.nf4_stack(layers, torch.bfloat16) is None
