@@ -194,24 +194,17 @@ def stack_rows(args) -> int:
                                    for i, (layer, b) in enumerate(zip(layers, bs))], dim=-1)
         specs = [gemv.spec(layer, torch.bfloat16) for layer in layers]
         spec, spans = gemv.nf4_stack(layers, torch.bfloat16)
-        b = torch.zeros(spec.out_features, 16, device="cuda", dtype=torch.bfloat16)
-        index = []
-        for i, (span, layer_b) in enumerate(zip(spans, bs)):
-            b[span] = layer_b
-            index += [16 * i] * -(-(span.stop - span.start) // 16)
-        t_index = torch.tensor(index, dtype=torch.int32, device="cuda")
+        b, t_index = gemv.stack_terms(spec, spans, bs)
 
-        def apart():
-            return torch.cat([gemv.gemv(x, s, t[16 * i:16 * i + 16], layer_b)
-                              for i, (s, layer_b) in enumerate(zip(specs, bs))], dim=-1)
+        def apart():  # a kernel a layer, each with its adapter
+            return [gemv.gemv(x, s, t[16 * i:16 * i + 16], layer_b) for i, (s, layer_b) in enumerate(zip(specs, bs))]
 
         def err(got):
             return float((got.float() - reference).abs().max() / reference.abs().max())
 
         with torch.no_grad():
-            report(args, label, "layers", timed(lambda: [gemv.gemv(x, s, t[16 * i:16 * i + 16], layer_b)
-                                                         for i, (s, layer_b) in enumerate(zip(specs, bs))]),
-                   nbytes, err(apart()), " ".join(str(gemv.config(s)) for s in specs))
+            report(args, label, "layers", timed(apart), nbytes, err(torch.cat(apart(), dim=-1)),
+                   " ".join(str(gemv.config(s)) for s in specs))
             stacked = gemv.gemv(x, spec, t, b, t_index=t_index)
             report(args, label, "stacked", timed(lambda: gemv.gemv(x, spec, t, b, t_index=t_index)), nbytes,
                    err(torch.cat([stacked[..., span] for span in spans], dim=-1)), str(gemv.config(spec)))

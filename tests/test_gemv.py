@@ -545,6 +545,8 @@ def test_nf4_stack_gives_each_layer_s_product_and_adapter_term(device, monkeypat
     for span, layer_b in zip(spans, bs):
         b[span] = layer_b
     t_index = torch.tensor([0, 0, 0, 4, 8, 8], dtype=torch.int32, device=device)
+    made = gemv.stack_terms(spec, spans, bs)  # what decode._Group hands the kernel
+    assert torch.equal(made[0], b) and torch.equal(made[1], t_index)
     got = gemv.gemv(x, spec, t, b, t_index=t_index)
     for i, (layer, span, layer_b) in enumerate(zip(layers, spans, bs)):
         weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()

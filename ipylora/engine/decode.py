@@ -149,13 +149,7 @@ class _Group:
         if found is None:
             return None
         spec, spans = found
-        rank = forwards[0].lora_a.shape[0]
-        b = forwards[0].scaled_b.new_zeros((spec.out_features, rank))  # padding rows: no adapter term
-        index = []
-        for member, (forward, span) in enumerate(zip(forwards, spans)):
-            b[span] = forward.scaled_b
-            index += [member * rank] * -(-(span.stop - span.start) // 16)  # its tiles read its rows of t
-        t_index = torch.tensor(index, dtype=torch.int32, device=b.device)
+        b, t_index = gemv.stack_terms(spec, spans, [forward.scaled_b for forward in forwards])
         if b.is_cuda:  # held by the group: a captured graph reads them in place
             torch._dynamo.mark_static_address(b)
             torch._dynamo.mark_static_address(t_index)

@@ -246,6 +246,21 @@ def nf4_stack(layers, dtype) -> tuple[Spec, list] | None:
     return found
 
 
+def stack_terms(spec: Spec, spans: list, bs: list):
+    """The stacked layers' adapter terms as nf4_mma_kernel reads them: their (out, r) B's (scale folded
+    in) in their rows of one (spec.out_features, r) B, zeros on the padding rows, and `t_index`, where
+    each tile of 16 rows finds its layer's r values in `t` (layer i's at i r, as the A products stack)."""
+    import torch
+
+    rank = bs[0].shape[1]
+    b = bs[0].new_zeros((spec.out_features, rank))
+    index = []
+    for member, (span, layer_b) in enumerate(zip(spans, bs)):
+        b[span] = layer_b
+        index += [member * rank] * -(-(span.stop - span.start) // 16)
+    return b, torch.tensor(index, dtype=torch.int32, device=b.device)
+
+
 def _stack_nf4(layers, states, biases, rows, dtype):
     import torch
 
@@ -386,7 +401,8 @@ def _launch_nf4_mma(x, codes, scales, bias, t, b, work, out_features: int, tunin
         x.reshape(-1), codes, scales, out, bias if bias is not None else unused, t if t is not None else unused,
         b if b is not None else unused, table, work, t_index if t_index is not None else work, out_features,
         codes.shape[1], codes.shape[0], *_pair_planes(bf16), HAS_BIAS=bias is not None, RANK=rank,
-        RANK_P=triton.next_power_of_2(max(rank, 1)), T_INDEX=t_index is not None and rank > 0, WARPS=warps, UNROLL=unroll, SPLIT=split,
+        RANK_P=triton.next_power_of_2(max(rank, 1)), T_INDEX=t_index is not None and rank > 0, WARPS=warps,
+        UNROLL=unroll, SPLIT=split,
         EVEN=codes.shape[1] % (split * warps * unroll) == 0, BF16=bf16, ASM=not interpreted(),
         PDL=_pdl(), num_warps=warps, **({"launch_pdl": True} if _pdl() else {}))
     return out
