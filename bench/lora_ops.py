@@ -1,4 +1,5 @@
-"""Operators a training step dispatches, PEFT's LoRA forward against lora_forward.py's (CPU is enough).
+"""Operators a training step dispatches, PEFT's LoRA forward against lora_forward.py's, with and
+without its siblings' stacked A products (CPU is enough).
 
     python bench/lora_ops.py
 
@@ -45,9 +46,11 @@ def main() -> int:
     lean = copy.deepcopy(peft_model)
     lora_forward.sync(lean)
     ids = torch.randint(0, config.vocab_size, (1, 64))
-    print("| forward | aten ops a step | CPU ms a step (64 tokens) | mm | addmm_ | mul | add |")
-    print("|---|---|---|---|---|---|---|")
-    for name, model in (("PEFT's", peft_model), ("lora_forward.py", lean)):
+    print("| forward | aten ops a step | CPU ms a step (64 tokens) | mm | addmm_ | mul | add | native_dropout |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, model, stack in (("PEFT's", peft_model, False), ("lora_forward.py, unstacked", lean, False),
+                               ("lora_forward.py (q/k/v, gate/up stacked)", lean, True)):
+        lora_forward.STACK = stack
         with Count() as count:
             model(input_ids=ids, labels=ids).loss.backward()
         started = time.perf_counter()
@@ -57,7 +60,7 @@ def main() -> int:
         ms = (time.perf_counter() - started) / 5 * 1e3
         ops = count.ops
         print(f"| {name} | {sum(ops.values()):,} | {ms:.0f} | {ops['aten.mm']} | {ops['aten.addmm_']} | "
-              f"{ops['aten.mul']} | {ops['aten.add']} |")
+              f"{ops['aten.mul']} | {ops['aten.add']} | {ops['aten.native_dropout']} |")
     return 0
 
 

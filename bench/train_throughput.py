@@ -145,6 +145,14 @@ def run_one(spec: dict) -> dict:
             from ipylora.engine import lora_forward
 
             lora_forward.ENABLED = False
+        if spec.get("stack") is False:  # each LoRA layer its own A product and mask (lora_forward.STACK)
+            from ipylora.engine import lora_forward
+
+            lora_forward.STACK = False
+        if spec.get("fused") is False:  # autograd's nodes for each LoRA layer, not lora_fused.py's one
+            from ipylora.engine import lora_fused
+
+            lora_fused.ENABLED = False
         if spec.get("dropout_kernel"):  # how a deferred dropout draws its mask (dropout.KERNEL)
             from ipylora.engine import dropout as lora_dropout
 
@@ -464,6 +472,18 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-bf16-graphed-nodrop", model="7b", recipe="engine", compile_layers=True,
                  layer_graphs=True, lora={"dropout": 0.0}, steps=14, warmup=5),
         ],
+        "stack": [  # session 22's LoRA layers (before), q/k/v's and gate/up's A products stacked
+            # (lora_forward.STACK), and each group one autograd node (lora_fused.py): the default
+            dict(name="engine-bf16-before", model="1.5b", recipe="engine", stack=False, fused=False, steps=10, warmup=3),
+            dict(name="engine-bf16-stacked", model="1.5b", recipe="engine", fused=False, steps=10, warmup=3),
+            dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-before", model="7b", recipe="engine", stack=False, fused=False, steps=10, warmup=3),
+            dict(name="engine-bf16-stacked", model="7b", recipe="engine", fused=False, steps=10, warmup=3),
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
+            dict(name="engine-4bit-before", model="7b", recipe="engine", quant="4bit", stack=False, steps=8, warmup=3),
+            dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
+        ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
             dict(name="engine-bf16-profiled", model="7b", recipe="engine", steps=6, warmup=3, profile=True),
@@ -527,7 +547,7 @@ def loss_comparison(ref: dict, eng: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, graphs, profile, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, graphs, stack, profile, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")

@@ -1,5 +1,7 @@
 """The LoRA layer's training forward (ipylora.engine.lora_forward): PEFT's values and gradients,
-with kept or deferred dropout, under autocast, on 4-bit bases; PEFT's own forward for the rest."""
+with kept or deferred dropout, under autocast, on 4-bit bases; PEFT's own forward for the rest.
+With dropout, q/k/v and gate/up share one mask (their A products stacked): the reference is PEFT's
+model whose siblings share one dropout module (`shared_masks`), as PEFT's layer on a fused qkv does."""
 
 from __future__ import annotations
 
@@ -33,6 +35,30 @@ def tiny_pair(dropout: float = 0.0, device: str = "cpu", **lora):
     return peft_model, lean
 
 
+class _SharedDropout(torch.nn.Dropout):
+    """One dropout module for siblings: the mask drawn for an input is reused for the same input."""
+
+    last = None
+
+    def forward(self, x):
+        if self.last is None or self.last[0] is not x:
+            self.last = (x, super().forward(x))
+        return self.last[1]
+
+
+def shared_masks(peft_model):
+    """PEFT's model with q/k/v and gate/up of each block sharing one dropout module (none: no dropout)."""
+    if not isinstance(peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"],
+                      torch.nn.Dropout):
+        return peft_model
+    for block in peft_model.base_model.model.model.layers:
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            shared = _SharedDropout(getattr(parent, names[0]).lora_dropout["default"].p)
+            for name in names:
+                getattr(parent, name).lora_dropout["default"] = shared
+    return peft_model
+
+
 def loss_and_grads(model, seed: int = 3, autocast: torch.dtype | None = None):
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
@@ -56,9 +82,10 @@ def assert_same(expected, got, atol, params: int = 28):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_values_and_gradients_are_peft_s(device, dropout):
-    """Kept dropout too: the same mask is drawn (the dropout module runs on the same input)."""
+    """Kept dropout too: the same masks are drawn (a dropout module runs on the same input, siblings
+    sharing one as the reference's do)."""
     peft_model, lean = tiny_pair(dropout, device)
-    expected = loss_and_grads(peft_model)
+    expected = loss_and_grads(shared_masks(peft_model))
     got = loss_and_grads(lean)
     assert_same(expected, got, atol=2e-5)
     assert not torch.equal(expected[0], loss_and_grads(lean, seed=4)[0]) or dropout == 0.0  # a real mask
@@ -67,14 +94,57 @@ def test_values_and_gradients_are_peft_s(device, dropout):
 def test_the_deferred_dropout_composes_with_it():
     """dropout.py's lora_A (the mask drawn again in backward) under the lean forward: PEFT's gradients."""
     peft_model, lean = tiny_pair(0.2)
-    for model in (peft_model, lean):
-        assert lora_dropout.sync(model) == (14, 0)
+    assert lora_dropout.sync(lean) == (14, 0)
+    assert_same(loss_and_grads(shared_masks(peft_model)), loss_and_grads(lean), atol=2e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_siblings_share_one_product_and_hold_nothing_after_it(monkeypatch, fused):
+    """q/k/v and gate/up: one A product each (lora_fused's node, or the stacked GEMM without it),
+    nothing kept past the last sibling; STACK False gives each layer its own mask and product, PEFT's
+    draws exactly."""
+    from ipylora.engine import lora_fused
+
+    monkeypatch.setattr(lora_fused, "ENABLED", fused)
+    peft_model, lean = tiny_pair(0.2)
+    calls = []
+    real_linear, real_fused = torch.nn.functional.linear, lora_fused.lora_linears
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(w.shape[0]) or real_linear(x, w, b))
+    monkeypatch.setattr(lora_fused, "lora_linears", lambda x, bases, a, *rest: calls.append(a.shape[0]) or
+                        real_fused(x, bases, a, *rest))
+    expected = loss_and_grads(shared_masks(copy.deepcopy(peft_model)))
+    calls.clear()
+    assert_same(expected, loss_and_grads(lean), atol=2e-5)
+    ranks = sorted(rank for rank in calls if rank in (8, 16, 24))
+    assert ranks == [8, 8] * 2 + [16] * 2 + [24] * 2  # o and down alone, gate+up, q+k+v, per block
+    groups = {id(m.__dict__["_ipylora_siblings"][0]): m.__dict__["_ipylora_siblings"][0]
+              for m in lean.modules() if "_ipylora_siblings" in m.__dict__}
+    assert len(groups) == 8 and all(g.x is None and g.parts is None and not g.broken for g in groups.values())
+    monkeypatch.setattr(lora_forward, "STACK", False)
     assert_same(loss_and_grads(peft_model), loss_and_grads(lean), atol=2e-5)
+
+
+def test_siblings_given_different_inputs_compute_their_own():
+    """A block whose q/k/v are not called with one input (here k reads a copy): right values, and
+    after two such forwards the group stops stacking."""
+    peft_model, lean = tiny_pair(0.0)
+    for model in (peft_model, lean):
+        for block in model.base_model.model.model.layers:
+            k = block.self_attn.k_proj
+            k.register_forward_pre_hook(lambda module, args: (args[0] * 1.0,))
+    expected = loss_and_grads(peft_model)
+    assert_same(expected, loss_and_grads(lean), atol=2e-5)
+    assert_same(expected, loss_and_grads(lean), atol=2e-5)
+    block = lean.base_model.model.model.layers[0]
+    group = block.self_attn.q_proj.__dict__["_ipylora_siblings"][0]
+    assert group.broken and group.x is None
+    assert not block.mlp.gate_proj.__dict__["_ipylora_siblings"][0].broken
 
 
 def test_under_autocast_the_sum_is_peft_s_to_bf16_rounding():
     peft_model, lean = tiny_pair(0.1)
-    expected, got = loss_and_grads(peft_model, autocast=torch.bfloat16), loss_and_grads(lean, autocast=torch.bfloat16)
+    expected = loss_and_grads(shared_masks(peft_model), autocast=torch.bfloat16)
+    got = loss_and_grads(lean, autocast=torch.bfloat16)
     assert abs(expected[1] - got[1]) < 1e-2 * abs(expected[1])
     for name, grad in expected[2].items():
         assert got[2][name].dtype == torch.float32  # the adapter's weights keep their dtype
@@ -128,7 +198,7 @@ def test_a_4bit_base_gives_peft_s_gradients():
     torch.manual_seed(0)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear",
                                                  init_lora_weights=False)).train()
-    expected = loss_and_grads(peft_model)
+    expected = loss_and_grads(shared_masks(peft_model))
     assert lora_forward.sync(peft_model) == 14
     assert {type(m).__mro__[1].__name__ for m in peft_model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
     assert_same(expected, loss_and_grads(peft_model), atol=2e-5)
@@ -138,7 +208,7 @@ def test_a_checkpointed_model_gives_peft_s_gradients():
     """Under activation checkpointing (the engine's 4-bit and long-row plans) each layer runs again
     in the backward pass, its in-place add included: the same dropout mask, the same gradients."""
     peft_model, lean = tiny_pair(0.2)
-    for model in (peft_model, lean):
+    for model in (shared_masks(peft_model), lean):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     assert_same(loss_and_grads(peft_model), loss_and_grads(lean), atol=2e-5)

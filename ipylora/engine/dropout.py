@@ -57,9 +57,17 @@ class DropoutLinear(torch.nn.Linear):
     def forward(self, x):
         if not self.training or self.dropout_p == 0.0:
             return super().forward(x)
-        if uses_fused(x.shape[-1]) and fused_available(x):
-            return FusedDropoutLinear.apply(x, self.weight, self.dropout_p)
-        return DropoutThenLinear.apply(x, self.weight, self.dropout_p)
+        return dropped_linear(x, self.weight, self.dropout_p)
+
+
+def dropped_linear(x, weight, p: float):
+    """`linear(dropout(x, p), weight)` with the mask drawn again in the backward pass (p 0: a plain
+    linear). lora_forward.py calls it with the stacked A of siblings that read one input."""
+    if p == 0.0:
+        return torch.nn.functional.linear(x, weight)
+    if uses_fused(x.shape[-1]) and fused_available(x):
+        return FusedDropoutLinear.apply(x, weight, p)
+    return DropoutThenLinear.apply(x, weight, p)
 
 
 def fused_available(x) -> bool:

@@ -19,16 +19,103 @@ Whatever else (merged or disabled adapters, several active ones, DoRA and other 
 biases, extra arguments) goes to PEFT's own forward. lora_A and the dropout are called as modules,
 so the deferred dropout (dropout.py) composes with it. `ENABLED = False` gives PEFT's forward back
 everywhere (the benchmark's before).
+
+Siblings that read one input (q/k/v, gate/up of one block: `decode.STACKED`) share their A
+product: the first one called computes `dropout(x) @ [A_q; A_k; A_v]^T` once, and each takes its
+columns (`_Siblings`). One dropout pass over x instead of three, one kept copy of it instead of
+three (and one mask), one GEMM reading x in each direction instead of three, and the adds of their
+input gradients fewer by as many. The siblings then share one dropout mask, as PEFT's single LoRA
+layer on a fused q/k/v projection (Phi-3's qkv_proj, GPT-NeoX's query_key_value) and loralib's
+MergedLinear do: each adapter still sees its input dropped with probability p. `STACK = False`
+gives each layer its own product and mask (PEFT's draws on unfused layers).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ipylora.engine.decode import _plain_adapter
+from ipylora.engine.decode import STACKED, _plain_adapter
 
 ENABLED = True
+STACK = True
 _LEAN: dict[type, type] = {}  # PEFT's layer class -> its subclass with the forward below
+_SIBLINGS = "_ipylora_siblings"  # attribute of each member layer: (its _Siblings, its index there)
+_ALONE = "_ipylora_alone"  # (its own _Siblings of one, 0): where STACK is off
+
+
+class _Siblings:
+    """LoRA layers of one block that read one input: the first one called with an input computes
+    the A products of all of them (one stacked GEMM, one dropout mask), and each takes its columns.
+    Nothing is held once the last of them took its part. Where the members turn out not to be
+    called with one input (twice in a row), each computes its own from then on."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.misses = 0
+        self.broken = False
+        self._forget()
+
+    def _forget(self):
+        self.x = self.parts = None
+        self.version = -1
+        self.taken: set[int] = set()
+
+    def take(self, index: int, x):
+        """Member `index`'s share of the computation for `x`: ("out", its 2-D output) where
+        lora_fused computed all members' outputs, ("h", its A product of the dropped x) where the A
+        products were stacked, or None where it must compute its own."""
+        if self.broken or torch.compiler.is_compiling():
+            return None
+        if self.parts is None or self.x is not x or self.version != x._version or index in self.taken:
+            if self.taken:  # a sibling took a part of another input (or an interrupted forward)
+                self.misses += 1
+                self.broken = self.misses >= 2
+                self._forget()
+                if self.broken:
+                    return None
+            parts = self._compute(x)
+            if parts is None:
+                return None
+            self.x, self.version, self.parts = x, x._version, parts
+        self.taken.add(index)
+        part = self.parts[index]
+        if len(self.taken) == len(self.layers):
+            self.misses = 0
+            self._forget()
+        return part
+
+    def _compute(self, x):
+        from ipylora.engine import lora_fused
+        from ipylora.engine.dropout import DropoutLinear, dropped_linear, fused_available, uses_fused
+
+        layers = self.layers
+        names = [_plain_adapter(layer) for layer in layers]
+        if None in names:
+            return None
+        a = [layer.lora_A[name] for layer, name in zip(layers, names)]
+        drops = [layer.lora_dropout[name] for layer, name in zip(layers, names)]
+        same = {(type(m), m.weight.dtype, m.bias is None, m.training, getattr(m, "dropout_p", 0.0),
+                 getattr(layer, "cast_input_dtype_enabled", True)) for m, layer in zip(a, layers)}
+        if len(same) != 1 or a[0].bias is not None or len({(type(d), getattr(d, "p", 0.0), d.training)
+                                                           for d in drops}) != 1:
+            return None
+        first = a[0]
+        deferred = isinstance(first, DropoutLinear)  # dropout.py's deferred dropout: the mask drawn again in backward
+        p = (first.dropout_p if first.training else 0.0) if deferred else \
+            (float(drops[0].p) if isinstance(drops[0], torch.nn.Dropout) and drops[0].training else 0.0)
+        weight = torch.cat([m.weight for m in a]) if len(a) > 1 else first.weight  # (sum of the ranks, in)
+        bases = [layer.base_layer for layer in layers]
+        kernel = deferred and p > 0.0 and uses_fused(x.shape[-1]) and fused_available(x)
+        casts = getattr(layers[0], "cast_input_dtype_enabled", True) and first.weight.dtype != x.dtype
+        if not kernel and not casts and lora_fused.fusable(bases, x):
+            outs = lora_fused.lora_linears(x, bases, weight, [layer.lora_B[name].weight for layer, name in zip(layers, names)],
+                                           [layer.scaling[name] for layer, name in zip(layers, names)], p, deferred)
+            return [("out", y) for y in outs]
+        if len(layers) == 1:
+            return None
+        x = drops[0](layers[0]._cast_input_dtype(x, first.weight.dtype))
+        h = dropped_linear(x, weight, p) if deferred else torch.nn.functional.linear(x, weight)
+        return [("h", part) for part in h.split([m.weight.shape[0] for m in a], dim=-1)]
 
 
 def _forward(self, x, *args, **kwargs):
@@ -36,7 +123,14 @@ def _forward(self, x, *args, **kwargs):
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
     a, b = self.lora_A[name], self.lora_B[name]
-    h = a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype)))
+    siblings = self.__dict__.get(_SIBLINGS if STACK else _ALONE)
+    share = siblings[0].take(siblings[1], x) if siblings is not None else None
+    if share is not None and share[0] == "out":  # lora_fused: the whole layer's output
+        return share[1].view(*x.shape[:-1], share[1].shape[-1])
+    if share is not None:
+        h = share[1]
+    else:
+        h = a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype)))
     width = x.shape[-1]
     y = self.base_layer(x.reshape(-1, width))  # 2-D, so that the in-place add is not on a view
     h = h.reshape(-1, h.shape[-1]).to(y.dtype)
@@ -82,7 +176,26 @@ def sync(model) -> int:
         elif cls in classes:
             module.__class__ = _lean_class(cls)
             done += 1
+    _link_siblings(model)
     return done
+
+
+def _link_siblings(model) -> None:
+    """One `_Siblings` for each block's lean layers that read one input, by their names (layers of the
+    same width may read different inputs: o_proj reads the attention's output)."""
+    groups: dict = {}
+    for name, module in model.named_modules():
+        if getattr(type(module), "_ipylora_lean", False):
+            module.__dict__.pop(_SIBLINGS, None)
+            module.__dict__[_ALONE] = (_Siblings((module,)), 0)
+            parent, _, attribute = name.rpartition(".")
+            kind = next((i for i, members in enumerate(STACKED) if attribute in members), None)
+            key = (parent, kind, module.in_features) if kind is not None else id(module)
+            groups.setdefault(key, []).append(module)
+    for members in groups.values():  # a layer without siblings is a group of one (lora_fused still applies)
+        group = _Siblings(tuple(members)) if len(members) > 1 else members[0].__dict__[_ALONE][0]
+        for index, module in enumerate(members):
+            module.__dict__[_SIBLINGS] = (group, index)
 
 
 def restore(model) -> None:
@@ -90,3 +203,5 @@ def restore(model) -> None:
     for module in model.modules():
         if getattr(type(module), "_ipylora_lean", False):
             module.__class__ = type(module).__mro__[1]
+            module.__dict__.pop(_SIBLINGS, None)
+            module.__dict__.pop(_ALONE, None)

@@ -438,7 +438,8 @@ def activation_bytes_per_token(config, dropout: float, checkpointing: bool, offl
 
     Counted tensor by tensor (bf16, Liger RMSNorm/SwiGLU, flash attention, LoRA inputs not copied):
     per layer 6 hidden-sized tensors, q/k/v, and 3 intermediate-sized ones (gate, up, their
-    product); LoRA dropout adds a copy plus a mask for each adapted input. With checkpointing only
+    product); LoRA dropout adds a copy plus a mask for each adapted input, q/k/v's and gate/up's one
+    each where they share it (lora_forward.STACK: 4 inputs a layer, not 7). With checkpointing only
     each layer's input stays, plus one layer's full set during its backward. With `offload` the layer
     inputs are in host memory: a few of them stay on the GPU while they are copied (TRL keeps up
     to 5 saved tensors in flight in the forward pass and fetches the next one ahead in the backward).
@@ -449,10 +450,12 @@ def activation_bytes_per_token(config, dropout: float, checkpointing: bool, offl
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = 2 * getattr(config, "num_key_value_heads", heads) * head_dim
+    layer = 6 * h + kv + 3 * inter
     if dropout > 0:
-        layer = 13 * h + kv + 3.5 * inter
-    else:
-        layer = 6 * h + kv + 3 * inter
+        from ipylora.engine import lora_forward
+
+        # hidden-wide inputs copied: q/k/v's, o's, gate/up's (6 unstacked), and down's
+        layer += (3 if lora_forward.STACK else 6) * 7 / 6 * h + 0.5 * inter
     layer_bytes = 2 * layer * 1.1  # 10% for what is not counted (rstd, lse, rotary cos/sin)
     top = 2 * 4 * h  # embeddings out, final norm, hidden fed to the LM head and its grad
     if checkpointing:

@@ -1,0 +1,168 @@
+"""LoRA layers that read one input, trained as one autograd node (`LoraLinears`).
+
+lora_forward.py already adds B's product into the base output by its GEMM and stacks the A
+products of siblings (q/k/v, gate/up). What autograd still does per layer, on an H100 profile of
+the 1.5B shape (bench/RESULTS.md, session 23): the input gradient of each layer is two tensors
+added by a pass of their own (base and LoRA branch), siblings' input gradients are added again,
+the dropout's backward is one more pass before the add, and each of the ~10 autograd nodes a layer
+costs host time, the 1.5B shape's bottleneck. Here one Function computes, for the bases W_i, the
+stacked A (R x in) and the B_i with their scalings s_i:
+
+    forward:   xd = dropout(x);  h = xd A^T;  y_i = x W_i^T + b_i;  y_i += s_i h_i B_i^T   (addmm, beta 1)
+    backward:  dh_i = s_i dy_i B_i;  dB_i = s_i dy_i^T h_i;  dA = dh^T xd
+               dx = dy_0 W_0;  dx += dy_i W_i (addmm);  dx += dh A (addmm)  or, with dropout,
+               dx += mask * (dh A) / (1 - p) (one addcmul)
+
+so every add of an input gradient lands in a GEMM's epilogue but the dropout's one. The mask is
+kept (as PEFT keeps its dropped copy) or, `deferred`, drawn again in backward from the saved
+generator state (dropout.py's reasoning: nothing kept but x). Computed in the autocast dtype where
+autocast is on, else in x's dtype, rounding as the unfused layers do (each GEMM rounds once).
+
+Only plain bf16/fp16/fp32 `torch.nn.Linear` bases with frozen weights and no hooks take it
+(`fusable`); 4-bit bases, dropout.py's fused dropout kernel and anything else keep the unfused path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ENABLED = True
+
+
+def _compute_dtype(x):
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def fusable(bases, x) -> bool:
+    """Whether `LoraLinears` can compute these base layers' outputs for input `x`."""
+    if not ENABLED or torch.compiler.is_compiling():
+        return False
+    dtype = _compute_dtype(x)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    for base in bases:
+        if type(base) is not torch.nn.Linear or base.weight.requires_grad or base.weight.dtype != dtype:
+            return False
+        if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != dtype):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+    return True
+
+
+def lora_linears(x, bases, a, bs, scales, p: float, deferred: bool):
+    """Every base's output plus its adapter's term, for the stacked A `a` (sum of ranks x in) and
+    each member's B (out_i x r_i) and scaling; dropout `p` on the adapters' input (`deferred`: the
+    mask drawn again in backward). The outputs are 2-D (tokens x out_i)."""
+    weights = [base.weight for base in bases]
+    biases = [base.bias for base in bases]
+    n = len(bases)
+    return LoraLinears.apply(x, a, p, deferred, tuple(float(s) for s in scales), n, *bs, *weights, *biases)
+
+
+class LoraLinears(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, p, deferred, scales, n, *tensors):
+        bs, weights, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        dtype = _compute_dtype(x)
+        device = x.device
+        ranks = [b.shape[1] for b in bs]
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.autocast(device.type, enabled=False):
+            flat = flat.to(dtype)
+            a_c = a.detach().to(dtype)
+            state, mask = None, None
+            if p > 0.0:
+                if deferred:
+                    state = _rng_state(device)
+                dropped, mask = torch.native_dropout(flat, p, True)
+            else:
+                dropped = flat
+            h = dropped @ a_c.t()  # (tokens, sum of ranks)
+            outs, scaled, start = [], [], 0
+            for b, weight, bias, scale, rank in zip(bs, weights, biases, scales, ranks):
+                b_c = b.detach().to(dtype)
+                y = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+                outs.append(y.addmm_(h[:, start:start + rank], b_c.t(), alpha=scale))  # (tokens, out): 2-D
+                scaled.append(b_c * scale if scale != 1.0 else b_c)  # dh = dy (s B): the scaling on r columns
+                start += rank
+        if deferred or p == 0.0:
+            ctx.save_for_backward(flat, h, a_c, *scaled, *weights)
+        else:
+            ctx.save_for_backward(flat, h, a_c, *scaled, *weights, dropped, mask)
+        ctx.n, ctx.p, ctx.deferred, ctx.state, ctx.scales, ctx.ranks = n, p, deferred, state, scales, ranks
+        ctx.x_shape, ctx.x_dtype, ctx.a_dtype = x.shape, x.dtype, a.dtype  # the outputs are 2-D: callers view them
+        ctx.b_dtypes = [b.dtype for b in bs]
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, p = ctx.n, ctx.p
+        saved = ctx.saved_tensors
+        flat, h, a_c = saved[:3]
+        scaled, weights = saved[3:3 + n], saved[3 + n:3 + 2 * n]
+        device = flat.device
+        dropped = mask = None
+        if p > 0.0:
+            if ctx.deferred:
+                current = _rng_state(device)
+                _set_rng_state(ctx.state, device)
+                try:
+                    dropped, mask = torch.native_dropout(flat, p, True)
+                finally:
+                    _set_rng_state(current, device)
+            else:
+                dropped, mask = saved[3 + 2 * n:]
+        else:
+            dropped = flat
+        tokens = flat.shape[0]
+        grad_x = grad_a = None
+        grad_bs = [None] * n
+        with torch.autocast(device.type, enabled=False):
+            dys = [None if g is None else g.to(flat.dtype) for g in grads]
+            dh_parts, start = [], 0
+            for i, (dy, scaled_b, scale, rank) in enumerate(zip(dys, scaled, ctx.scales, ctx.ranks)):
+                if dy is None:
+                    dh_parts.append(h.new_zeros(tokens, rank))
+                else:
+                    dh_parts.append(dy @ scaled_b)
+                    if ctx.needs_input_grad[6 + i]:
+                        grad_b = dy.t() @ h[:, start:start + rank]
+                        grad_bs[i] = (grad_b.mul_(scale) if scale != 1.0 else grad_b).to(ctx.b_dtypes[i])
+                start += rank
+            dh = dh_parts[0] if n == 1 else torch.cat(dh_parts, dim=1)
+            if ctx.needs_input_grad[1]:
+                grad_a = (dh.t() @ dropped).to(ctx.a_dtype)
+            if ctx.needs_input_grad[0]:
+                for dy, weight in zip(dys, weights):
+                    if dy is None:
+                        continue
+                    grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
+                if p > 0.0:
+                    lora = dh @ a_c
+                    if grad_x is None:
+                        grad_x = torch.ops.aten.native_dropout_backward(lora, mask, 1.0 / (1.0 - p))
+                    else:
+                        grad_x.addcmul_(lora, mask, value=1.0 / (1.0 - p))
+                elif grad_x is None:
+                    grad_x = dh @ a_c
+                else:
+                    grad_x.addmm_(dh, a_c)
+                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+        return (grad_x, grad_a, None, None, None, None, *grad_bs, *([None] * (2 * n)))
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
