@@ -481,7 +481,9 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-bf16-stacked", model="7b", recipe="engine", fused=False, steps=10, warmup=3),
             dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
             dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
-            dict(name="engine-4bit-before", model="7b", recipe="engine", quant="4bit", stack=False, steps=8, warmup=3),
+            dict(name="engine-4bit-before", model="7b", recipe="engine", quant="4bit", stack=False, fused=False, steps=8,
+                 warmup=3),
+            dict(name="engine-4bit-stacked", model="7b", recipe="engine", quant="4bit", fused=False, steps=8, warmup=3),
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
         ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)

@@ -183,8 +183,11 @@ def test_restore_gives_peft_s_classes_back_and_the_type_checks_hold():
     assert all(type(m) is Linear for m in layers)
 
 
-def test_a_4bit_base_gives_peft_s_gradients():
-    """bitsandbytes' 4-bit layer (on the CPU): PEFT clones its output before adding; here the GEMM adds."""
+def test_a_4bit_base_gives_peft_s_gradients(monkeypatch):
+    """bitsandbytes' 4-bit layer (on the CPU): PEFT clones its output before adding; here the GEMM
+    adds, in lora_fused's node (bitsandbytes' product, its weight dequantized for the input gradient)."""
+    from ipylora.engine import lora_fused
+
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -201,7 +204,12 @@ def test_a_4bit_base_gives_peft_s_gradients():
     expected = loss_and_grads(shared_masks(peft_model))
     assert lora_forward.sync(peft_model) == 14
     assert {type(m).__mro__[1].__name__ for m in peft_model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
+    kinds = []
+    real = lora_fused.lora_linears
+    monkeypatch.setattr(lora_fused, "lora_linears", lambda x, bases, *rest: kinds.extend(map(lora_fused._kind, bases))
+                        or real(x, bases, *rest))
     assert_same(expected, loss_and_grads(peft_model), atol=2e-5)
+    assert kinds == ["nf4"] * 14
 
 
 def test_a_checkpointed_model_gives_peft_s_gradients():

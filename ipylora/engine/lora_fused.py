@@ -18,8 +18,9 @@ kept (as PEFT keeps its dropped copy) or, `deferred`, drawn again in backward fr
 generator state (dropout.py's reasoning: nothing kept but x). Computed in the autocast dtype where
 autocast is on, else in x's dtype, rounding as the unfused layers do (each GEMM rounds once).
 
-Only plain bf16/fp16/fp32 `torch.nn.Linear` bases with frozen weights and no hooks take it
-(`fusable`); 4-bit bases, dropout.py's fused dropout kernel and anything else keep the unfused path.
+Plain bf16/fp16/fp32 `torch.nn.Linear` bases and bitsandbytes' 4-bit ones (computed by its
+`matmul_4bit`, dequantized for the input gradient as its own backward does), frozen and without
+hooks, take it (`fusable`); dropout.py's fused dropout kernel and anything else keep the unfused path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _kind(base) -> str | None:
+    if type(base) is torch.nn.Linear:
+        return "linear"
+    if type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state"):  # bitsandbytes
+        return "nf4"
+    return None
+
+
 def fusable(bases, x) -> bool:
     """Whether `LoraLinears` can compute these base layers' outputs for input `x`."""
     if not ENABLED or torch.compiler.is_compiling():
@@ -45,12 +54,20 @@ def fusable(bases, x) -> bool:
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
     for base in bases:
-        if type(base) is not torch.nn.Linear or base.weight.requires_grad or base.weight.dtype != dtype:
+        kind = _kind(base)
+        if kind is None or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
             return False
         if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != dtype):
             return False
-        if base._forward_hooks or base._forward_pre_hooks:
+        if kind == "linear" and base.weight.dtype != dtype:
             return False
+        if kind == "nf4":
+            state = base.weight.quant_state
+            # bitsandbytes casts the input to its compute dtype (set on its first call) and repacks
+            # weights for CPU inference: where either would differ, its own forward runs.
+            if state is None or getattr(state, "packing_format_for_cpu", False) or \
+                    not getattr(base, "compute_type_is_set", False) or base.compute_dtype != dtype:
+                return False
     return True
 
 
@@ -58,16 +75,33 @@ def lora_linears(x, bases, a, bs, scales, p: float, deferred: bool):
     """Every base's output plus its adapter's term, for the stacked A `a` (sum of ranks x in) and
     each member's B (out_i x r_i) and scaling; dropout `p` on the adapters' input (`deferred`: the
     mask drawn again in backward). The outputs are 2-D (tokens x out_i)."""
-    weights = [base.weight for base in bases]
-    biases = [base.bias for base in bases]
-    n = len(bases)
-    return LoraLinears.apply(x, a, p, deferred, tuple(float(s) for s in scales), n, *bs, *weights, *biases)
+    return LoraLinears.apply(x, a, p, deferred, tuple(float(s) for s in scales), tuple(bases), *bs)
+
+
+def _base_output(base, flat):
+    if _kind(base) == "nf4":
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(flat, base.weight, bias=base.bias, quant_state=base.weight.quant_state)
+    return torch.addmm(base.bias, flat, base.weight.t()) if base.bias is not None else flat @ base.weight.t()
+
+
+def _base_weight(base, dtype):
+    """The (out, in) weight the input gradient is multiplied by: 4-bit ones dequantized, as
+    bitsandbytes' own backward does (one weight at a time, freed after its GEMM)."""
+    if _kind(base) == "nf4":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(base.weight, base.weight.quant_state).to(dtype)
+    return base.weight
 
 
 class LoraLinears(torch.autograd.Function):
+    """The base layers are held by the node, not saved as tensors: they stay resident (frozen), and
+    saved-tensor hooks (activation offloading) should move activations, not weights."""
+
     @staticmethod
-    def forward(ctx, x, a, p, deferred, scales, n, *tensors):
-        bs, weights, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+    def forward(ctx, x, a, p, deferred, scales, bases, *bs):
         dtype = _compute_dtype(x)
         device = x.device
         ranks = [b.shape[1] for b in bs]
@@ -84,17 +118,17 @@ class LoraLinears(torch.autograd.Function):
                 dropped = flat
             h = dropped @ a_c.t()  # (tokens, sum of ranks)
             outs, scaled, start = [], [], 0
-            for b, weight, bias, scale, rank in zip(bs, weights, biases, scales, ranks):
+            for b, base, scale, rank in zip(bs, bases, scales, ranks):
                 b_c = b.detach().to(dtype)
-                y = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+                y = _base_output(base, flat)
                 outs.append(y.addmm_(h[:, start:start + rank], b_c.t(), alpha=scale))  # (tokens, out): 2-D
                 scaled.append(b_c * scale if scale != 1.0 else b_c)  # dh = dy (s B): the scaling on r columns
                 start += rank
         if deferred or p == 0.0:
-            ctx.save_for_backward(flat, h, a_c, *scaled, *weights)
+            ctx.save_for_backward(flat, h, a_c, *scaled)
         else:
-            ctx.save_for_backward(flat, h, a_c, *scaled, *weights, dropped, mask)
-        ctx.n, ctx.p, ctx.deferred, ctx.state, ctx.scales, ctx.ranks = n, p, deferred, state, scales, ranks
+            ctx.save_for_backward(flat, h, a_c, *scaled, dropped, mask)
+        ctx.bases, ctx.p, ctx.deferred, ctx.state, ctx.scales, ctx.ranks = bases, p, deferred, state, scales, ranks
         ctx.x_shape, ctx.x_dtype, ctx.a_dtype = x.shape, x.dtype, a.dtype  # the outputs are 2-D: callers view them
         ctx.b_dtypes = [b.dtype for b in bs]
         ctx.set_materialize_grads(False)
@@ -102,10 +136,11 @@ class LoraLinears(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        n, p = ctx.n, ctx.p
+        bases, p = ctx.bases, ctx.p
+        n = len(bases)
         saved = ctx.saved_tensors
         flat, h, a_c = saved[:3]
-        scaled, weights = saved[3:3 + n], saved[3 + n:3 + 2 * n]
+        scaled = saved[3:3 + n]
         device = flat.device
         dropped = mask = None
         if p > 0.0:
@@ -117,7 +152,7 @@ class LoraLinears(torch.autograd.Function):
                 finally:
                     _set_rng_state(current, device)
             else:
-                dropped, mask = saved[3 + 2 * n:]
+                dropped, mask = saved[3 + n:]
         else:
             dropped = flat
         tokens = flat.shape[0]
@@ -139,9 +174,10 @@ class LoraLinears(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_a = (dh.t() @ dropped).to(ctx.a_dtype)
             if ctx.needs_input_grad[0]:
-                for dy, weight in zip(dys, weights):
+                for dy, base in zip(dys, bases):
                     if dy is None:
                         continue
+                    weight = _base_weight(base, flat.dtype)
                     grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
                 if p > 0.0:
                     lora = dh @ a_c
@@ -154,7 +190,7 @@ class LoraLinears(torch.autograd.Function):
                 else:
                     grad_x.addmm_(dh, a_c)
                 grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
-        return (grad_x, grad_a, None, None, None, None, *grad_bs, *([None] * (2 * n)))
+        return (grad_x, grad_a, None, None, None, None, *grad_bs)
 
 
 def _rng_state(device):
