@@ -183,6 +183,43 @@ def test_restore_gives_peft_s_classes_back_and_the_type_checks_hold():
     assert all(type(m) is Linear for m in layers)
 
 
+def quantized_pair(dropout: float):
+    """(PEFT's model, the same again with the lean forward), both over a fresh 4-bit tiny model on
+    the CPU that has run no forward yet, checkpointed as the engine's 4-bit plan is."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ipylora.engine.models import _keep_4bit_layout_trainable
+    from ipylora.engine.tiny import tiny_model_path
+
+    models = []
+    for _ in range(2):
+        quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), quantization_config=quantized,
+                                                    device_map={"": "cpu"}, dtype=torch.float32)
+        _keep_4bit_layout_trainable(base)
+        for module in base.modules():  # as a layer built without a compute dtype: its first call sets one
+            if hasattr(module, "compute_type_is_set"):
+                module.compute_type_is_set = False
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear",
+                                                init_lora_weights=False)).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        models.append(model)
+    assert lora_forward.sync(models[1]) == 14
+    return shared_masks(models[0]), models[1]
+
+
+def test_a_fresh_checkpointed_4bit_model_recomputes_what_it_computed():
+    """The first forward of a 4-bit layer settles bitsandbytes' compute dtype: the fused node must be
+    taken in that forward too, or the checkpointed recomputation would save other tensors."""
+    pytest.importorskip("bitsandbytes")
+    peft_model, lean = quantized_pair(0.1)
+    for _ in range(2):
+        assert_same(loss_and_grads(peft_model), loss_and_grads(lean), atol=2e-5)
+
+
 def test_a_4bit_base_gives_peft_s_gradients(monkeypatch):
     """bitsandbytes' 4-bit layer (on the CPU): PEFT clones its output before adding; here the GEMM
     adds, in lora_fused's node (bitsandbytes' product, its weight dequantized for the input gradient)."""

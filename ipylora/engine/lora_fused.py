@@ -62,6 +62,11 @@ def fusable(bases, x) -> bool:
         if kind == "linear" and base.weight.dtype != dtype:
             return False
         if kind == "nf4":
+            if not getattr(base, "compute_type_is_set", True):
+                # What bitsandbytes' forward does on its first call, done here so that a checkpointed
+                # layer's recomputation takes the same path as its first forward.
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
             state = base.weight.quant_state
             # bitsandbytes casts the input to its compute dtype (set on its first call) and repacks
             # weights for CPU inference: where either would differ, its own forward runs.
