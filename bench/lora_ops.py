@@ -1,5 +1,5 @@
 """Operators a training step dispatches, PEFT's LoRA forward against lora_forward.py's, with and
-without its siblings' stacked A products (CPU is enough).
+without its siblings' stacked A products and lora_fused.py's one node a group (CPU is enough).
 
     python bench/lora_ops.py
 
@@ -27,7 +27,7 @@ def main() -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ipylora.engine import lora_forward
+    from ipylora.engine import lora_forward, lora_fused
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -48,9 +48,11 @@ def main() -> int:
     ids = torch.randint(0, config.vocab_size, (1, 64))
     print("| forward | aten ops a step | CPU ms a step (64 tokens) | mm | addmm_ | mul | add | native_dropout |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, model, stack in (("PEFT's", peft_model, False), ("lora_forward.py, unstacked", lean, False),
-                               ("lora_forward.py (q/k/v, gate/up stacked)", lean, True)):
-        lora_forward.STACK = stack
+    for name, model, stack, fused in (("PEFT's", peft_model, False, False),
+                                      ("lora_forward.py, each layer alone (session 22)", lean, False, False),
+                                      ("q/k/v's and gate/up's A stacked (the default)", lean, True, False),
+                                      ("stacked, each group one node (lora_fused.py, off by default)", lean, True, True)):
+        lora_forward.STACK, lora_fused.ENABLED = stack, fused
         with Count() as count:
             model(input_ids=ids, labels=ids).loss.backward()
         started = time.perf_counter()

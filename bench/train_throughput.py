@@ -149,10 +149,10 @@ def run_one(spec: dict) -> dict:
             from ipylora.engine import lora_forward
 
             lora_forward.STACK = False
-        if spec.get("fused") is False:  # autograd's nodes for each LoRA layer, not lora_fused.py's one
+        if spec.get("fused") is not None:  # each group of LoRA layers one autograd node (lora_fused.py) or not
             from ipylora.engine import lora_fused
 
-            lora_fused.ENABLED = False
+            lora_fused.ENABLED = spec["fused"]
         if spec.get("dropout_kernel"):  # how a deferred dropout draws its mask (dropout.KERNEL)
             from ipylora.engine import dropout as lora_dropout
 
@@ -473,18 +473,18 @@ def plan(smoke: bool, which: str) -> list[dict]:
                  layer_graphs=True, lora={"dropout": 0.0}, steps=14, warmup=5),
         ],
         "stack": [  # session 22's LoRA layers (before), q/k/v's and gate/up's A products stacked
-            # (lora_forward.STACK), and each group one autograd node (lora_fused.py): the default
+            # (lora_forward.STACK: the default), and each group one autograd node (lora_fused.py, off by default)
             dict(name="engine-bf16-before", model="1.5b", recipe="engine", stack=False, fused=False, steps=10, warmup=3),
-            dict(name="engine-bf16-stacked", model="1.5b", recipe="engine", fused=False, steps=10, warmup=3),
             dict(name="engine-bf16", model="1.5b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-fused", model="1.5b", recipe="engine", fused=True, steps=10, warmup=3),
             dict(name="engine-bf16-before", model="7b", recipe="engine", stack=False, fused=False, steps=10, warmup=3),
-            dict(name="engine-bf16-stacked", model="7b", recipe="engine", fused=False, steps=10, warmup=3),
             dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-fused", model="7b", recipe="engine", fused=True, steps=10, warmup=3),
             dict(name="engine-bf16-nodrop", model="7b", recipe="engine", lora={"dropout": 0.0}, steps=10, warmup=3),
             dict(name="engine-4bit-before", model="7b", recipe="engine", quant="4bit", stack=False, fused=False, steps=8,
                  warmup=3),
-            dict(name="engine-4bit-stacked", model="7b", recipe="engine", quant="4bit", fused=False, steps=8, warmup=3),
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
+            dict(name="engine-4bit-fused", model="7b", recipe="engine", quant="4bit", fused=True, steps=8, warmup=3),
         ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),

@@ -79,9 +79,18 @@ def assert_same(expected, got, atol, params: int = 28):
         assert torch.allclose(grads[name], grads2[name], atol=atol, rtol=1e-4), name
 
 
+@pytest.fixture(params=[False, True], ids=["stacked", "fused"])
+def fused(request, monkeypatch):
+    """Both paths of a plain layer: lora_forward's own (A products stacked) and lora_fused's node."""
+    from ipylora.engine import lora_fused
+
+    monkeypatch.setattr(lora_fused, "ENABLED", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_values_and_gradients_are_peft_s(device, dropout):
+def test_values_and_gradients_are_peft_s(device, dropout, fused):
     """Kept dropout too: the same masks are drawn (a dropout module runs on the same input, siblings
     sharing one as the reference's do)."""
     peft_model, lean = tiny_pair(dropout, device)
@@ -91,21 +100,19 @@ def test_values_and_gradients_are_peft_s(device, dropout):
     assert not torch.equal(expected[0], loss_and_grads(lean, seed=4)[0]) or dropout == 0.0  # a real mask
 
 
-def test_the_deferred_dropout_composes_with_it():
+def test_the_deferred_dropout_composes_with_it(fused):
     """dropout.py's lora_A (the mask drawn again in backward) under the lean forward: PEFT's gradients."""
     peft_model, lean = tiny_pair(0.2)
     assert lora_dropout.sync(lean) == (14, 0)
     assert_same(loss_and_grads(shared_masks(peft_model)), loss_and_grads(lean), atol=2e-5)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 def test_siblings_share_one_product_and_hold_nothing_after_it(monkeypatch, fused):
     """q/k/v and gate/up: one A product each (lora_fused's node, or the stacked GEMM without it),
     nothing kept past the last sibling; STACK False gives each layer its own mask and product, PEFT's
     draws exactly."""
     from ipylora.engine import lora_fused
 
-    monkeypatch.setattr(lora_fused, "ENABLED", fused)
     peft_model, lean = tiny_pair(0.2)
     calls = []
     real_linear, real_fused = torch.nn.functional.linear, lora_fused.lora_linears
@@ -211,7 +218,7 @@ def quantized_pair(dropout: float):
     return shared_masks(models[0]), models[1]
 
 
-def test_a_fresh_checkpointed_4bit_model_recomputes_what_it_computed():
+def test_a_fresh_checkpointed_4bit_model_recomputes_what_it_computed(fused):
     """The first forward of a 4-bit layer settles bitsandbytes' compute dtype: the fused node must be
     taken in that forward too, or the checkpointed recomputation would save other tensors."""
     pytest.importorskip("bitsandbytes")
@@ -224,6 +231,8 @@ def test_a_4bit_base_gives_peft_s_gradients(monkeypatch):
     """bitsandbytes' 4-bit layer (on the CPU): PEFT clones its output before adding; here the GEMM
     adds, in lora_fused's node (bitsandbytes' product, its weight dequantized for the input gradient)."""
     from ipylora.engine import lora_fused
+
+    monkeypatch.setattr(lora_fused, "ENABLED", True)
 
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -249,7 +258,7 @@ def test_a_4bit_base_gives_peft_s_gradients(monkeypatch):
     assert kinds == ["nf4"] * 14
 
 
-def test_a_checkpointed_model_gives_peft_s_gradients():
+def test_a_checkpointed_model_gives_peft_s_gradients(fused):
     """Under activation checkpointing (the engine's 4-bit and long-row plans) each layer runs again
     in the backward pass, its in-place add included: the same dropout mask, the same gradients."""
     peft_model, lean = tiny_pair(0.2)

@@ -11,6 +11,11 @@ from ipylora.engine import lora_fused
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
+@pytest.fixture(autouse=True)
+def enabled(monkeypatch):
+    monkeypatch.setattr(lora_fused, "ENABLED", True)  # off by default (lora_fused.ENABLED says why)
+
+
 def members(device, dtype, outs=(40, 24, 24), rank=8, width=32, bias=True):
     torch.manual_seed(0)
     bases = []

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import torch
 
+from ipylora.engine import lora_fused
 from ipylora.engine.decode import STACKED, _plain_adapter
+from ipylora.engine.dropout import DropoutLinear, dropped_linear, fused_available, uses_fused
 
 ENABLED = True
 STACK = True
@@ -56,14 +58,15 @@ class _Siblings:
         self._forget()
 
     def _forget(self):
-        self.x = self.parts = None
+        self.x = self.parts = self.name = None
         self.version = -1
         self.taken: set[int] = set()
 
-    def take(self, index: int, x):
-        """Member `index`'s share of the computation for `x`: ("out", its 2-D output) where
-        lora_fused computed all members' outputs, ("h", its A product of the dropped x) where the A
-        products were stacked, or None where it must compute its own."""
+    def take(self, index: int, x, name: str):
+        """Member `index`'s share of the computation for `x` under adapter `name` (the member's one
+        plain adapter): ("out", its 2-D output) where lora_fused computed all members' outputs,
+        ("h", its A product of the dropped x) where the A products were stacked, or None where it
+        must compute its own."""
         if self.broken or torch.compiler.is_compiling():
             return None
         if self.parts is None or self.x is not x or self.version != x._version or index in self.taken:
@@ -73,10 +76,12 @@ class _Siblings:
                 self._forget()
                 if self.broken:
                     return None
-            parts = self._compute(x)
+            parts = self._compute(x, name)
             if parts is None:
                 return None
-            self.x, self.version, self.parts = x, x._version, parts
+            self.x, self.version, self.parts, self.name = x, x._version, parts, name
+        elif name != self.name:  # this member's adapter is not the one its siblings computed for
+            return None
         self.taken.add(index)
         part = self.parts[index]
         if len(self.taken) == len(self.layers):
@@ -84,36 +89,36 @@ class _Siblings:
             self._forget()
         return part
 
-    def _compute(self, x):
-        from ipylora.engine import lora_fused
-        from ipylora.engine.dropout import DropoutLinear, dropped_linear, fused_available, uses_fused
-
+    def _compute(self, x, name: str):
+        """Every member's share for `x`, computed for adapter `name`: the caller checked that it is its
+        own plain adapter, each other member checks the same when it takes its share (`take`)."""
         layers = self.layers
-        names = [_plain_adapter(layer) for layer in layers]
-        if None in names:
+        try:
+            a = [layer.lora_A[name] for layer in layers]
+            drops = [layer.lora_dropout[name] for layer in layers]
+        except KeyError:
             return None
-        a = [layer.lora_A[name] for layer, name in zip(layers, names)]
-        drops = [layer.lora_dropout[name] for layer, name in zip(layers, names)]
-        same = {(type(m), m.weight.dtype, m.bias is None, m.training, getattr(m, "dropout_p", 0.0),
-                 getattr(layer, "cast_input_dtype_enabled", True)) for m, layer in zip(a, layers)}
-        if len(same) != 1 or a[0].bias is not None or len({(type(d), getattr(d, "p", 0.0), d.training)
-                                                           for d in drops}) != 1:
-            return None
-        first = a[0]
+        first, drop = a[0], drops[0]
+        kind = (type(first), first.weight.dtype, first.training, getattr(first, "dropout_p", 0.0), type(drop),
+                getattr(drop, "p", 0.0), drop.training)
+        for m, d in zip(a[1:], drops[1:]):
+            if (type(m), m.weight.dtype, m.training, getattr(m, "dropout_p", 0.0), type(d), getattr(d, "p", 0.0),
+                    d.training) != kind:
+                return None
         deferred = isinstance(first, DropoutLinear)  # dropout.py's deferred dropout: the mask drawn again in backward
         p = (first.dropout_p if first.training else 0.0) if deferred else \
-            (float(drops[0].p) if isinstance(drops[0], torch.nn.Dropout) and drops[0].training else 0.0)
+            (float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0)
         weight = torch.cat([m.weight for m in a]) if len(a) > 1 else first.weight  # (sum of the ranks, in)
         bases = [layer.base_layer for layer in layers]
         kernel = deferred and p > 0.0 and uses_fused(x.shape[-1]) and fused_available(x)
-        casts = getattr(layers[0], "cast_input_dtype_enabled", True) and first.weight.dtype != x.dtype
+        casts = first.weight.dtype != x.dtype and getattr(layers[0], "cast_input_dtype_enabled", True)
         if not kernel and not casts and lora_fused.fusable(bases, x):
-            outs = lora_fused.lora_linears(x, bases, weight, [layer.lora_B[name].weight for layer, name in zip(layers, names)],
-                                           [layer.scaling[name] for layer, name in zip(layers, names)], p, deferred)
+            outs = lora_fused.lora_linears(x, bases, weight, [layer.lora_B[name].weight for layer in layers],
+                                           [layer.scaling[name] for layer in layers], p, deferred)
             return [("out", y) for y in outs]
         if len(layers) == 1:
             return None
-        x = drops[0](layers[0]._cast_input_dtype(x, first.weight.dtype))
+        x = drop(layers[0]._cast_input_dtype(x, first.weight.dtype))
         h = dropped_linear(x, weight, p) if deferred else torch.nn.functional.linear(x, weight)
         return [("h", part) for part in h.split([m.weight.shape[0] for m in a], dim=-1)]
 
@@ -124,7 +129,7 @@ def _forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     a, b = self.lora_A[name], self.lora_B[name]
     siblings = self.__dict__.get(_SIBLINGS if STACK else _ALONE)
-    share = siblings[0].take(siblings[1], x) if siblings is not None else None
+    share = siblings[0].take(siblings[1], x, name) if siblings is not None else None
     if share is not None and share[0] == "out":  # lora_fused: the whole layer's output
         return share[1].view(*x.shape[:-1], share[1].shape[-1])
     if share is not None:

@@ -16,7 +16,8 @@ stacked A (R x in) and the B_i with their scalings s_i:
 so every add of an input gradient lands in a GEMM's epilogue but the dropout's one. The mask is
 kept (as PEFT keeps its dropped copy) or, `deferred`, drawn again in backward from the saved
 generator state (dropout.py's reasoning: nothing kept but x). Computed in the autocast dtype where
-autocast is on, else in x's dtype, rounding as the unfused layers do (each GEMM rounds once).
+autocast is on, else in x's dtype, rounding as the unfused layers do (each GEMM rounds once); every
+operand is cast to it first, so autocast (left on: entering a context costs host time) casts nothing.
 
 Plain bf16/fp16/fp32 `torch.nn.Linear` bases and bitsandbytes' 4-bit ones (computed by its
 `matmul_4bit`, dequantized for the input gradient as its own backward does), frozen and without
@@ -27,7 +28,14 @@ from __future__ import annotations
 
 import torch
 
-ENABLED = True
+# Off by default until measured on a GPU. What it trades (session 23, bench/RESULTS.md): by the count
+# of passes it saves about 2.5% of a 7B bf16 step's kernel time (the input-gradient adds and the
+# dropout's backward pass folded into GEMM epilogues and one addcmul), but a Python autograd Function
+# costs host time: on this machine's CPU, one q/k/v group's forward and backward at tiny sizes
+# (where host time is all there is) took ~420 us against ~330 us for lora_forward's stacked path,
+# which would cost the host-bound 1.5B shape about 3%. `bench/train_throughput.py --groups stack`
+# runs both.
+ENABLED = False
 
 
 def _compute_dtype(x):
@@ -111,24 +119,23 @@ class LoraLinears(torch.autograd.Function):
         device = x.device
         ranks = [b.shape[1] for b in bs]
         flat = x.reshape(-1, x.shape[-1])
-        with torch.autocast(device.type, enabled=False):
-            flat = flat.to(dtype)
-            a_c = a.detach().to(dtype)
-            state, mask = None, None
-            if p > 0.0:
-                if deferred:
-                    state = _rng_state(device)
-                dropped, mask = torch.native_dropout(flat, p, True)
-            else:
-                dropped = flat
-            h = dropped @ a_c.t()  # (tokens, sum of ranks)
-            outs, scaled, start = [], [], 0
-            for b, base, scale, rank in zip(bs, bases, scales, ranks):
-                b_c = b.detach().to(dtype)
-                y = _base_output(base, flat)
-                outs.append(y.addmm_(h[:, start:start + rank], b_c.t(), alpha=scale))  # (tokens, out): 2-D
-                scaled.append(b_c * scale if scale != 1.0 else b_c)  # dh = dy (s B): the scaling on r columns
-                start += rank
+        flat = flat.to(dtype)
+        a_c = a.detach().to(dtype)
+        state, mask = None, None
+        if p > 0.0:
+            if deferred:
+                state = _rng_state(device)
+            dropped, mask = torch.native_dropout(flat, p, True)
+        else:
+            dropped = flat
+        h = dropped @ a_c.t()  # (tokens, sum of ranks)
+        outs, scaled, start = [], [], 0
+        for b, base, scale, rank in zip(bs, bases, scales, ranks):
+            b_c = b.detach().to(dtype)
+            y = _base_output(base, flat)
+            outs.append(y.addmm_(h[:, start:start + rank], b_c.t(), alpha=scale))  # (tokens, out): 2-D
+            scaled.append(b_c * scale if scale != 1.0 else b_c)  # dh = dy (s B): the scaling on r columns
+            start += rank
         if deferred or p == 0.0:
             ctx.save_for_backward(flat, h, a_c, *scaled)
         else:
@@ -163,38 +170,37 @@ class LoraLinears(torch.autograd.Function):
         tokens = flat.shape[0]
         grad_x = grad_a = None
         grad_bs = [None] * n
-        with torch.autocast(device.type, enabled=False):
-            dys = [None if g is None else g.to(flat.dtype) for g in grads]
-            dh_parts, start = [], 0
-            for i, (dy, scaled_b, scale, rank) in enumerate(zip(dys, scaled, ctx.scales, ctx.ranks)):
+        dys = [None if g is None else g.to(flat.dtype) for g in grads]
+        dh_parts, start = [], 0
+        for i, (dy, scaled_b, scale, rank) in enumerate(zip(dys, scaled, ctx.scales, ctx.ranks)):
+            if dy is None:
+                dh_parts.append(h.new_zeros(tokens, rank))
+            else:
+                dh_parts.append(dy @ scaled_b)
+                if ctx.needs_input_grad[6 + i]:
+                    grad_b = dy.t() @ h[:, start:start + rank]
+                    grad_bs[i] = (grad_b.mul_(scale) if scale != 1.0 else grad_b).to(ctx.b_dtypes[i])
+            start += rank
+        dh = dh_parts[0] if n == 1 else torch.cat(dh_parts, dim=1)
+        if ctx.needs_input_grad[1]:
+            grad_a = (dh.t() @ dropped).to(ctx.a_dtype)
+        if ctx.needs_input_grad[0]:
+            for dy, base in zip(dys, bases):
                 if dy is None:
-                    dh_parts.append(h.new_zeros(tokens, rank))
+                    continue
+                weight = _base_weight(base, flat.dtype)
+                grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
+            if p > 0.0:
+                lora = dh @ a_c
+                if grad_x is None:
+                    grad_x = torch.ops.aten.native_dropout_backward(lora, mask, 1.0 / (1.0 - p))
                 else:
-                    dh_parts.append(dy @ scaled_b)
-                    if ctx.needs_input_grad[6 + i]:
-                        grad_b = dy.t() @ h[:, start:start + rank]
-                        grad_bs[i] = (grad_b.mul_(scale) if scale != 1.0 else grad_b).to(ctx.b_dtypes[i])
-                start += rank
-            dh = dh_parts[0] if n == 1 else torch.cat(dh_parts, dim=1)
-            if ctx.needs_input_grad[1]:
-                grad_a = (dh.t() @ dropped).to(ctx.a_dtype)
-            if ctx.needs_input_grad[0]:
-                for dy, base in zip(dys, bases):
-                    if dy is None:
-                        continue
-                    weight = _base_weight(base, flat.dtype)
-                    grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
-                if p > 0.0:
-                    lora = dh @ a_c
-                    if grad_x is None:
-                        grad_x = torch.ops.aten.native_dropout_backward(lora, mask, 1.0 / (1.0 - p))
-                    else:
-                        grad_x.addcmul_(lora, mask, value=1.0 / (1.0 - p))
-                elif grad_x is None:
-                    grad_x = dh @ a_c
-                else:
-                    grad_x.addmm_(dh, a_c)
-                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+                    grad_x.addcmul_(lora, mask, value=1.0 / (1.0 - p))
+            elif grad_x is None:
+                grad_x = dh @ a_c
+            else:
+                grad_x.addmm_(dh, a_c)
+            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
         return (grad_x, grad_a, None, None, None, None, *grad_bs)
 
 
