@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from ipylora.engine.dropout import _rng_state, _set_rng_state
+
 # Off by default until measured on a GPU. What it trades (session 23, bench/RESULTS.md): by the count
 # of passes it saves about 2.5% of a 7B bf16 step's kernel time (the input-gradient adds and the
 # dropout's backward pass folded into GEMM epilogues and one addcmul), but a Python autograd Function
@@ -202,14 +204,3 @@ class LoraLinears(torch.autograd.Function):
                 grad_x.addmm_(dh, a_c)
             grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
         return (grad_x, grad_a, None, None, None, None, *grad_bs)
-
-
-def _rng_state(device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state, device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
