@@ -67,8 +67,8 @@ class _Siblings:
         plain adapter): ("out", its 2-D output) where lora_fused computed all members' outputs,
         ("h", its A product of the dropped x) where the A products were stacked, or None where it
         must compute its own."""
-        if self.broken or torch.compiler.is_compiling():
-            return None
+        if self.broken or (len(self.layers) == 1 and not lora_fused.ENABLED) or torch.compiler.is_compiling():
+            return None  # (a layer alone has nothing to share without lora_fused)
         if self.parts is None or self.x is not x or self.version != x._version or index in self.taken:
             if self.taken:  # a sibling took a part of another input (or an interrupted forward)
                 self.misses += 1
