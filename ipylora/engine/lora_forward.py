@@ -99,12 +99,9 @@ class _Siblings:
         except KeyError:
             return None
         first, drop = a[0], drops[0]
-        kind = (type(first), first.weight.dtype, first.training, getattr(first, "dropout_p", 0.0), type(drop),
-                getattr(drop, "p", 0.0), drop.training)
-        for m, d in zip(a[1:], drops[1:]):
-            if (type(m), m.weight.dtype, m.training, getattr(m, "dropout_p", 0.0), type(d), getattr(d, "p", 0.0),
-                    d.training) != kind:
-                return None
+        kind = _dropout_kind(first, drop)
+        if any(_dropout_kind(m, d) != kind for m, d in zip(a[1:], drops[1:])):
+            return None
         deferred = isinstance(first, DropoutLinear)  # dropout.py's deferred dropout: the mask drawn again in backward
         p = (first.dropout_p if first.training else 0.0) if deferred else \
             (float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0)
@@ -123,15 +120,21 @@ class _Siblings:
         return [("h", part) for part in h.split([m.weight.shape[0] for m in a], dim=-1)]
 
 
+def _dropout_kind(a, dropout) -> tuple:
+    """What must be equal for siblings' A products to be one GEMM under one dropout mask."""
+    return (type(a), a.weight.dtype, a.training, getattr(a, "dropout_p", 0.0), type(dropout),
+            getattr(dropout, "p", 0.0), dropout.training)
+
+
 def _forward(self, x, *args, **kwargs):
     name = _plain_adapter(self) if ENABLED and not args and not kwargs else None
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    a, b = self.lora_A[name], self.lora_B[name]
     siblings = self.__dict__.get(_SIBLINGS if STACK else _ALONE)
     share = siblings[0].take(siblings[1], x, name) if siblings is not None else None
     if share is not None and share[0] == "out":  # lora_fused: the whole layer's output
         return share[1].view(*x.shape[:-1], share[1].shape[-1])
+    a, b = self.lora_A[name], self.lora_B[name]
     if share is not None:
         h = share[1]
     else:

@@ -78,10 +78,9 @@ def fusable(bases, x) -> bool:
                 base.set_compute_type(x)
                 base.compute_type_is_set = True
             state = base.weight.quant_state
-            # bitsandbytes casts the input to its compute dtype (set on its first call) and repacks
-            # weights for CPU inference: where either would differ, its own forward runs.
-            if state is None or getattr(state, "packing_format_for_cpu", False) or \
-                    not getattr(base, "compute_type_is_set", False) or base.compute_dtype != dtype:
+            # bitsandbytes casts the input to its compute dtype and repacks weights for CPU
+            # inference: where either would differ, its own forward runs.
+            if state is None or getattr(state, "packing_format_for_cpu", False) or base.compute_dtype != dtype:
                 return False
     return True
 
