@@ -17,6 +17,7 @@ these lengths); recomputation under checkpointing is not counted (it is overhead
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -166,9 +167,13 @@ def run_one(spec: dict) -> dict:
                                         layer_graphs=spec.get("layer_graphs"),
                                         memory_budget=int(spec["budget_gib"] * 2**30) if spec.get("budget_gib") else None)
         plan = overrides.pop("_plan", None)
+        from ipylora.engine.train import NO_WAIT_SETTINGS
+
         kwargs = {**common, "per_device_train_batch_size": spec.get("batch") or 8, "gradient_checkpointing": False,
                   "dataset_kwargs": {"skip_prepare_dataset": True}, "max_length": None,
                   "include_num_input_tokens_seen": "non_padding"}
+        if spec.get("lag") is not False:  # `lag=False`: the Trainer's and TRL's reads each step (the before)
+            kwargs.update(NO_WAIT_SETTINGS)
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         kwargs["logging_steps"] = 1
         args = SFTConfig(**kwargs)
@@ -211,7 +216,19 @@ def run_one(spec: dict) -> dict:
                 losses.append(float(logs["loss"]))
 
     train = hf_datasets.Dataset.from_dict(data)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    unchecked = contextlib.nullcontext()
+    if recipe == "engine":  # the engine's SFTTrainer (methods/sft.py): each step's logs read one step later
+        from ipylora.engine import lagged, speed
+        from ipylora.engine.methods.sft import _trainer
+
+        lagged.LaggedLogs.lag = spec.get("lag", True)
+        trainer = _trainer(None, model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                           callbacks=[Clock()])
+        if spec.get("lag", True) and plan is not None and plan.attention == "varlen" and overrides.get("padding_free"):
+            unchecked = speed.packed_rows_unchecked()  # as train.run_training does
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                             callbacks=[Clock()])
     if recipe == "engine" and spec.get("trainer_patches", True):
         # What train.run_training does to every trainer: the FLOP count and the weight-decay split
         # without walking every parameter (`trainer_patches=False`: the Trainer's own, for before/after).
@@ -229,7 +246,8 @@ def run_one(spec: dict) -> dict:
 
     trainer.data_collator = counting
     check = packed_check(model, tokenizer, data) if spec.get("check") else None
-    trainer.train()
+    with unchecked:
+        trainer.train()
     ga = args.gradient_accumulation_steps
     tokens = sum(counts[warmup * ga: spec["steps"] * ga])
     seconds = timing["end"] - timing["start"]
@@ -353,6 +371,7 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="seed-4bit-b4", model=m, recipe="seed", quant="4bit", batch=4, steps=4, warmup=1, rows=200),
             dict(name="trl-bf16-b4", model=m, recipe="trl", batch=4, steps=4, warmup=1, rows=200),
             dict(name="engine-bf16", model=m, recipe="engine", steps=4, warmup=1, rows=600, check=True),
+            dict(name="engine-bf16-waiting", model=m, recipe="engine", lag=False, steps=4, warmup=1, rows=600),
             dict(name="engine-4bit", model=m, recipe="engine", quant="4bit", steps=4, warmup=1, rows=600),
             dict(name="loss-reference", model=m, recipe="reference", batch=8, steps=6, warmup=1, rows=200),
             dict(name="loss-engine", model=m, recipe="engine", batch=8, steps=6, warmup=1, rows=200),
@@ -485,6 +504,16 @@ def plan(smoke: bool, which: str) -> list[dict]:
                  warmup=3),
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
             dict(name="engine-4bit-fused", model="7b", recipe="engine", quant="4bit", fused=True, steps=8, warmup=3),
+        ],
+        "nowait": [  # the Trainer's and TRL's reads of each step (lag=False: the before) against a step that
+            # waits for nothing (lagged.py, the default), alternating; then one profiled run to count the waits
+            dict(name="engine-bf16-waiting", model="1.5b", recipe="engine", lag=False, steps=12, warmup=4),
+            dict(name="engine-bf16", model="1.5b", recipe="engine", steps=12, warmup=4),
+            dict(name="engine-bf16-waiting", model="7b", recipe="engine", lag=False, steps=10, warmup=3),
+            dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-4bit-waiting", model="7b", recipe="engine", quant="4bit", lag=False, steps=8, warmup=3),
+            dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
+            dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
         ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),

@@ -65,9 +65,10 @@ def test_interrupts_at_random_steps_keep_the_last_step(session, mode):
             end = session.train("c", TrainArgs(name=f"cut{index}", steps=12), reporter=reporter, background=True).join(60)
         else:
             end = session.train("c", TrainArgs(name=f"cut{index}", steps=12), reporter=reporter)
-        assert end.step == k and end.status in ("interrupted", "stopped"), (k, end)
+        # Step k is said while step k+1 runs (lagged.py), so the run ends after step k+1, and says so.
+        assert end.step == k + 1 and end.status in ("interrupted", "stopped"), (k, end)
         run = json.loads(Path(f"runs/cut{index}/run.json").read_text())
-        assert run["step"] == k
+        assert run["step"] == k + 1
         _load_adapter(session, Path(f"runs/cut{index}/adapter"))
         session.delete_adapter(f"cut{index}")
         # Baseline after a first full cycle (stop, load, delete), so one-time allocations stay out;
@@ -150,11 +151,12 @@ def test_sigkill_during_adapter_save_keeps_the_previous_adapter(session, workdir
     folder = adapter_dir(run_dir)
     assert folder is not None and _digest(folder) == before, "the previous adapter must survive the kill"
     _load_adapter(session, folder)
-    # ... and the run continues from its last checkpoint (step 12, written before the save was killed).
+    # ... and the run continues from its last checkpoint (step 13, written before the save was killed:
+    # the stop asked for when step 12 was said lands after step 13, lagged.py).
     out = subprocess.run([sys.executable, str(script), "finish"], cwd=workdir, check=True, capture_output=True, text=True)
     assert "END finished 20 20" in out.stdout
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["resumed_from"] == 12 and record["step"] == 20
+    assert record["resumed_from"] == 13 and record["step"] == 20
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists() and not (run_dir / "adapter.old").exists()
 
 

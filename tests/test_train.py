@@ -79,10 +79,16 @@ def _interrupt_at(step, how):
 @pytest.mark.parametrize("how", ["raise", "sigint"])
 def test_interrupt_saves_adapter_at_that_step(session, concepts, how):
     k = 7
-    end = session.train("c", TrainArgs(name="cut", steps=50), reporter=_interrupt_at(k, how))
-    assert isinstance(end, RunEnd) and end.status == "interrupted" and end.step == k
+    events = []
+    interrupt = _interrupt_at(k, how)
+    end = session.train("c", TrainArgs(name="cut", steps=50), reporter=lambda e: (events.append(e), interrupt(e)))
+    # Step k is said while step k+1 runs (lagged.py): the interrupt comes after step k+1, and the run
+    # reports that step too, the one its adapter holds.
+    steps = [e.step for e in events if isinstance(e, StepEnd)]
+    assert isinstance(end, RunEnd) and end.status == "interrupted" and end.step == k + 1
+    assert steps == list(range(1, k + 2))
     run = json.loads(Path("runs/cut/run.json").read_text())
-    assert run["status"] == "interrupted" and run["step"] == k
+    assert run["status"] == "interrupted" and run["step"] == end.step
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

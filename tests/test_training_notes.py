@@ -52,12 +52,12 @@ def test_resume_of_a_record_with_epochs_and_steps_still_works(session):
             session.request_stop()
 
     session.add_dataset("few", session.dataset("concepts").frame.head(8), DataArgs(prompt=PROMPT, response="{description}"))
-    end = session.train("few", TrainArgs(name="resumable", steps=3), reporter=stop_at_2)
-    assert end.status == "stopped"
+    end = session.train("few", TrainArgs(name="resumable", steps=4), reporter=stop_at_2)
+    assert end.status == "stopped" and end.step == 3  # step 2 is said while step 3 runs (lagged.py)
     record = json.loads(Path("runs/resumable/run.json").read_text())["train"]
-    assert record["epochs"] == 43 and record["steps"] == 3  # what --resume reads back
+    assert record["epochs"] == 43 and record["steps"] == 4  # what --resume reads back
     end = session.resume("resumable")
-    assert end.status == "finished" and end.step == 3
+    assert end.status == "finished" and end.step == 4
 
 
 # -- the tiny model's default epochs -----------------------------------------------------------

@@ -649,6 +649,30 @@ def register_varlen_attention() -> None:
     AttentionMaskInterface.register(VARLEN, _varlen_mask)
 
 
+@contextmanager
+def packed_rows_unchecked():
+    """While packed rows train through `varlen_attention`: transformers' mask preparation asks at
+    every forward whether the rows are packed (`find_packed_sequence_indices`) by reading a GPU
+    tensor back, which waits for the whole queue (lagged.py). Our mask function ignores the answer
+    (the kernel takes the boundaries from cu_seq_lens), so it gets the sequence index of every
+    token unchecked, as transformers hands it over under tracing."""
+    from transformers import masking_utils
+
+    checked = masking_utils.find_packed_sequence_indices
+
+    def unchecked(position_ids):
+        import torch
+
+        starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+        return starts.cumsum(-1)
+
+    masking_utils.find_packed_sequence_indices = unchecked
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = checked
+
+
 def _varlen_mask(*args, attention_mask=None, **kwargs):
     # Packed training rows (no attention mask) carry their boundaries in cu_seq_lens, and the
     # kernel applies any sliding window itself. Everything else (generation) gets the SDPA mask,

@@ -34,6 +34,17 @@ from ipylora.engine.trackers import Trackers, trainer_settings
 CHECKPOINTS = "checkpoints"
 
 
+# TrainingArguments under which a step does not wait for the GPU (lagged.py says why that matters).
+NO_WAIT_SETTINGS = dict(
+    # The Trainer's check that each micro-batch's loss is finite reads it back, and it logs a
+    # stand-in for a NaN; the run's Callback says when a logged loss is not finite instead.
+    logging_nan_inf_filter=False,
+    # Batches go to the GPU from pinned memory, without a blocking copy.
+    dataloader_pin_memory=True,
+    accelerator_config={"non_blocking": True},
+)
+
+
 def total_steps(rows: int, args: TrainArgs) -> int:
     """Optimizer steps of a run over `rows` training examples (a method's `examples`)."""
     if args.steps:
@@ -79,6 +90,7 @@ def training_settings(args: TrainArgs, steps: int, precision, output_dir: str, d
         data_seed=args.seed,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        **NO_WAIT_SETTINGS,
         remove_unused_columns=False,
         neftune_noise_alpha=args.neftune,
     )
@@ -155,6 +167,16 @@ def _compile_errors_run_eagerly(plan: dict | None):
     import torch._dynamo
 
     return torch._dynamo.config.patch(suppress_errors=True)
+
+
+def _packed_rows_unchecked(plan: dict | None, fast: dict):
+    """Padding-free batches through our varlen attention: transformers' packed-rows check skipped
+    (speed.packed_rows_unchecked)."""
+    if not (plan and plan.get("attention") == "varlen" and fast.get("padding_free")):
+        return contextlib.nullcontext()
+    from ipylora.engine import speed
+
+    return speed.packed_rows_unchecked()
 
 
 class StopFlag:
@@ -259,6 +281,7 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
         bad_evals = 0
         agreed = False  # under torchrun: every rank decided together to stop after this step
         overfit = ""  # the overfitting note, said once per run
+        diverged = False  # a logged loss was NaN or infinite (said once per run)
 
         def __init__(self):
             self.evals: list[tuple[int, float, float]] = []  # (step, eval loss, mean train loss since the last eval)
@@ -281,6 +304,11 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.window.append(float(logs["loss"]))
+                if not self.diverged and not math.isfinite(logs["loss"]):
+                    self.diverged = True
+                    emit(Notice(f"step {state.global_step}'s loss is {logs['loss']}: training diverged. Stop it "
+                                f"(%lora_train --stop) and train again with a lower --lr (this run's is "
+                                f"{args.learning_rate:g}) or with --max-grad-norm 1.0.", keep=True))
                 emit(StepEnd(
                     step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
                     lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
@@ -476,9 +504,11 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             _keep_device_cache(trainer)
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
-        with _SigintToFlag(flag), _compile_errors_run_eagerly(plan):
+        with _SigintToFlag(flag), _compile_errors_run_eagerly(plan), _packed_rows_unchecked(plan, fast):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if flag.is_set():
+        # A stop asked for once the last step was under way (it is said as the step after it runs,
+        # lagged.py) comes too late to stop anything: the run finished.
+        if flag.is_set() and not (flag.reason == "stopped" and last["step"] >= steps):
             status = flag.reason
     except KeyboardInterrupt:
         status = "interrupted"

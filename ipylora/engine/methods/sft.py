@@ -41,12 +41,52 @@ def _trainer(eval_tokens: dict | None, **kwargs):
     scores all eval rows (`self.model` is the FSDP-wrapped model, whose forward needs every rank;
     DDP's is the plain module), so every rank gets the same loss and the same early-stop decision.
     """
+    import torch
     from trl import SFTTrainer
 
     from ipylora.engine import compiled_layers
     from ipylora.engine.evaluate import token_loss
+    from ipylora.engine.lagged import LaggedLogs
 
-    class Trainer(SFTTrainer):
+    class Trainer(LaggedLogs, SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not self._lagging or not self._plain_loss():
+                if self.model.training:
+                    self._stop_lagging()  # TRL's own step reads its metrics back as it computes them
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # TRL's loss for the plain case (its fused LM head, mean over the step's trained tokens),
+            # with its entropy and token accuracy kept on the device until the step is logged
+            # (lagged.py): TRL reads each back as soon as it is computed, which waits for the GPU.
+            inputs["use_cache"] = False
+            if self.aux_loss_enabled:  # MoE: the router's load-balancing loss comes back with the outputs
+                inputs["output_router_logits"] = True
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.aux_loss_enabled:
+                # a per-micro-batch mean: averaged over the accumulation steps when the loss is a sum over them
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            with torch.no_grad():
+                valid = outputs.label_mask.sum().clamp(min=1)  # no trained token: both are 0, as TRL logs them
+                self._step_metric("entropy", outputs.entropy.sum() / valid)
+                self._step_metric("mean_token_accuracy", outputs.is_top1.sum() / valid)
+                if self.aux_loss_enabled:
+                    self._step_metric("aux_loss", outputs.aux_loss)
+            if "attention_mask" in inputs:
+                batch_tokens = int(inputs["attention_mask"].sum())
+            else:  # padding-free: one packed row, every position a token
+                batch_tokens = inputs["position_ids"].size(1)
+            self._total_train_tokens += batch_tokens // self._tp_size
+            self._host_metric("num_tokens", self._total_train_tokens)
+            return loss
+
+        def _plain_loss(self) -> bool:
+            """Whether TRL's compute_loss would take its plain branch: one process, nll, no label
+            smoothing or custom loss (nor sequence parallelism, which needs several processes)."""
+            return (self.model.training and self.compute_loss_func is None and self.label_smoother is None
+                    and self.args.loss_type == "nll" and self.accelerator.num_processes == 1)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             model = self.model
             training = model.training
