@@ -306,9 +306,10 @@ def _callback(flag: StopFlag, emit, steps: int, started: float, samples: _Sample
                 self.window.append(float(logs["loss"]))
                 if not self.diverged and not math.isfinite(logs["loss"]):
                     self.diverged = True
+                    clip = "" if args.max_grad_norm else " or with --max-grad-norm 1.0"
                     emit(Notice(f"step {state.global_step}'s loss is {logs['loss']}: training diverged. Stop it "
                                 f"(%lora_train --stop) and train again with a lower --lr (this run's is "
-                                f"{args.learning_rate:g}) or with --max-grad-norm 1.0.", keep=True))
+                                f"{args.learning_rate:g}){clip}.", keep=True))
                 emit(StepEnd(
                     step=state.global_step, total_steps=steps, loss=float(logs["loss"]),
                     lr=float(logs.get("learning_rate", 0.0)), tokens=int(state.num_input_tokens_seen),
