@@ -170,3 +170,24 @@ def test_packed_fused_forward_matches_padded_dpo_batch():
     assert not packed.log_probs[~valid].any()
     for a, b in zip(packed_grads, padded_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_warm_kernels_runs_both_row_forms_and_leaves_no_trace():
+    """speed.warm_kernels: a forward and backward of a packed row of 32 tokens and one of 33 (the two
+    forms Triton compiles for a row length), leaving the random state, the gradients and the mode as
+    they were."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny_qwen2_gqa(), LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear",
+                                                          init_lora_weights=False)).eval()
+    speed.set_attention(model.get_base_model(), "varlen")
+    rows, grads = [], []
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, out: rows.append(out.shape[1]))
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    lora_a.register_hook(lambda g: grads.append(g.abs().sum().item()))
+    state = torch.random.get_rng_state()
+    speed.warm_kernels(model)
+    assert rows == [32, 33] and len(grads) == 2 and all(g > 0 for g in grads)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not model.training and all(p.grad is None for p in model.parameters())
