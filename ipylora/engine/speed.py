@@ -178,8 +178,10 @@ def warm_kernels(model) -> None:
     specialization), and a packed row's token count is such an argument: Liger's RoPE (`seq_len`),
     its norms (`n_rows`), the deferred dropout (`M`). The first step whose row is a multiple of 16
     tokens (one in 16) therefore stops to compile, for seconds on a cold cache, at a step no one can
-    foresee: the live panel stalls, and a benchmark whose timed steps include it reads up to half
-    the speed (session 16's two 10,448 and 14,259 tokens/s runs of one configuration).
+    foresee: the live panel stalls, and so does a benchmark's timed window. bench/train_throughput.py's
+    rows reach their first such step at step 5 (47 rows a step) or 8 (32 rows), inside the timed
+    steps; a cold cache there may be why one 7B configuration gave 10,448 and 14,259 tokens/s in
+    two runs (bench/RESULTS.md, session 16).
 
     One forward and backward of two tiny packed batches (32 and 33 tokens) compiles both forms before
     the run. The random state, the gradients and the train/eval mode are left as they were."""
