@@ -505,15 +505,22 @@ def plan(smoke: bool, which: str) -> list[dict]:
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
             dict(name="engine-4bit-fused", model="7b", recipe="engine", quant="4bit", fused=True, steps=8, warmup=3),
         ],
-        "nowait": [  # the Trainer's and TRL's reads of each step (lag=False: the before) against a step that
-            # waits for nothing (lagged.py, the default), alternating; then one profiled run to count the waits
+        "nowait": [  # per shape: session 22's step (each LoRA layer alone, the Trainer's and TRL's reads of
+            # each step), session 23's (siblings stacked), and a step that waits for nothing (lagged.py, the
+            # default); then one profiled run to count the waits
+            dict(name="engine-bf16-s22", model="1.5b", recipe="engine", stack=False, fused=False, lag=False, steps=12,
+                 warmup=4),
             dict(name="engine-bf16-waiting", model="1.5b", recipe="engine", lag=False, steps=12, warmup=4),
             dict(name="engine-bf16", model="1.5b", recipe="engine", steps=12, warmup=4),
+            dict(name="engine-bf16-s22", model="7b", recipe="engine", stack=False, fused=False, lag=False, steps=10,
+                 warmup=3),
             dict(name="engine-bf16-waiting", model="7b", recipe="engine", lag=False, steps=10, warmup=3),
             dict(name="engine-bf16", model="7b", recipe="engine", steps=10, warmup=3),
+            dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
+            dict(name="engine-4bit-s22", model="7b", recipe="engine", quant="4bit", stack=False, fused=False, lag=False,
+                 steps=8, warmup=3),
             dict(name="engine-4bit-waiting", model="7b", recipe="engine", quant="4bit", lag=False, steps=8, warmup=3),
             dict(name="engine-4bit", model="7b", recipe="engine", quant="4bit", steps=8, warmup=3),
-            dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
         ],
         "profile": [  # one profiled run each (slower than unprofiled: read the shares, not the tokens/s)
             dict(name="engine-bf16-profiled", model="1.5b", recipe="engine", steps=7, warmup=4, profile=True),
@@ -578,7 +585,7 @@ def loss_comparison(ref: dict, eng: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (or GPU), a few steps")
-    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, graphs, stack, profile, small")
+    parser.add_argument("--groups", default="main,loss,variants,small", help="main, loss, loss4bit, retune, variants, dropout, kernels, lean, compile, graphs, stack, nowait, profile, small")
     parser.add_argument("--only", default="", help="comma-separated config names to keep")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and logs")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
