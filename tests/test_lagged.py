@@ -213,3 +213,28 @@ def test_the_step_s_loss_and_metrics_are_trl_s(family, tmp_path):
     assert set(ours) == {"entropy", "mean_token_accuracy"} | ({"aux_loss"} if family == "mixtral" else set())
     for name, values in ours.items():
         assert values == pytest.approx(theirs[name], rel=1e-6), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the GPU's own synchronizing calls")
+def test_on_a_gpu_a_step_syncs_only_where_trl_s_lm_head_selects_the_trained_tokens(session, monkeypatch):
+    """CUDA's own count (torch.cuda.set_sync_debug_mode): steps 3 and 4 of a run. What remains is
+    TRL's fused LM head picking the trained positions with a boolean mask (two in its forward, one
+    in its backward); blocking batch copies and every read-back are gone."""
+    import warnings
+
+    from transformers import Trainer
+
+    step, calls = Trainer.training_step, {"n": 0}
+
+    def training_step(self, *args, **kwargs):
+        calls["n"] += 1
+        torch.cuda.set_sync_debug_mode("warn" if calls["n"] in (3, 4) else "default")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        end = session.train("c", TrainArgs(name="gpu", steps=6, batch_size=4), reporter=None)
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert end.status == "finished" and len(syncs) <= 6, syncs
