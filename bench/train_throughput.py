@@ -224,8 +224,8 @@ def run_one(spec: dict) -> dict:
         lagged.LaggedLogs.lag = spec.get("lag", True)
         trainer = _trainer(None, model=model, args=args, train_dataset=train, processing_class=tokenizer,
                            callbacks=[Clock()])
-        if spec.get("lag", True) and plan is not None and plan.attention == "varlen" and overrides.get("padding_free"):
-            unchecked = speed.packed_rows_unchecked()  # as train.run_training does
+        if spec.get("lag", True):  # as train.run_training does
+            unchecked = speed.packed_rows_unchecked(plan.__dict__ if plan is not None else None, overrides)
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                              callbacks=[Clock()])

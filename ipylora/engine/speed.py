@@ -709,12 +709,16 @@ def register_varlen_attention() -> None:
 
 
 @contextmanager
-def packed_rows_unchecked():
-    """While packed rows train through `varlen_attention`: transformers' mask preparation asks at
-    every forward whether the rows are packed (`find_packed_sequence_indices`) by reading a GPU
-    tensor back, which waits for the whole queue (lagged.py). Our mask function ignores the answer
-    (the kernel takes the boundaries from cu_seq_lens), so it gets the sequence index of every
-    token unchecked, as transformers hands it over under tracing."""
+def packed_rows_unchecked(plan: dict | None, overrides: dict):
+    """While a run whose plan (Plan as a dict) trains padding-free rows through `varlen_attention`:
+    transformers' mask preparation asks at every forward whether the rows are packed
+    (`find_packed_sequence_indices`) by reading a GPU tensor back, which waits for the whole queue
+    (lagged.py). Our mask function ignores the answer (the kernel takes the boundaries from
+    cu_seq_lens), so it gets the sequence index of every token unchecked, as transformers hands it
+    over under tracing. Any other run: nothing changes."""
+    if not (plan and plan.get("attention") == "varlen" and overrides.get("padding_free")):
+        yield
+        return
     from transformers import masking_utils
 
     checked = masking_utils.find_packed_sequence_indices

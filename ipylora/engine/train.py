@@ -169,16 +169,6 @@ def _compile_errors_run_eagerly(plan: dict | None):
     return torch._dynamo.config.patch(suppress_errors=True)
 
 
-def _packed_rows_unchecked(plan: dict | None, fast: dict):
-    """Padding-free batches through our varlen attention: transformers' packed-rows check skipped
-    (speed.packed_rows_unchecked)."""
-    if not (plan and plan.get("attention") == "varlen" and fast.get("padding_free")):
-        return contextlib.nullcontext()
-    from ipylora.engine import speed
-
-    return speed.packed_rows_unchecked()
-
-
 class StopFlag:
     """Set by SIGINT, request_stop() or a Stop button; read at each step boundary."""
 
@@ -505,7 +495,9 @@ def run_training(session, dataset: LoraDataset, args: TrainArgs, reporter=None, 
             _keep_device_cache(trainer)
         if args.loraplus_ratio:
             trainer.optimizer = loraplus_optimizer(trainer, model, args)
-        with _SigintToFlag(flag), _compile_errors_run_eagerly(plan), _packed_rows_unchecked(plan, fast):
+        from ipylora.engine.speed import packed_rows_unchecked
+
+        with _SigintToFlag(flag), _compile_errors_run_eagerly(plan), packed_rows_unchecked(plan, fast):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         # A stop asked for once the last step was under way (it is said as the step after it runs,
         # lagged.py) comes too late to stop anything: the run finished.
